@@ -1,0 +1,155 @@
+"""Pure guidance logic: the punctuation cut, prefix/guidance clipping, segment budgets and loss weights."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trl_guided.guidance import (
+    CLOSERS,
+    DEFAULT_PUNCTUATION,
+    Segments,
+    _mark_pattern,
+    clip_guidance,
+    cut_at_last_punctuation,
+    draw_lengths,
+    loss_weights,
+    prefix_candidate,
+)
+from trl_guided.models import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _kept(tokenizer, text, punctuation=None):
+    ids = _ids(tokenizer, text)
+    return tokenizer.decode(ids[: cut_at_last_punctuation(ids, tokenizer, punctuation)])
+
+
+def test_last_mark_wins(tokenizer):
+    assert _kept(tokenizer, "First, add. Then check! Then write") == "First, add. Then check!"
+    assert _kept(tokenizer, "a, b, c") == "a, b,"
+
+
+def test_no_mark_and_empty_input(tokenizer):
+    assert cut_at_last_punctuation(_ids(tokenizer, "the cat sat on the mat"), tokenizer) == 0
+    assert cut_at_last_punctuation([], tokenizer) == 0
+
+
+def test_newline_is_a_mark(tokenizer):
+    assert _kept(tokenizer, "Step 1: read the problem\nStep 2: solve") == "Step 1: read the problem\n"
+
+
+@pytest.mark.parametrize("merged", [".\n", "),", '?"'])
+def test_tokens_merging_a_mark_with_other_characters_count(tokenizer, merged):
+    # Build a token that is exactly `merged`, as BPE vocabularies of real models have.
+    extended = build_tiny_tokenizer()
+    extended.add_tokens([merged])
+    token = extended.convert_tokens_to_ids(merged)
+    ids = _ids(extended, "Then it slept") + [token] + _ids(extended, " the dog")
+    keep = cut_at_last_punctuation(ids, extended)
+    assert keep == len(ids) - len(_ids(extended, " the dog"))
+    assert extended.decode(ids[:keep]).endswith(merged)
+
+
+def test_eos_stops_the_cut(tokenizer):
+    ids = _ids(tokenizer, "Yes, it is") + [tokenizer.eos_token_id] + _ids(tokenizer, ". More.")
+    assert tokenizer.decode(ids[: cut_at_last_punctuation(ids, tokenizer)]) == "Yes,"
+
+
+def test_custom_and_multi_character_marks(tokenizer):
+    # This vocabulary merges "; " into one token: the kept text may end in whitespace after the mark.
+    assert _kept(tokenizer, "wait... then; go", punctuation=[";"]).rstrip(" ") == "wait... then;"
+    assert _kept(tokenizer, "wait... then go", punctuation=["..."]) == "wait..."
+
+
+text_alphabet = st.sampled_from(list("abc xyz.,!?;\n\"')(0123"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=text_alphabet, max_size=40), extra=st.lists(st.integers(0, 319), max_size=6))
+def test_property_kept_text_ends_in_a_mark_and_is_maximal(text, extra):
+    tokenizer = _PROPERTY_TOKENIZER
+    ids = _ids(tokenizer, text) + extra
+    keep = cut_at_last_punctuation(ids, tokenizer)
+    assert 0 <= keep <= len(ids)
+    pattern = _mark_pattern(DEFAULT_PUNCTUATION)
+    specials = set(tokenizer.all_special_ids)
+    first_special = next((i for i, t in enumerate(ids) if t in specials), len(ids))
+    assert keep <= first_special
+    if keep:
+        assert pattern.search(tokenizer.decode(ids[:keep]))
+    # No longer cut before the first special token would also end in a mark.
+    for longer in range(keep + 1, first_special + 1):
+        assert not pattern.search(tokenizer.decode(ids[:longer]))
+
+
+_PROPERTY_TOKENIZER = build_tiny_tokenizer()
+
+
+def test_prefix_candidate_stops_before_eos_and_cuts(tokenizer):
+    eos = tokenizer.eos_token_id
+    cut = lambda ids: cut_at_last_punctuation(ids, tokenizer)  # noqa: E731
+    sample = _ids(tokenizer, "Yes, it is. And") + [eos] + _ids(tokenizer, " more.")
+    prefix, hit = prefix_candidate(sample, 100, [eos], cut)
+    assert hit and tokenizer.decode(prefix).rstrip(" ") == "Yes, it is."
+    prefix, hit = prefix_candidate(sample, 3, [eos], cut)  # drawn length ends before EOS
+    assert not hit and eos not in prefix and len(prefix) <= 3
+    prefix, hit = prefix_candidate(_ids(tokenizer, "no marks here") + [eos], 100, [eos], cut)
+    assert hit and prefix == []
+
+
+def test_clip_guidance_keeps_eos():
+    assert clip_guidance([5, 6, 7, 8], 3, [9]) == ([5, 6, 7], False)
+    assert clip_guidance([5, 9, 7, 8], 3, [9]) == ([5, 9], True)
+    assert clip_guidance([5, 6, 7, 9], 3, [9]) == ([5, 6, 7], False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_completion=st.integers(4, 300),
+    guide=st.tuples(st.integers(1, 20), st.integers(0, 20)),
+    prefix_fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 10_000),
+)
+def test_budgets_never_exceed_max_completion_length(max_completion, guide, prefix_fraction, seed):
+    min_guide, max_guide = guide[0], guide[0] + guide[1]
+    room = max_completion - max_guide - 1  # what GuidedGRPOConfig leaves for the prefix
+    if room < 1:
+        return
+    prefix_max = max(1, int(room * prefix_fraction))
+    rng = random.Random(seed)
+    for prefix_drawn, guide_len in zip(
+        draw_lengths(rng, 20, 1, prefix_max), draw_lengths(rng, 20, min_guide, max_guide), strict=True
+    ):
+        assert 1 <= prefix_drawn <= prefix_max and min_guide <= guide_len <= max_guide
+        prefix_len = rng.randint(0, prefix_drawn)  # the cut keeps at most the drawn length
+        postfix_budget = max_completion - prefix_len - guide_len
+        assert postfix_budget >= 1
+        assert prefix_len + guide_len + postfix_budget <= max_completion
+
+
+def test_loss_weights_per_scope():
+    segments = Segments(prefix=[2, 0], guidance=[3, 2], postfix=[2, 4])
+    guidance = loss_weights(segments, 8, "guidance")
+    assert guidance.tolist() == [[0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
+    completion = loss_weights(segments, 8, "completion")
+    assert completion.tolist() == [[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 0, 0]]
+    decayed = loss_weights(segments, 8, "guidance_postfix", postfix_decay=0.5, postfix_min_weight=0.0)
+    expected = torch.tensor([[0, 0, 1, 1, 1, 0.5, 0.25, 0], [1, 1, 0.5, 0.25, 0.125, 0.0625, 0, 0]])
+    assert torch.allclose(decayed, expected)
+    floored = loss_weights(segments, 8, "guidance_postfix", postfix_decay=0.5, postfix_min_weight=0.2)
+    assert torch.allclose(floored[1, 2:6], torch.tensor([0.5, 0.25, 0.2, 0.2]))
+    with pytest.raises(ValueError, match="guidance_loss_scope"):
+        loss_weights(segments, 8, "postfix")

@@ -1,0 +1,137 @@
+"""GuidedGRPOConfig: TRL's GRPOConfig plus the guided-sampling and loss-focus settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .guidance import BRANCH_POINTS, DEFAULT_PUNCTUATION, LOSS_SCOPES
+
+
+@dataclass
+class GuidedGRPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`GuidedGRPOTrainer`]. Every [`~trl.GRPOConfig`] field works as in TRL; the fields below are new.
+
+    Rollouts of a prompt group are sampled in three phases: one shared **prefix** (its length drawn per group in
+    `[prefix_min_tokens, prefix_max_tokens]`, then cut back to its last punctuation mark), `num_generations` short
+    **guidance** continuations (length drawn per group in `[min_guide_tokens, max_guide_tokens]`), then each chain's
+    **postfix** up to `max_completion_length` tokens in all.
+
+    Loss scopes (`guidance_loss_scope`):
+    - `"guidance"`: only guidance tokens are trained (weight 1); the loss forward stops after the last guidance token.
+    - `"guidance_postfix"`: guidance tokens weight 1; the `k`-th postfix token (k = 0, 1, ... counted from the guidance
+      end) weight `max(postfix_decay ** (k + 1), postfix_min_weight)`; prefix tokens weight 0.
+    - `"completion"`: every completion token (prefix, guidance, postfix) weight 1, as plain GRPO.
+    """
+
+    guidance: bool = field(
+        default=True,
+        metadata={"help": "Sample prefix/guidance/postfix rollouts. False: behave exactly like trl.GRPOTrainer."},
+    )
+    prefix_min_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Shortest prefix drawn before the punctuation cut. Default: prefix_max_tokens // 4 (>= 1)."},
+    )
+    prefix_max_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest prefix drawn before the punctuation cut. Default: (max_completion_length - "
+            "max_guide_tokens) // 2, which leaves at least half the budget for guidance and postfix."
+        },
+    )
+    punctuation: list[str] = field(
+        default_factory=lambda: list(DEFAULT_PUNCTUATION),
+        metadata={"help": "Marks a prefix may end on (a token that merges a mark with other characters counts)."},
+    )
+    branch_point: str = field(
+        default="punctuation",
+        metadata={"help": f"How the shared prefix is cut. One of: {', '.join(BRANCH_POINTS)}."},
+    )
+    min_guide_tokens: int = field(default=2, metadata={"help": "Shortest guidance segment (drawn per group)."})
+    max_guide_tokens: int = field(default=8, metadata={"help": "Longest guidance segment (drawn per group)."})
+    guidance_loss_scope: str = field(
+        default="guidance",
+        metadata={"help": f"Which completion tokens the loss trains. One of: {', '.join(LOSS_SCOPES)}."},
+    )
+    postfix_decay: float = field(
+        default=0.9,
+        metadata={"help": "guidance_postfix scope: postfix token k after the guidance weighs postfix_decay**(k+1)."},
+    )
+    postfix_min_weight: float = field(
+        default=0.0, metadata={"help": "guidance_postfix scope: floor of the postfix weights."}
+    )
+    prefix_eos_retries: int = field(
+        default=2,
+        metadata={
+            "help": "How often a prefix sample that hit EOS is resampled; after that it is cut before EOS (or left "
+            "empty when it has no punctuation mark before EOS)."
+        },
+    )
+    eval_guidance: bool = field(
+        default=True, metadata={"help": "Sample evaluation rollouts guided (True) or plain (False)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._derive_prefix_range()
+        if not self.guidance:
+            return
+        errors = []
+        if self.branch_point not in BRANCH_POINTS:
+            errors.append(f"branch_point={self.branch_point!r} is unknown; choose one of {sorted(BRANCH_POINTS)}.")
+        if self.guidance_loss_scope not in LOSS_SCOPES:
+            errors.append(
+                f"guidance_loss_scope={self.guidance_loss_scope!r} is unknown; choose one of {list(LOSS_SCOPES)}."
+            )
+        if not self.punctuation or not all(isinstance(p, str) and p for p in self.punctuation):
+            errors.append(f"punctuation={self.punctuation!r} must be a non-empty list of non-empty strings.")
+        if self.min_guide_tokens < 1:
+            errors.append(f"min_guide_tokens={self.min_guide_tokens} must be >= 1.")
+        if self.min_guide_tokens > self.max_guide_tokens:
+            errors.append(
+                f"min_guide_tokens={self.min_guide_tokens} > max_guide_tokens={self.max_guide_tokens}; "
+                "set min_guide_tokens <= max_guide_tokens."
+            )
+        if self.prefix_min_tokens < 1 or self.prefix_min_tokens > self.prefix_max_tokens:
+            errors.append(
+                f"prefix_min_tokens={self.prefix_min_tokens}, prefix_max_tokens={self.prefix_max_tokens}: need "
+                "1 <= prefix_min_tokens <= prefix_max_tokens."
+            )
+        if self.prefix_max_tokens + self.max_guide_tokens >= self.max_completion_length:
+            errors.append(
+                f"prefix_max_tokens ({self.prefix_max_tokens}) + max_guide_tokens ({self.max_guide_tokens}) must be "
+                f"< max_completion_length ({self.max_completion_length}) to leave room for a postfix; lower them or "
+                "raise max_completion_length."
+            )
+        if not 0.0 < self.postfix_decay <= 1.0:
+            errors.append(f"postfix_decay={self.postfix_decay} must be in (0, 1].")
+        if not 0.0 <= self.postfix_min_weight <= 1.0:
+            errors.append(f"postfix_min_weight={self.postfix_min_weight} must be in [0, 1].")
+        if self.prefix_eos_retries < 0:
+            errors.append(f"prefix_eos_retries={self.prefix_eos_retries} must be >= 0.")
+        rows_per_process = self.per_device_train_batch_size * self.steps_per_generation
+        if rows_per_process % self.num_generations != 0:
+            errors.append(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) * steps_per_generation "
+                f"({self.steps_per_generation}) = {rows_per_process} rows per process is not a multiple of "
+                f"num_generations ({self.num_generations}): a prompt group would straddle two processes, and guided "
+                "sampling needs whole groups per process. Make it a multiple (e.g. per_device_train_batch_size="
+                f"{self.num_generations})."
+            )
+        eval_generations = self.num_generations_eval or self.num_generations
+        if self.eval_guidance and self.eval_strategy != "no" and self.per_device_eval_batch_size % eval_generations:
+            errors.append(
+                f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) is not a multiple of "
+                f"num_generations_eval ({eval_generations}): guided evaluation needs whole groups per process. "
+                "Make it a multiple, or set eval_guidance=False."
+            )
+        if errors:
+            raise ValueError("Invalid GuidedGRPOConfig:\n- " + "\n- ".join(errors))
+
+    def _derive_prefix_range(self) -> None:
+        if self.prefix_max_tokens is None:
+            self.prefix_max_tokens = max(1, (self.max_completion_length - self.max_guide_tokens) // 2)
+        if self.prefix_min_tokens is None:
+            self.prefix_min_tokens = max(1, min(self.prefix_max_tokens, self.prefix_max_tokens // 4))

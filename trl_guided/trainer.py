@@ -1,0 +1,299 @@
+"""GuidedGRPOTrainer: TRL's GRPOTrainer with three-phase guided sampling and a guidance-focused loss.
+
+Two narrow overrides, both calling the parent:
+- `_generate_single_turn` samples prefix -> guidance -> postfix through the parent's own backend dispatch
+  (transformers, vLLM colocate, vLLM server) and hands TRL the whole completion, so rewards see the full text;
+- `_generate_and_score_completions` post-processes TRL's scored batch: the trained tokens travel in TRL's `tool_mask`
+  slot (fractional weights as (B, T) advantages), and in the `guidance` scope every column after the last guidance
+  token is dropped, so the loss forward and backward never see the postfix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from .config import GuidedGRPOConfig
+from .guidance import BRANCH_POINTS, Segments, clip_guidance, draw_lengths, loss_weights, prefix_candidate
+from .models import resolve_model_path
+
+# Tensors of TRL's scored batch that have one column per completion token.
+_COMPLETION_COLUMNS = (
+    "completion_ids",
+    "completion_mask",
+    "old_per_token_logps",
+    "ref_per_token_logps",
+    "sampling_per_token_logps",
+    "importance_sampling_ratio",
+    "tool_mask",
+)
+# Tensors with one column per prompt + completion token.
+_SEQUENCE_COLUMNS = ("token_type_ids", "mm_token_type_ids")
+
+
+class GuidedGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` whose rollouts branch from a shared prefix per prompt group (see `GuidedGRPOConfig`)."""
+
+    _tag_names = ["trl", "grpo", "trl-guided", "guided-grpo"]
+    _name = "Guided GRPO"
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: GuidedGRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+    ):
+        if isinstance(model, str):
+            model = resolve_model_path(model)
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = GuidedGRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-GuidedGRPO")
+        if not isinstance(args, GuidedGRPOConfig):
+            raise TypeError(
+                f"GuidedGRPOTrainer needs a GuidedGRPOConfig, got {type(args).__name__}. Build the config with "
+                "trl_guided.GuidedGRPOConfig (it accepts every GRPOConfig field)."
+            )
+        if args.guidance:
+            owners = {"tools": tools, "rollout_func": rollout_func, "environment_factory": environment_factory}
+            unsupported = [name for name, value in owners.items() if value]
+            if unsupported:
+                raise ValueError(
+                    f"Guided sampling cannot be combined with {', '.join(unsupported)}: those own the rollout "
+                    "(multi-turn or custom generation), guidance needs single-turn three-phase sampling. Set "
+                    "guidance=False in the config to train them with plain GRPO."
+                )
+        super().__init__(
+            model,
+            reward_funcs,
+            args,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            reward_processing_classes,
+            callbacks,
+            optimizers,
+            quantization_config,
+            peft_config,
+            tools,
+            rollout_func,
+            environment_factory,
+        )
+        self._guidance_rng = random.Random(args.seed + self.accelerator.process_index)
+        self._branch_cut = BRANCH_POINTS[args.branch_point]
+        self._segments: Segments | None = None
+
+    # ---------------------------------------------------------------------------------------------------- generation
+
+    def _guided(self) -> bool:
+        return self.args.guidance and (self.model.training or self.args.eval_guidance)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if not self._guided():
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        if images is not None or multimodal_fields:
+            raise ValueError(
+                "Guided sampling supports text-only prompts; this batch has images or multimodal inputs. Set "
+                "guidance=False (or eval_guidance=False for evaluation) to train a vision-language model."
+            )
+        return self._generate_guided(prompt_ids, num_generations)
+
+    def _generate_guided(self, prompt_ids: list[list[int]], num_generations: int):
+        args, rng, eos = self.args, self._guidance_rng, self.eos_token_ids
+        group_prompts = [list(ids) for ids in prompt_ids[::num_generations]]
+        num_groups = len(group_prompts)
+        cut = functools.partial(self._branch_cut, tokenizer=self._tokenizer, punctuation=args.punctuation)
+
+        # Phase 1: one prefix per group, resampled when EOS came inside the drawn length.
+        drawn = draw_lengths(rng, num_groups, args.prefix_min_tokens, args.prefix_max_tokens)
+        prefixes: list[list[int]] = [[] for _ in range(num_groups)]
+        prefix_logps: list[list[float] | None] = [None] * num_groups
+        pending, retries = list(range(num_groups)), 0
+        for attempt in range(args.prefix_eos_retries + 1):
+            samples, logps = self._generate_phase(
+                [group_prompts[i] for i in pending], 1, max((drawn[i] for i in pending), default=1)
+            )
+            retry = []
+            for sample, sample_logps, group in zip(samples, _rows(logps, len(samples)), pending, strict=True):
+                prefix, hit_eos = prefix_candidate(sample, drawn[group], eos, cut)
+                if hit_eos and attempt < args.prefix_eos_retries:
+                    retry.append(group)
+                    continue
+                prefixes[group] = prefix
+                prefix_logps[group] = None if sample_logps is None else list(sample_logps[: len(prefix)])
+            retries += len(retry)
+            pending = retry
+            if not self._any_process(bool(pending)):
+                break
+
+        # Phase 2: G guidance continuations of each group's prompt + prefix.
+        guide_lengths = draw_lengths(rng, num_groups, args.min_guide_tokens, args.max_guide_tokens)
+        rows = range(num_groups * num_generations)
+        group_of = [row // num_generations for row in rows]
+        branch_prompts = [group_prompts[g] + prefixes[g] for g in group_of]
+        samples, guide_logps = self._generate_phase(branch_prompts, num_generations, max(guide_lengths))
+        guides, ended = zip(
+            *(clip_guidance(sample, guide_lengths[g], eos) for sample, g in zip(samples, group_of, strict=True)),
+            strict=True,
+        )
+
+        # Phase 3: complete every chain that has not ended, within what is left of max_completion_length.
+        budgets = [self.max_completion_length - len(prefixes[g]) - len(guides[r]) for r, g in enumerate(group_of)]
+        todo = [r for r in rows if not ended[r]]
+        samples, post_logps = self._generate_phase(
+            [branch_prompts[r] + guides[r] for r in todo], 1, max((budgets[r] for r in todo), default=1)
+        )
+        postfixes: list[list[int]] = [[] for _ in rows]
+        postfix_logps: list[list[float]] = [[] for _ in rows]
+        for row, sample, sample_logps in zip(todo, samples, _rows(post_logps, len(samples)), strict=True):
+            postfixes[row] = list(sample[: budgets[row]])
+            if sample_logps is not None:
+                postfix_logps[row] = list(sample_logps[: budgets[row]])
+
+        completions = [prefixes[g] + guides[r] + postfixes[r] for r, g in enumerate(group_of)]
+        logprobs = None
+        if guide_logps is not None and all(lp is not None for lp in prefix_logps):
+            logprobs = [
+                prefix_logps[g] + list(guide_logps[r][: len(guides[r])]) + postfix_logps[r]
+                for r, g in enumerate(group_of)
+            ]
+        self._segments = Segments(
+            prefix=[len(prefixes[g]) for g in group_of],
+            guidance=[len(guide) for guide in guides],
+            postfix=[len(postfix) for postfix in postfixes],
+        )
+        self._log_guidance(self._segments, [len(p) == 0 for p in prefixes], retries, completions)
+        return completions, logprobs
+
+    def _generate_phase(self, prompts: list[list[int]], num_generations: int, max_new_tokens: int):
+        """One batched call of the parent's backend with `max_new_tokens`; every process calls it (it may be a
+        collective: a ZeRO-3 gather, a vLLM server request), with a throw-away 1-token row if it has nothing to do."""
+        placeholder = not prompts
+        if placeholder:
+            prompts, num_generations, max_new_tokens = [[self._tokenizer.eos_token_id]], 1, 1
+        with self._max_new_tokens(max_new_tokens):
+            ids, logps = super()._generate_single_turn(prompts, None, {}, num_generations)
+        return ([], None) if placeholder else (ids, logps)
+
+    @contextlib.contextmanager
+    def _max_new_tokens(self, max_new_tokens: int):
+        """Temporarily set the token budget of whichever generation backend is active."""
+        saved = []
+        targets = [(getattr(self, "vllm_generation", None), "max_completion_length")]
+        if getattr(self, "generation_config", None) is not None:
+            targets.append((self.generation_config, "max_new_tokens"))
+        for target, attribute in targets:
+            if target is not None and hasattr(target, attribute):
+                saved.append((target, attribute, getattr(target, attribute)))
+                setattr(target, attribute, max_new_tokens)
+        kwargs = getattr(self, "generation_kwargs", None)
+        saved_kwarg = kwargs.get("max_new_tokens") if isinstance(kwargs, dict) else None
+        if isinstance(kwargs, dict):
+            kwargs["max_new_tokens"] = max_new_tokens
+        try:
+            yield
+        finally:
+            for target, attribute, value in saved:
+                setattr(target, attribute, value)
+            if isinstance(kwargs, dict):
+                kwargs["max_new_tokens"] = saved_kwarg
+
+    def _any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        flags = self.accelerator.gather(torch.tensor([int(flag)], device=self.accelerator.device))
+        return bool(flags.any().item())
+
+    def _log_guidance(self, segments: Segments, empty_prefix: list[bool], retries: int, completions: list) -> None:
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        local = torch.tensor(
+            [
+                sum(segments.prefix) / len(segments),
+                sum(segments.guidance) / len(segments),
+                sum(segments.postfix) / len(segments),
+                sum(empty_prefix) / len(empty_prefix),
+                retries / len(empty_prefix),
+            ],
+            device=device,
+        )
+        means = self.accelerator.gather(local.unsqueeze(0)).mean(dim=0).tolist()
+        names = ("prefix_length", "guide_length", "postfix_length", "empty_prefix_ratio", "prefix_retries")
+        for name, value in zip(names, means, strict=True):
+            self._metrics[mode][f"guidance/{name}"].append(value)
+        if self.log_completions:
+            decode = functools.partial(self._tokenizer.decode, skip_special_tokens=True)
+            starts = [0] * len(segments)
+            for column, lengths in (("prefix", segments.prefix), ("guidance", segments.guidance)):
+                ends = [s + n for s, n in zip(starts, lengths, strict=True)]
+                texts = [decode(c[s:e]) for c, s, e in zip(completions, starts, ends, strict=True)]
+                self._log_completion_extra(column, texts)
+                starts = ends
+            self._log_completion_extra("postfix", [decode(c[s:]) for c, s in zip(completions, starts, strict=True)])
+
+    # ---------------------------------------------------------------------------------------------------- loss focus
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        self._segments = None
+        output = super()._generate_and_score_completions(inputs)
+        segments, self._segments = self._segments, None
+        if segments is None:
+            return output
+        return self._focus_loss(output, segments)
+
+    def _focus_loss(self, output: dict[str, Any], segments: Segments) -> dict[str, Any]:
+        """Restrict TRL's scored batch to the trained tokens of `guidance_loss_scope`."""
+        args = self.args
+        completion_mask = output["completion_mask"]
+        width = completion_mask.size(1)
+        weights = loss_weights(
+            segments, width, args.guidance_loss_scope, args.postfix_decay, args.postfix_min_weight
+        ).to(completion_mask.device)
+        if args.guidance_loss_scope == "guidance":
+            # Nothing after the last guidance token is trained: drop those columns before the loss forward.
+            keep = max(max(segments.guidance_end), 1)
+            if self.pad_to_multiple_of:
+                keep = -(-keep // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            keep = min(keep, width)
+            for key in _COMPLETION_COLUMNS:
+                value = output.get(key)
+                if isinstance(value, torch.Tensor) and value.dim() == 2 and value.size(1) == width:
+                    output[key] = value[:, :keep]
+            for key in _SEQUENCE_COLUMNS:
+                if key in output:
+                    output[key] = output[key][:, : output[key].size(1) - (width - keep)]
+            weights = weights[:, :keep]
+        trained = (weights > 0).to(completion_mask.dtype)
+        if "tool_mask" in output:
+            trained = trained * output["tool_mask"]
+        output["tool_mask"] = trained
+        if args.guidance_loss_scope == "guidance_postfix":
+            output["advantages"] = output["advantages"].unsqueeze(1) * weights
+        loss_mask = output["completion_mask"] * trained
+        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        mode = "train" if self.model.training else "eval"
+        trained_per_row = self.accelerator.gather(loss_mask.sum(dim=1).float())
+        self._metrics[mode]["guidance/trained_tokens"].append(trained_per_row.mean().item())
+        return output
+
+
+def _rows(logps: list | None, count: int) -> list:
+    """Per-row log-probs, or a None per row when the backend returns none (the transformers path)."""
+    return [None] * count if logps is None else logps
