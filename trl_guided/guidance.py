@@ -103,6 +103,9 @@ class Segments:
     def guidance_end(self) -> list[int]:
         return [p + g for p, g in zip(self.prefix, self.guidance, strict=True)]
 
+    def guide_end_of(self, row: int) -> int:
+        return self.prefix[row] + self.guidance[row]
+
 
 def loss_weights(
     segments: Segments, width: int, scope: str, postfix_decay: float = 0.9, postfix_min_weight: float = 0.0
