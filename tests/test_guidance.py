@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trl_guided.guidance import (
-    CLOSERS,
     DEFAULT_PUNCTUATION,
     Segments,
     _mark_pattern,
