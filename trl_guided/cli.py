@@ -14,6 +14,13 @@ def _resolve_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(argv: list[str]) -> int:
+    from .train import run
+
+    run(argv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trl-guided",
@@ -30,10 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resolve.add_argument("name", help="e.g. embedded:smollm2-135m-instruct")
     resolve.set_defaults(func=_resolve_model)
+
+    commands.add_parser(
+        "train",
+        help="train with Guided GRPO from a recipe: trl-guided train --config recipes/<model>/<task>.yaml",
+        description="Train with Guided GRPO. Flags: --config RECIPE.yaml, then any field of the recipe's dataclasses "
+        "(TaskArguments, GuidedGRPOConfig, ModelConfig) as --field value; `trl-guided train --help` lists them all.",
+        add_help=False,
+    )
+    # `train` hands every flag to its own TrlParser (see main), this entry only lists it in --help.
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        return _train(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

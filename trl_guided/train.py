@@ -1,0 +1,157 @@
+"""Train with Guided GRPO from a recipe: `trl-guided train --config recipes/<model>/<task>.yaml [--key value ...]`.
+
+The recipe holds the fields of three dataclasses (task, `GuidedGRPOConfig`, TRL's `ModelConfig`); command-line flags
+override it. Unknown keys are an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from .config import GuidedGRPOConfig
+from .data import load_task
+from .models import resolve_model_path
+from .rewards import REWARD_FUNCS, get_reward
+from .trainer import GuidedGRPOTrainer
+
+logger = logging.getLogger("trl_guided.train")
+# TRL 1.16 calls transformers' renamed gradient-checkpointing helpers on every step; keep the progress output readable.
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+
+@dataclass
+class TaskArguments:
+    task: str = field(default="length", metadata={"help": "Task name (trl_guided.data.TASKS)."})
+    dataset_path: str | None = field(default=None, metadata={"help": "Local data file instead of the default."})
+    eval_size: int = field(default=8, metadata={"help": "Prompts held out for the test split."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["smooth_length"],
+        metadata={"help": f"Reward functions by name: {', '.join(sorted(REWARD_FUNCS))}."},
+    )
+    length_target: int = field(default=300, metadata={"help": "length rewards: target length in characters."})
+    length_tolerance: int = field(default=30, metadata={"help": "smooth_length: no penalty within ± this."})
+    length_scale: float = field(default=0.05, metadata={"help": "smooth_length: penalty scale."})
+    summary_window: int = field(default=10, metadata={"help": "Steps averaged for the first/last reward summary."})
+
+
+def reward_functions(task_args: TaskArguments) -> list:
+    options = {
+        "length": {"target": task_args.length_target},
+        "smooth_length": {
+            "target": task_args.length_target,
+            "tolerance": task_args.length_tolerance,
+            "scale": task_args.length_scale,
+        },
+    }
+    return [get_reward(name, **options.get(name, {})) for name in task_args.reward_funcs]
+
+
+def summarize(log_history: list[dict], window: int) -> dict:
+    """Mean reward over the first and the last `window` logged training steps."""
+    rewards = [(entry["step"], entry["reward"]) for entry in log_history if "reward" in entry and "loss" in entry]
+    if not rewards:
+        return {}
+    window = max(1, min(window, len(rewards) // 2 or 1))
+    first = sum(r for _, r in rewards[:window]) / window
+    last = sum(r for _, r in rewards[-window:]) / window
+    return {"steps": len(rewards), "window": window, "reward_first": first, "reward_last": last}
+
+
+def plot_rewards(log_history: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = [(e["step"], e["reward"]) for e in log_history if "reward" in e and "loss" in e]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points, strict=True), marker=".", label="reward")
+    lengths = [(e["step"], e["completions/mean_length"]) for e in log_history if "completions/mean_length" in e]
+    if lengths:
+        twin = ax.twinx()
+        twin.plot(*zip(*lengths, strict=True), color="tab:orange", alpha=0.6, label="completion tokens")
+        twin.set_ylabel("mean completion tokens")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_title("Guided GRPO training reward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: ModelConfig) -> dict:
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    init_kwargs = {"dtype": model_args.dtype} if model_args.dtype not in (None, "auto") else {}
+    training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
+    train_dataset = load_task(
+        task_args.task, "train", dataset_path=task_args.dataset_path, eval_size=task_args.eval_size
+    )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = load_task(
+            task_args.task, "test", dataset_path=task_args.dataset_path, eval_size=task_args.eval_size
+        )
+    trainer = GuidedGRPOTrainer(
+        model=model_path,
+        reward_funcs=reward_functions(task_args),
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json (the log history) at the top of the run directory
+
+    summary = summarize(trainer.state.log_history, task_args.summary_window)
+    if trainer.accelerator.is_main_process:
+        output_dir = Path(training_args.output_dir)
+        plot = plot_rewards(trainer.state.log_history, output_dir / "reward_curve.png")
+        summary.update(output_dir=str(output_dir), reward_curve=str(plot) if plot else None)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if "reward_first" in summary:
+            print(
+                f"\nReward: first {summary['window']} steps {summary['reward_first']:.3f} -> "
+                f"last {summary['window']} steps {summary['reward_last']:.3f} ({summary['steps']} steps)."
+            )
+        print(f"Run saved in {output_dir} (model, checkpoints, trainer_state.json, completions/, summary.json).")
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def make_parser() -> TrlParser:
+    return TrlParser(
+        (TaskArguments, GuidedGRPOConfig, ModelConfig),
+        prog="trl-guided train",
+        epilog="Recipe: --config RECIPE.yaml, a YAML mapping of the fields above; flags given after it override it.",
+    )
+
+
+def run(argv: list[str] | None = None) -> dict:
+    parser = make_parser()
+    try:
+        task_args, training_args, model_args = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+    except ValueError as error:
+        if "Unknown arguments from config file" not in str(error):
+            raise
+        recipe = argv[argv.index("--config") + 1] if argv and "--config" in argv else "the recipe"
+        raise SystemExit(
+            f"{recipe}: {error} Every key must be a field of TaskArguments, GuidedGRPOConfig or ModelConfig."
+        ) from None
+    return main(task_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
