@@ -73,12 +73,43 @@ class GuidedGRPOConfig(GRPOConfig):
         default=True, metadata={"help": "Sample evaluation rollouts guided (True) or plain (False)."}
     )
 
+    # Optimal-transport (Sinkhorn) regularizer on the backbone's last hidden states (see trl_guided.ot).
+    ot_coef: float = field(default=0.0, metadata={"help": "Weight of the OT penalty in the loss; 0 turns OT off."})
+    ot_window: int = field(default=16, metadata={"help": "Band half-width: token i may move to j with |i-j| <= it."})
+    ot_epsilon: float = field(default=0.1, metadata={"help": "Entropic regularization of the Sinkhorn solve."})
+    ot_iterations: int = field(
+        default=50, metadata={"help": "Sinkhorn iterations (the cap when ot_tolerance is set)."}
+    )
+    ot_tolerance: float | None = field(
+        default=None,
+        metadata={"help": "Stop Sinkhorn once the row-marginal L1 error is below this (checked every 10)."},
+    )
+    ot_target: float = field(
+        default=0.0, metadata={"help": "Hinge: only OT cost above this target is penalised (GRPO-mini)."}
+    )
+    ot_reference: str = field(
+        default="ref",
+        metadata={
+            "help": "'ref': reference-model hidden states (built if beta == 0; the adapter-disabled base with PEFT). "
+            "'old': the sampling-time policy (equal to the current one with TRL's on-policy defaults)."
+        },
+    )
+    ot_debiased: bool = field(
+        default=False,
+        metadata={"help": "Use the Sinkhorn divergence OT(x,y) - OT(x,x)/2 - OT(y,y)/2 (0 at identity)."},
+    )
+    ot_reference_on_cpu: bool = field(
+        default=False, metadata={"help": "Keep reference hidden states on CPU between generation and loss."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._derive_prefix_range()
+        errors = self._ot_errors()
         if not self.guidance:
+            if errors:
+                raise ValueError("Invalid GuidedGRPOConfig:\n- " + "\n- ".join(errors))
             return
-        errors = []
         if self.branch_point not in BRANCH_POINTS:
             errors.append(f"branch_point={self.branch_point!r} is unknown; choose one of {sorted(BRANCH_POINTS)}.")
         if self.guidance_loss_scope not in LOSS_SCOPES:
@@ -129,6 +160,29 @@ class GuidedGRPOConfig(GRPOConfig):
             )
         if errors:
             raise ValueError("Invalid GuidedGRPOConfig:\n- " + "\n- ".join(errors))
+
+    def _ot_errors(self) -> list[str]:
+        errors = []
+        if self.ot_coef < 0:
+            errors.append(f"ot_coef={self.ot_coef} must be >= 0 (0 turns OT off).")
+        if self.ot_window < 0:
+            errors.append(f"ot_window={self.ot_window} must be >= 0.")
+        if self.ot_epsilon <= 0:
+            errors.append(f"ot_epsilon={self.ot_epsilon} must be > 0.")
+        if self.ot_iterations < 1:
+            errors.append(f"ot_iterations={self.ot_iterations} must be >= 1.")
+        if self.ot_tolerance is not None and self.ot_tolerance <= 0:
+            errors.append(f"ot_tolerance={self.ot_tolerance} must be > 0 or unset.")
+        if self.ot_reference not in ("ref", "old"):
+            errors.append(f"ot_reference={self.ot_reference!r} is unknown; choose 'ref' or 'old'.")
+        return errors
+
+    @property
+    def old_policy_is_current(self) -> bool:
+        """True when TRL never computes old log-probs: the sampling policy equals the one being optimised."""
+        generate_every = self.steps_per_generation * self.num_iterations
+        correcting_vllm = self.use_vllm and self.vllm_importance_sampling_correction
+        return self.gradient_accumulation_steps % generate_every == 0 and not correcting_vllm
 
     def _derive_prefix_range(self) -> None:
         if self.prefix_max_tokens is None:

@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import random
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
 
 from .config import GuidedGRPOConfig
 from .guidance import BRANCH_POINTS, Segments, clip_guidance, draw_lengths, loss_weights, prefix_candidate
 from .models import resolve_model_path
+from .ot import banded_sinkhorn_with_stats
+
+logger = logging.getLogger(__name__)
 
 # Tensors of TRL's scored batch that have one column per completion token.
 _COMPLETION_COLUMNS = (
@@ -97,6 +104,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._guidance_rng = random.Random(args.seed + self.accelerator.process_index)
         self._branch_cut = BRANCH_POINTS[args.branch_point]
         self._segments: Segments | None = None
+        self._ot_ref_model = self._build_ot_reference() if args.ot_coef > 0 else None
 
     # ---------------------------------------------------------------------------------------------------- generation
 
@@ -254,9 +262,11 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._segments = None
         output = super()._generate_and_score_completions(inputs)
         segments, self._segments = self._segments, None
-        if segments is None:
-            return output
-        return self._focus_loss(output, segments)
+        if segments is not None:
+            output = self._focus_loss(output, segments)
+        if self.args.ot_coef > 0:
+            output = self._attach_ot_reference(output)
+        return output
 
     def _focus_loss(self, output: dict[str, Any], segments: Segments) -> dict[str, Any]:
         """Restrict TRL's scored batch to the trained tokens of `guidance_loss_scope`."""
@@ -292,6 +302,135 @@ class GuidedGRPOTrainer(GRPOTrainer):
         trained_per_row = self.accelerator.gather(loss_mask.sum(dim=1).float())
         self._metrics[mode]["guidance/trained_tokens"].append(trained_per_row.mean().item())
         return output
+
+    # ---------------------------------------------------------------------------------------- optimal transport
+
+    def _build_ot_reference(self):
+        """The frozen model whose hidden states OT compares against, when TRL does not build one (beta == 0)."""
+        args = self.args
+        if args.ot_reference == "old" or self.ref_model is not None or is_peft_model(self.model):
+            if args.ot_reference == "old" and args.old_policy_is_current:
+                logger.warning(
+                    "ot_reference='old' with these settings compares the policy with itself: TRL only keeps an old "
+                    "policy when gradient_accumulation_steps is not a multiple of steps_per_generation * "
+                    "num_iterations (or with vLLM importance sampling), so here OT measures only entropic blur%s. Use "
+                    "ot_reference='ref', num_iterations > 1, or ot_debiased=True.",
+                    " (and is exactly 0 with ot_debiased=True)" if args.ot_debiased else "",
+                )
+            return None
+        kwargs = dict(args.model_init_kwargs or {})
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            kwargs["device_map"] = None
+        kwargs.setdefault("dtype", self.model.dtype)
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        reference = create_model_from_path(get_config_model_id(self.model.config), **kwargs)
+        reference.requires_grad_(False)
+        if args.disable_dropout:
+            disable_dropout_in_model(reference)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(reference, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(reference, self.accelerator)
+        return self.accelerator.prepare_model(reference, evaluation_mode=True)
+
+    @staticmethod
+    def _backbone(model):
+        """The decoder stack whose output is the last hidden state (LoRA layers, if any, live inside it)."""
+        while hasattr(model, "module") and not hasattr(model, "get_decoder"):  # DDP / DeepSpeed wrappers
+            model = model.module
+        if is_peft_model(model):
+            model = model.get_base_model()
+        return model.get_decoder()
+
+    def _ot_reference_states(self, output: dict[str, Any]) -> torch.Tensor:
+        """(B, C, H) reference hidden states of the completion tokens, without gradient."""
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        width = output["completion_ids"].size(1)
+        if self.args.ot_reference == "old":
+            model, context = self.model, contextlib.nullcontext()
+        elif self.ref_model is not None or self._ot_ref_model is not None:
+            model, context = (
+                self.ref_model if self.ref_model is not None else self._ot_ref_model,
+                contextlib.nullcontext(),
+            )
+        else:  # PEFT: the base model with the adapter disabled (or TRL's "ref" adapter when re-training one)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            model = self.model
+            context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        batch_size = (
+            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        )
+        chunks = []
+        with torch.no_grad(), context:
+            backbone = self._backbone(model)
+            for start in range(0, input_ids.size(0), batch_size):
+                out = backbone(
+                    input_ids=input_ids[start : start + batch_size],
+                    attention_mask=attention_mask[start : start + batch_size],
+                )
+                chunks.append(out.last_hidden_state[:, -width:])
+        states = torch.cat(chunks)
+        return states.cpu() if self.args.ot_reference_on_cpu else states
+
+    def _attach_ot_reference(self, output: dict[str, Any]) -> dict[str, Any]:
+        # Old policy == current policy: the current states, detached, are the reference; no forward needed.
+        if not (self.args.ot_reference == "old" and self.args.old_policy_is_current):
+            output["ot_reference_states"] = self._ot_reference_states(output)
+        return output
+
+    @contextlib.contextmanager
+    def _capture_hidden_states(self, model):
+        """Collect the backbone's last hidden state of every forward inside the block (gradients flow)."""
+        captured: list[torch.Tensor] = []
+
+        def hook(module, args, output):
+            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+        handle = self._backbone(model).register_forward_hook(hook)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.ot_coef <= 0:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        reference = inputs.get("ot_reference_states")  # kept: num_iterations > 1 reuses these inputs
+        with self._capture_hidden_states(model) as captured:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        width = inputs["completion_ids"].size(1)
+        current = torch.cat(captured)[:, -width:]
+        reference = current.detach() if reference is None else reference.to(current.device)
+        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        args = self.args
+        result = banded_sinkhorn_with_stats(
+            current,
+            reference,
+            mask,
+            window=args.ot_window,
+            epsilon=args.ot_epsilon,
+            iterations=args.ot_iterations,
+            debiased=args.ot_debiased,
+            tolerance=args.ot_tolerance,
+        )
+        has_tokens = mask.sum(-1) > 0
+        penalty = torch.clamp(result.cost - args.ot_target, min=0.0)
+        penalty = (penalty * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        loss = loss + args.ot_coef * penalty / accumulation
+
+        def rows_mean(values: torch.Tensor) -> float:
+            totals = self.accelerator.reduce(
+                torch.stack([(values.detach() * has_tokens).sum(), has_tokens.sum().float()]), reduction="sum"
+            )
+            return (totals[0] / totals[1].clamp(min=1)).item()
+
+        self._metrics[mode]["ot/cost"].append(rows_mean(result.cost))
+        self._metrics[mode]["ot/penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
+        self._metrics[mode]["ot/marginal_error"].append(rows_mean(result.marginal_error))
+        return loss
 
 
 def _rows(logps: list | None, count: int) -> list:
