@@ -13,6 +13,8 @@ import torch
 
 # Finite stand-in for log(0) outside the band: keeps logsumexp and its gradient finite on fully masked rows.
 _NEG = -1e30
+# Sinkhorn iterations per activation checkpoint (and between tolerance checks).
+_CHUNK = 10
 
 
 @dataclass
@@ -39,27 +41,28 @@ def _transpose_band(band: torch.Tensor, window: int) -> torch.Tensor:
     return padded.reshape(batch, -1).gather(1, index).reshape(batch, length, width)
 
 
-def banded_cosine_cost(x: torch.Tensor, y: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, T, K) cost 1 - cos(x_i, y_j) for j = i + k - window (2 outside [0, T), masked later)."""
-    x = torch.nn.functional.normalize(x, dim=-1, eps=1e-8)
-    y = torch.nn.functional.normalize(y, dim=-1, eps=1e-8)
-    length = x.size(1)
-    columns = []
-    # One (B, T) dot product per diagonal: O(B * T * H) transient memory, never (B, T, T) or (B, T, K, H).
-    for offset in range(-window, window + 1):
-        dots = x.new_zeros(x.shape[:2])
-        lo, hi = max(0, -offset), min(length, length - offset)
-        if lo < hi:
-            dots = torch.cat(
-                [
-                    x.new_zeros(x.size(0), lo),
-                    (x[:, lo:hi] * y[:, lo + offset : hi + offset]).sum(-1),
-                    x.new_zeros(x.size(0), length - hi),
-                ],
-                dim=1,
-            )
-        columns.append(1.0 - dots)
-    return torch.stack(columns, dim=-1)
+def banded_cosine_cost(x: torch.Tensor, y: torch.Tensor, window: int, block: int = 64) -> torch.Tensor:
+    """(B, T, K) cost 1 - cos(x_i, y_j) for j = i + k - window (1 outside [0, T), masked later).
+
+    Blocks of `block` rows of x are multiplied with the `block + 2 * window` rows of y around them (batched matmuls),
+    and the dot products are divided by the norms afterwards, so no normalized copy of x or y is kept: memory is
+    O(B * T * (H + block + window)), never (B, T, T) or (B, T, K, H).
+    """
+    batch, length, hidden = x.shape
+    width = 2 * window + 1
+    block = max(1, min(block, length))
+    blocks = -(-length // block)
+    padded_length = blocks * block
+    x_padded = x if padded_length == length else torch.nn.functional.pad(x, (0, 0, 0, padded_length - length))
+    y_padded = torch.nn.functional.pad(y, (0, 0, window, padded_length - length + window))
+    y_windows = y_padded.unfold(1, block + 2 * window, block)  # (B, blocks, H, block + 2w), a view
+    dots = x_padded.view(batch, blocks, block, hidden) @ y_windows  # (B, blocks, block, block + 2w)
+    # Row r of a block sits at column r + window of its y window; its band is columns r .. r + 2w.
+    index = torch.arange(block, device=x.device).unsqueeze(1) + torch.arange(width, device=x.device)
+    band = dots.gather(-1, index.expand(batch, blocks, block, width)).reshape(batch, padded_length, width)[:, :length]
+    x_norm = x.norm(dim=-1).clamp(min=1e-8)
+    y_norm = _band(y.norm(dim=-1).clamp(min=1e-8), window, fill=1.0)
+    return 1.0 - band / (x_norm.unsqueeze(-1) * y_norm)
 
 
 def banded_sinkhorn_solve(
@@ -74,7 +77,8 @@ def banded_sinkhorn_solve(
     """Entropic OT between the valid tokens of `x` and `y` (uniform marginals), cost 1 - cosine inside the band.
 
     `iterations` is the cap; with `tolerance`, iteration stops once the row-marginal L1 error of every row is below
-    it (checked every 10 iterations). Gradients flow through the unrolled iterations.
+    it (checked every 10 iterations). Gradients flow through the unrolled iterations, which are checkpointed in
+    chunks of 10 so backward memory does not grow with `iterations`.
     """
     if x.shape != y.shape or x.dim() != 3 or mask.shape != x.shape[:2]:
         raise ValueError(
@@ -97,11 +101,23 @@ def banded_sinkhorn_solve(
     log_marginal = torch.where(mask, -torch.log(count), torch.zeros_like(count))  # log(1/n) on valid tokens
     f = torch.zeros_like(log_marginal)  # potentials divided by epsilon
     g = torch.zeros_like(log_marginal)
+
+    def run(steps: int, f: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(steps):
+            f = torch.where(mask, log_marginal - torch.logsumexp(scaled + _band(g, window, _NEG), dim=-1), 0.0)
+            g = torch.where(mask, log_marginal - torch.logsumexp(scaled_t + _band(f, window, _NEG), dim=-1), 0.0)
+        return f, g
+
     done = 0
-    for done in range(1, iterations + 1):
-        f = torch.where(mask, log_marginal - torch.logsumexp(scaled + _band(g, window, _NEG), dim=-1), 0.0)
-        g = torch.where(mask, log_marginal - torch.logsumexp(scaled_t + _band(f, window, _NEG), dim=-1), 0.0)
-        if tolerance is not None and done % 10 == 0:
+    while done < iterations:
+        steps = min(_CHUNK, iterations - done)
+        if torch.is_grad_enabled() and (scaled.requires_grad or scaled_t.requires_grad):
+            # Keep only the (B, T) potentials between chunks; the chunk's band tensors are recomputed in backward.
+            f, g = torch.utils.checkpoint.checkpoint(run, steps, f, g, use_reentrant=False)
+        else:
+            f, g = run(steps, f, g)
+        done += steps
+        if tolerance is not None and done < iterations:
             with torch.no_grad():
                 error = _row_marginal_error(scaled, f, g, window, log_marginal, valid, mask)
             if bool((error <= tolerance).all()):

@@ -105,6 +105,14 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._branch_cut = BRANCH_POINTS[args.branch_point]
         self._segments: Segments | None = None
         self._ot_ref_model = self._build_ot_reference() if args.ot_coef > 0 else None
+        if args.ot_coef > 0 and args.ot_reference == "old" and args.old_policy_is_current:
+            logger.warning(
+                "ot_reference='old' with these settings compares the policy with itself: TRL only keeps an old policy "
+                "when gradient_accumulation_steps is not a multiple of steps_per_generation * num_iterations (or with "
+                "vLLM importance sampling). The plain OT cost is then only entropic blur and the debiased one is 0. "
+                "For a real constraint use ot_reference='ref' or num_iterations > 1; ot_debiased=True at least "
+                "turns the blur into an exact 0."
+            )
 
     # ---------------------------------------------------------------------------------------------------- generation
 
@@ -309,14 +317,6 @@ class GuidedGRPOTrainer(GRPOTrainer):
         """The frozen model whose hidden states OT compares against, when TRL does not build one (beta == 0)."""
         args = self.args
         if args.ot_reference == "old" or self.ref_model is not None or is_peft_model(self.model):
-            if args.ot_reference == "old" and args.old_policy_is_current:
-                logger.warning(
-                    "ot_reference='old' with these settings compares the policy with itself: TRL only keeps an old "
-                    "policy when gradient_accumulation_steps is not a multiple of steps_per_generation * "
-                    "num_iterations (or with vLLM importance sampling), so here OT measures only entropic blur%s. Use "
-                    "ot_reference='ref', num_iterations > 1, or ot_debiased=True.",
-                    " (and is exactly 0 with ot_debiased=True)" if args.ot_debiased else "",
-                )
             return None
         kwargs = dict(args.model_init_kwargs or {})
         if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
