@@ -90,7 +90,8 @@ def banded_sinkhorn_solve(
         )
     length = x.size(1)
     window = min(window, max(length - 1, 0))
-    x, y = x.float() if x.dtype != torch.float64 else x, y.float() if y.dtype != torch.float64 else y
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # low-precision inputs compute in fp32
+    x, y = x.to(dtype), y.to(dtype)
     mask = mask.bool()
     cost = banded_cosine_cost(x, y, window)  # (B, T, K)
     valid = mask.unsqueeze(-1) & _band(mask, window, fill=False)  # (B, T, K): both tokens valid and j in [0, T)
@@ -119,19 +120,22 @@ def banded_sinkhorn_solve(
         done += steps
         if tolerance is not None and done < iterations:
             with torch.no_grad():
-                error = _row_marginal_error(scaled, f, g, window, log_marginal, valid, mask)
+                error = _marginal_error(_plan(scaled, f, g, window, valid), log_marginal, mask)
             if bool((error <= tolerance).all()):
                 break
-    log_plan = (scaled + f.unsqueeze(-1) + _band(g, window, _NEG)).masked_fill(~valid, float("-inf"))
-    plan = log_plan.exp()
+    plan = _plan(scaled, f, g, window, valid)
     transport = (plan * cost.masked_fill(~valid, 0.0)).sum(dim=(1, 2))
-    with torch.no_grad():
-        error = _row_marginal_error(scaled, f, g, window, log_marginal, valid, mask)
+    error = _marginal_error(plan.detach(), log_marginal, mask)
     return SinkhornResult(cost=transport, marginal_error=error, iterations=done)
 
 
-def _row_marginal_error(scaled, f, g, window, log_marginal, valid, mask) -> torch.Tensor:
-    plan = (scaled + f.unsqueeze(-1) + _band(g, window, _NEG)).masked_fill(~valid, float("-inf")).exp()
+def _plan(scaled, f, g, window, valid) -> torch.Tensor:
+    """(B, T, K) transport plan exp(log K + f_i + g_j), exactly 0 outside the band and on padded tokens."""
+    return (scaled + f.unsqueeze(-1) + _band(g, window, _NEG)).masked_fill(~valid, float("-inf")).exp()
+
+
+def _marginal_error(plan, log_marginal, mask) -> torch.Tensor:
+    """(B,) L1 distance between the plan's row sums and the uniform marginal."""
     target = torch.where(mask, log_marginal.exp(), 0.0)
     return (plan.sum(-1) - target).abs().sum(-1)
 
