@@ -347,13 +347,11 @@ class GuidedGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         width = output["completion_ids"].size(1)
+        frozen = self.ref_model if self.ref_model is not None else self._ot_ref_model
         if self.args.ot_reference == "old":
             model, context = self.model, contextlib.nullcontext()
-        elif self.ref_model is not None or self._ot_ref_model is not None:
-            model, context = (
-                self.ref_model if self.ref_model is not None else self._ot_ref_model,
-                contextlib.nullcontext(),
-            )
+        elif frozen is not None:
+            model, context = frozen, contextlib.nullcontext()
         else:  # PEFT: the base model with the adapter disabled (or TRL's "ref" adapter when re-training one)
             unwrapped = self.accelerator.unwrap_model(self.model)
             model = self.model
