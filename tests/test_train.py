@@ -18,7 +18,8 @@ from trl_guided.rewards import get_reward, length, smooth_length
 from trl_guided.train import make_parser, run, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+# Training recipes; recipes/accelerate/ holds accelerate launcher configs, not recipes.
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.relative_to(ROOT).parts)
 DEMO = ROOT / "recipes" / "smollm2-135m-instruct" / "length_cpu.yaml"
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import random
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 
 from datasets import Dataset
 
 LENGTH_SYSTEM_PROMPT = "You are a helpful assistant. Answer the user's request."
+THINK_ANSWER_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The Assistant first thinks about the reasoning process and then "
+    "gives the answer, in the format:\n<think>\n...\n</think>\n<answer>\n...\n</answer>"
+)
 
 
 def _length_prompts(path: str | None) -> list[str]:
@@ -42,7 +48,103 @@ def load_length(split: str = "train", dataset_path: str | None = None, eval_size
     )
 
 
-TASKS = {"length": load_length}
+def _split_seed(seed: int, split: str) -> int:
+    return seed * 1_000_003 + {"train": 0, "test": 1, "validation": 2}.get(split, 3)
+
+
+def _chat(system_prompt: str, user: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
+
+
+def _countdown_instance(rng: random.Random, count: int, max_number: int) -> tuple[list[int], int, str]:
+    """Numbers, a target and one solution built from them: solvable by construction."""
+    while True:
+        numbers = [rng.randint(1, max_number) for _ in range(count)]
+        order = rng.sample(numbers, count)
+        expression, value = str(order[0]), Fraction(order[0])
+        for number in order[1:]:
+            op = rng.choice("+-*/")
+            if op == "/" and (number == 0 or (value / number).denominator != 1):
+                op = "+"
+            value = {"+": value + number, "-": value - number, "*": value * number, "/": value / number}[op]
+            expression = f"({expression} {op} {number})"
+        if value.denominator == 1 and 0 < value <= 1000:
+            return numbers, int(value), expression[1:-1] if expression.startswith("(") else expression
+
+
+def load_countdown(
+    split: str = "train",
+    size: int = 1000,
+    seed: int = 0,
+    numbers: int = 4,
+    max_number: int = 99,
+    system_prompt: str = THINK_ANSWER_SYSTEM_PROMPT,
+    **_,
+) -> Dataset:
+    """Countdown (TinyZero / GRPO-mini): reach `target` with each of `nums` once and + - * /. Generated locally,
+    deterministic by seed and split; every instance is solvable (built from a solution, kept in `solution`)."""
+    rng = random.Random(_split_seed(seed, split))
+    rows = [_countdown_instance(rng, numbers, max_number) for _ in range(size)]
+    return Dataset.from_dict(
+        {
+            "prompt": [
+                _chat(
+                    system_prompt,
+                    f"Using the numbers {nums}, create an equation that equals {target}. Use + - * / and "
+                    "parentheses, each number exactly once. Give the equation in <answer> </answer> tags, e.g. "
+                    "<answer>(1 + 2) / 3</answer>.",
+                )
+                for nums, target, _ in rows
+            ],
+            "nums": [nums for nums, _, _ in rows],
+            "target": [target for _, target, _ in rows],
+            "solution": [solution for _, _, solution in rows],
+        }
+    )
+
+
+def load_arithmetic(
+    split: str = "train",
+    size: int = 1000,
+    seed: int = 0,
+    terms: int = 3,
+    max_number: int = 20,
+    system_prompt: str = THINK_ANSWER_SYSTEM_PROMPT,
+    **_,
+) -> Dataset:
+    """Synthetic arithmetic (Minimal-GRPO style): evaluate an integer expression with + - * and parentheses; the
+    exact answer is in `answer`. Generated locally, deterministic by seed and split."""
+    rng = random.Random(_split_seed(seed, split))
+    expressions, answers = [], []
+    for _ in range(size):
+        expression = str(rng.randint(1, max_number))
+        for _ in range(terms - 1):
+            expression = f"({expression} {rng.choice('+-*')} {rng.randint(1, max_number)})"
+        expression = expression[1:-1] if expression.startswith("(") else expression
+        expressions.append(expression)
+        answers.append(str(_evaluate_integer(expression)))
+    return Dataset.from_dict(
+        {
+            "prompt": [
+                _chat(system_prompt, f"Evaluate {e}. Put the final number in <answer> </answer> tags.")
+                for e in expressions
+            ],
+            "expression": expressions,
+            "answer": answers,
+        }
+    )
+
+
+def _evaluate_integer(expression: str) -> int:
+    from .rewards import evaluate_equation
+
+    result = evaluate_equation(expression)
+    if result is None or result[0].denominator != 1:
+        raise ValueError(f"generated expression {expression!r} does not evaluate to an integer")
+    return int(result[0])
+
+
+TASKS = {"length": load_length, "countdown": load_countdown, "arithmetic": load_arithmetic}
 
 
 def load_task(name: str, split: str = "train", **options) -> Dataset:

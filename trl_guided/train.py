@@ -30,7 +30,9 @@ warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprec
 class TaskArguments:
     task: str = field(default="length", metadata={"help": "Task name (trl_guided.data.TASKS)."})
     dataset_path: str | None = field(default=None, metadata={"help": "Local data file instead of the default."})
-    eval_size: int = field(default=8, metadata={"help": "Prompts held out for the test split."})
+    eval_size: int = field(default=8, metadata={"help": "Prompts held out for the test split (length task)."})
+    dataset_size: int = field(default=1000, metadata={"help": "Rows of a generated task (countdown, arithmetic)."})
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of a generated task (countdown, arithmetic)."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["smooth_length"],
         metadata={"help": f"Reward functions by name: {', '.join(sorted(REWARD_FUNCS))}."},
@@ -95,14 +97,14 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
     model_path = resolve_model_path(model_args.model_name_or_path)
     init_kwargs = {"dtype": model_args.dtype} if model_args.dtype not in (None, "auto") else {}
     training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
-    train_dataset = load_task(
-        task_args.task, "train", dataset_path=task_args.dataset_path, eval_size=task_args.eval_size
+    options = dict(
+        dataset_path=task_args.dataset_path,
+        eval_size=task_args.eval_size,
+        size=task_args.dataset_size,
+        seed=task_args.dataset_seed,
     )
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_task(
-            task_args.task, "test", dataset_path=task_args.dataset_path, eval_size=task_args.eval_size
-        )
+    train_dataset = load_task(task_args.task, "train", **options)
+    eval_dataset = load_task(task_args.task, "test", **options) if training_args.eval_strategy != "no" else None
     trainer = GuidedGRPOTrainer(
         model=model_path,
         reward_funcs=reward_functions(task_args),

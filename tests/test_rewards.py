@@ -1,0 +1,153 @@
+"""Rewards on hand-written cases (right, wrong, malformed, adversarial) and property tests that nothing raises."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trl_guided.data import load_task
+from trl_guided.rewards import (
+    REWARD_FUNCS,
+    arithmetic_accuracy,
+    countdown,
+    evaluate_equation,
+    extract_answer,
+    get_reward,
+    gsm8k_accuracy,
+    math_accuracy,
+    soft_format,
+    strict_format,
+    xml_count,
+)
+
+
+def chat(text):
+    return [{"role": "assistant", "content": text}]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The total is #### 1,234", Fraction(1234)),
+        ("She pays $18 in all.", Fraction(18)),
+        ("<answer>18.0</answer>", Fraction(18)),
+        ("<think>3+4=7, 7*2=14</think>\n<answer>\n14\n</answer>", Fraction(14)),
+        ("First 5 apples, then 7 more, so the answer is 12.", Fraction(12)),
+        ("\\boxed{3/4}", Fraction(3, 4)),
+        ("It drops to -3 degrees.", Fraction(-3)),
+        ("no numbers here", None),
+        ("", None),
+        ("9" * 500, None),  # a huge number is not an answer
+    ],
+)
+def test_answer_extraction(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_gsm8k_accuracy_right_wrong_malformed_and_bad_gold():
+    gold = "Natalia sold 48/2 = 24 clips in May.\n#### 72"
+    completions = [chat("So she sold 72 clips."), chat("#### 71"), chat("¯\\_(ツ)_/¯"), "#### 72", chat("72")]
+    assert gsm8k_accuracy(completions, [gold] * 5) == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert gsm8k_accuracy([chat("#### 5")], ["#### five"]) == [None]
+    assert gsm8k_accuracy([chat("#### 1,234")], ["#### 1234"]) == [1.0]
+
+
+def test_arithmetic_accuracy():
+    assert arithmetic_accuracy([chat("<answer>-6</answer>"), chat("<answer>6</answer>")], ["-6", "-6"]) == [1.0, 0.0]
+    assert arithmetic_accuracy([chat("<answer>1</answer>")], ["not a number"]) == [None]
+
+
+def test_math_accuracy_uses_math_verify():
+    completions = [chat("The answer is $\\boxed{\\frac{1}{2}}$"), chat("$\\boxed{0.5}$"), chat("\\boxed{3}"), chat("")]
+    assert math_accuracy(completions, ["$\\frac{1}{2}$"] * 4) == [1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "answer, reward",
+    [
+        ("<answer>(1 + 2) * 3 - 4</answer>", 1.0),  # 5 with each number once
+        ("<answer>3 * (2 + 1) - 4</answer>", 1.0),
+        ("<answer>(1 + 2) * 3</answer>", 0.0),  # 4 not used
+        ("<answer>(1 + 2) * 3 - 4 + 4</answer>", 0.0),  # 4 used twice
+        ("<answer>1 + 2 + 3 + 4</answer>", 0.0),  # wrong value
+        ("<answer>(1 + 2) ** 3 - 4</answer>", 0.0),  # power is not allowed
+        ("<answer>__import__('os').system('echo pwned')</answer>", 0.0),
+        ("<answer>(1 + 2) * 3 - 4 / 0</answer>", 0.0),
+        ("<answer>" + "(" * 150 + "1" + ")" * 150 + "</answer>", 0.0),
+        ("<answer>(1 + 2) * 3 - 4 = 5</answer>", 1.0),  # a trailing "= target" is fine
+        ("(1+2)*3-4", 1.0),  # no tags: the last line
+        ("<answer>１ + 2</answer>", 0.0),  # unicode digits are not accepted
+    ],
+)
+def test_countdown_checker(answer, reward):
+    assert countdown([chat(answer)], [[1, 2, 3, 4]], [5]) == [reward]
+
+
+def test_evaluate_equation_is_exact():
+    assert evaluate_equation("7 / 3 * 3") == (Fraction(7), [7, 3, 3])
+    assert evaluate_equation("-1 + 2") is None  # unary minus is not an allowed operator
+
+
+def test_format_rewards():
+    good = "<think>\nreason\n</think>\n<answer>\n42\n</answer>"
+    sloppy = "<think>reason</think> <answer>42</answer>"
+    assert strict_format([good, sloppy, ""]) == [1.0, 0.0, 0.0]
+    assert soft_format([good, sloppy, "<answer>42</answer>"]) == [1.0, 1.0, 0.0]
+    assert xml_count([good])[0] == pytest.approx(0.5)
+    assert xml_count([good + "\ntrailing junk"])[0] < 0.5
+    assert xml_count(["nothing"]) == [0.0]
+
+
+def test_registry_names_trl_builtins_and_import_paths():
+    for name in ("gsm8k_accuracy", "math_accuracy", "countdown", "arithmetic_accuracy", "strict_format"):
+        assert name in REWARD_FUNCS
+    for name in ("soft_format", "xml_count", "length", "smooth_length", "accuracy_reward", "think_format_reward"):
+        assert name in REWARD_FUNCS
+    assert get_reward("think_format_reward")(completions=[chat("<think>\nx\n</think>\ny")]) == [1.0]
+    imported = get_reward("trl_guided.rewards.strict_format")
+    assert imported.__name__ == "strict_format"
+    with pytest.raises(ValueError, match="cannot be imported"):
+        get_reward("trl_guided.rewards.nope")
+
+
+def test_a_bug_in_a_reward_names_the_function():
+    reward = get_reward("gsm8k_accuracy")
+    with pytest.raises(RuntimeError, match="Reward function 'gsm8k_accuracy' failed"):
+        reward([chat("1")])  # the `answer` column is missing: a bug in the setup, not in the model output
+
+
+anything = st.one_of(st.text(max_size=300), st.builds(chat, st.text(max_size=300)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(completion=anything, gold=st.text(max_size=50), nums=st.lists(st.integers(0, 200), max_size=5))
+def test_no_input_raises(completion, gold, nums):
+    for name, columns in [
+        ("gsm8k_accuracy", {"answer": [gold]}),
+        ("arithmetic_accuracy", {"answer": [gold]}),
+        ("countdown", {"nums": [nums], "target": [7]}),
+        ("strict_format", {}),
+        ("soft_format", {}),
+        ("xml_count", {}),
+        ("length", {}),
+        ("smooth_length", {}),
+    ]:
+        values = get_reward(name)([completion], **columns)
+        assert len(values) == 1 and (values[0] is None or isinstance(values[0], float))
+
+
+def test_generated_tasks_are_deterministic_and_solvable():
+    first, again = load_task("countdown", size=50, seed=3), load_task("countdown", size=50, seed=3)
+    assert first["nums"] == again["nums"] and first["target"] == again["target"]
+    assert load_task("countdown", "test", size=50, seed=3)["nums"] != first["nums"]
+    solutions = [chat(f"<answer>{s}</answer>") for s in first["solution"]]
+    assert countdown(solutions, first["nums"], first["target"]) == [1.0] * 50
+    arithmetic = load_task("arithmetic", size=50, seed=1)
+    assert arithmetic["answer"] == load_task("arithmetic", size=50, seed=1)["answer"]
+    exact = [chat(f"<answer>{a}</answer>") for a in arithmetic["answer"]]
+    assert arithmetic_accuracy(exact, arithmetic["answer"]) == [1.0] * 50
+    for row in arithmetic.select(range(10)):
+        assert row["prompt"][-1]["content"].startswith(f"Evaluate {row['expression']}")
