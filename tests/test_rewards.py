@@ -151,3 +151,37 @@ def test_generated_tasks_are_deterministic_and_solvable():
     assert arithmetic_accuracy(exact, arithmetic["answer"]) == [1.0] * 50
     for row in arithmetic.select(range(10)):
         assert row["prompt"][-1]["content"].startswith(f"Evaluate {row['expression']}")
+
+
+def test_hub_tasks_load_from_local_files(tmp_path):
+    import json
+
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text(json.dumps({"question": "2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    rows = load_task("gsm8k", "train", dataset_path=str(gsm8k))
+    assert rows[0]["prompt"][-1] == {"role": "user", "content": "2 + 3?"}
+    assert gsm8k_accuracy([chat("So 5.\n#### 5")], rows["answer"]) == [1.0]
+
+    math = tmp_path / "math.jsonl"
+    math.write_text(json.dumps({"problem": "Half of 1?", "answer": "\\frac{1}{2}"}) + "\n")
+    rows = load_task("math", "test", dataset_path=str(math))
+    assert rows[0]["solution"] == "$\\frac{1}{2}$"
+    assert math_accuracy([chat("\\boxed{0.5}")], rows["solution"]) == [1.0]
+
+    tldr = tmp_path / "tldr.jsonl"
+    tldr.write_text(
+        json.dumps({"prompt": "SUBREDDIT: r/cats\nPOST: my cat sleeps all day.\nTL;DR:", "completion": "x"})
+    )
+    rows = load_task("tldr", "train", dataset_path=str(tldr))
+    assert rows[0]["prompt"][0]["role"] == "system" and rows[0]["prompt"][1]["content"].startswith("SUBREDDIT")
+
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['question'\]"):
+        load_task("gsm8k", dataset_path=str(math))
+    with pytest.raises(FileNotFoundError, match="dataset_path"):
+        load_task("tldr", dataset_path=str(tmp_path / "missing.jsonl"))
+
+
+def test_hub_task_offline_says_to_use_a_local_file(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="set dataset_path to a local copy"):
+        load_task("gsm8k", "train")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from trl_guided import cli
 from trl_guided.data import load_task
 from trl_guided.rewards import get_reward, length, smooth_length
-from trl_guided.train import make_parser, run, summarize
+from trl_guided.train import _check_recipe_types, make_parser, run, summarize, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 # Training recipes; recipes/accelerate/ holds accelerate launcher configs, not recipes.
@@ -54,10 +55,14 @@ def test_length_task_ships_prompts_and_splits(tmp_path):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(r.relative_to(ROOT)) for r in RECIPES])
 def test_every_recipe_parses_without_unknown_keys(recipe, tmp_path):
+    _check_recipe_types(str(recipe))
     task_args, training_args, model_args = make_parser().parse_args_and_config(
         args=["--config", str(recipe), "--output_dir", str(tmp_path)], fail_with_unknown_args=True
     )
+    validate(task_args)  # the task, every reward and any data file resolve
     assert model_args.model_name_or_path and training_args.report_to is not None
+    header = recipe.read_text().splitlines()[:6]
+    assert any("Launch" in line or "launch" in line for line in header), "a recipe header gives its launch command"
 
 
 def test_unknown_recipe_key_is_an_error_naming_the_file(tmp_path):
@@ -85,18 +90,84 @@ def test_cli_train_help_lists_recipe_fields():
         assert flag in result.stdout
 
 
-def test_embedded_demo_recipe_runs_two_steps(tmp_path):
-    """The main job's recipe on the embedded SmolLM2-135M, shortened, so it can never rot."""
+CPU_RECIPES = sorted((ROOT / "recipes" / "smollm2-135m-instruct").glob("*_cpu.yaml"))
+
+
+@pytest.mark.parametrize("recipe", CPU_RECIPES, ids=[r.name for r in CPU_RECIPES])
+def test_embedded_cpu_recipes_run_two_steps(tmp_path, recipe):
+    """The CPU recipes (the main job's among them) on the embedded SmolLM2-135M, shortened, so they never rot."""
     out = tmp_path / "run"
     short = ["--max_steps", "2", "--save_steps", "2", "--max_completion_length", "24", "--prefix_min_tokens", "2"]
     short += ["--prefix_max_tokens", "8", "--max_guide_tokens", "4", "--output_dir", str(out), "--summary_window", "1"]
-    assert cli.main(["train", "--config", str(DEMO), *short]) == 0
+    short += ["--log_completions", "true"]
+    assert cli.main(["train", "--config", str(recipe), *short]) == 0
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
     assert (out / "model.safetensors").exists()
     table = pd.read_parquet(out / "completions" / "completions_00002.parquet")
-    assert {"prefix", "guidance", "postfix", "smooth_length"} <= set(table.columns)
+    rewards = yaml.safe_load(recipe.read_text())["reward_funcs"]
+    assert {"prefix", "guidance", "postfix", *rewards} <= set(table.columns)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and math.isfinite(summary["reward_first"]) and math.isfinite(summary["reward_last"])
     assert (out / "reward_curve.png").stat().st_size > 0
+
+
+def _recipe(tmp_path, **changes):
+    recipe = yaml.safe_load(DEMO.read_text())
+    recipe.update(changes)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "changes, argv_extra, message",
+    [
+        (
+            dict(learning_rat=1e-5),
+            [],
+            r"recipe\.yaml: unknown key\(s\) 'learning_rat' \(did you mean 'learning_rate'\?\)",
+        ),
+        ({}, ["--guidance_los_scope", "guidance"], r"command line: unknown key.*did you mean 'guidance_loss_scope'"),
+        (dict(num_generations="four"), [], r"recipe\.yaml: num_generations must be int, got 'four'"),
+        (dict(task="gsm9k"), [], r"Unknown task 'gsm9k'.*Did you mean 'gsm8k'"),
+        (dict(reward_funcs=["lenght"]), [], r"Unknown reward function 'lenght'"),
+        (dict(dataset_path="/nonexistent/prompts.txt"), [], r"dataset_path='/nonexistent/prompts.txt' does not exist"),
+    ],
+    ids=["unknown_key", "unknown_flag", "wrong_type", "unknown_task", "unknown_reward", "missing_data"],
+)
+def test_cli_errors_are_one_clear_line_and_write_nothing(tmp_path, changes, argv_extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message) as error:
+        cli.main(["train", "--config", _recipe(tmp_path, **changes), "--output_dir", str(out), *argv_extra])
+    assert "\n" not in str(error.value.code)
+    assert not out.exists()
+
+
+def test_cli_error_exit_code_and_missing_recipe(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_guided.cli", "train", "--config", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == f"Recipe file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_env_block_and_resume_from_last_checkpoint(tmp_path, tiny_llama, monkeypatch):
+    out = tmp_path / "run"
+    short = dict(
+        model_name_or_path=tiny_llama, max_steps=2, save_steps=1, max_completion_length=16, prefix_min_tokens=2
+    )
+    short.update(prefix_max_tokens=6, max_guide_tokens=4, output_dir=str(out), log_completions=False)
+    short["env"] = {"TRL_GUIDED_TEST_ENV": "from-recipe"}
+    monkeypatch.delenv("TRL_GUIDED_TEST_ENV", raising=False)
+    recipe = _recipe(tmp_path, **short)
+    run(["--config", recipe])
+    assert os.environ["TRL_GUIDED_TEST_ENV"] == "from-recipe"
+    run(["--config", recipe, "--max_steps", "3", "--resume_from_checkpoint", "true"])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]  # steps 1-2 came from checkpoint-2

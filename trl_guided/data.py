@@ -10,6 +10,9 @@ from pathlib import Path
 from datasets import Dataset
 
 LENGTH_SYSTEM_PROMPT = "You are a helpful assistant. Answer the user's request."
+GSM8K_SYSTEM_PROMPT = "Solve the math word problem step by step. End your answer with a final line '#### <number>'."
+MATH_SYSTEM_PROMPT = "Solve the problem step by step. Put the final answer in \\boxed{}."
+TLDR_SYSTEM_PROMPT = "Summarize the Reddit post in one short TL;DR."
 THINK_ANSWER_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The Assistant first thinks about the reasoning process and then "
     "gives the answer, in the format:\n<think>\n...\n</think>\n<answer>\n...\n</answer>"
@@ -144,7 +147,79 @@ def _evaluate_integer(expression: str) -> int:
     return int(result[0])
 
 
-TASKS = {"length": load_length, "countdown": load_countdown, "arithmetic": load_arithmetic}
+def _load_rows(hub_name: str, hub_config: str | None, split: str, dataset_path: str | None) -> Dataset:
+    """Rows from a local file/folder (`dataset_path`: .json/.jsonl/.csv/.parquet or a saved dataset) or the Hub."""
+    from datasets import load_dataset, load_from_disk
+
+    if dataset_path is not None:
+        path = Path(dataset_path)
+        if not path.exists():
+            raise FileNotFoundError(f"dataset_path={dataset_path!r} does not exist.")
+        if path.is_dir():
+            loaded = load_from_disk(str(path))
+            return loaded[split] if hasattr(loaded, "keys") else loaded
+        kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(
+                f"dataset_path={dataset_path!r}: use a .json, .jsonl, .csv or .parquet file, or a folder."
+            )
+        return load_dataset(kind, data_files=str(path), split="train")
+    try:
+        return load_dataset(hub_name, hub_config, split=split)
+    except Exception as error:  # offline, gated, missing split: say what to do instead
+        raise RuntimeError(
+            f"Could not load {hub_name} ({split}) from the Hub: {error}. Without network, set dataset_path to a "
+            "local copy (a .jsonl file with the same columns)."
+        ) from error
+
+
+def _need(rows: Dataset, columns: tuple[str, ...], task: str) -> None:
+    missing = [c for c in columns if c not in rows.column_names]
+    if missing:
+        raise ValueError(f"The {task} data lacks column(s) {missing}; it has {rows.column_names}.")
+
+
+def load_gsm8k(
+    split: str = "train", dataset_path: str | None = None, system_prompt: str = GSM8K_SYSTEM_PROMPT, **_
+) -> Dataset:
+    """GSM8K (openai/gsm8k, config main): `question` -> prompt; `answer` keeps the `#### n` gold for the reward."""
+    rows = _load_rows("openai/gsm8k", "main", split, dataset_path)
+    _need(rows, ("question", "answer"), "gsm8k")
+    return rows.map(lambda r: {"prompt": _chat(system_prompt, r["question"])})
+
+
+def load_math(
+    split: str = "test", dataset_path: str | None = None, system_prompt: str = MATH_SYSTEM_PROMPT, **_
+) -> Dataset:
+    """MATH with boxed answers (default HuggingFaceH4/MATH-500): `problem` -> prompt; `solution` for math_accuracy
+    (built as `$answer$` when only an `answer` column exists)."""
+    rows = _load_rows("HuggingFaceH4/MATH-500", None, "test" if dataset_path is None else split, dataset_path)
+    _need(rows, ("problem",), "math")
+    if "solution" not in rows.column_names:
+        _need(rows, ("answer",), "math")
+        rows = rows.map(lambda r: {"solution": f"${r['answer']}$"})
+    return rows.map(lambda r: {"prompt": _chat(system_prompt, r["problem"])})
+
+
+def load_tldr(
+    split: str = "train", dataset_path: str | None = None, system_prompt: str = TLDR_SYSTEM_PROMPT, **_
+) -> Dataset:
+    """TL;DR (trl-lib/tldr), in dialogue form as the TRL example seed does: the post becomes the user message."""
+    rows = _load_rows("trl-lib/tldr", None, split, dataset_path)
+    _need(rows, ("prompt",), "tldr")
+    if len(rows) and not isinstance(rows[0]["prompt"], str):
+        return rows  # already conversational
+    return rows.map(lambda r: {"prompt": _chat(system_prompt, r["prompt"].strip())})
+
+
+TASKS = {
+    "length": load_length,
+    "countdown": load_countdown,
+    "arithmetic": load_arithmetic,
+    "gsm8k": load_gsm8k,
+    "math": load_math,
+    "tldr": load_tldr,
+}
 
 
 def load_task(name: str, split: str = "train", **options) -> Dataset:

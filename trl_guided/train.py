@@ -6,17 +6,21 @@ override it. Unknown keys are an error, not silently ignored.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import sys
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import UnionType
 
+import yaml
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from .config import GuidedGRPOConfig
-from .data import load_task
+from .data import TASKS, load_task
 from .models import resolve_model_path
 from .rewards import REWARD_FUNCS, get_reward
 from .trainer import GuidedGRPOTrainer
@@ -141,17 +145,84 @@ def make_parser() -> TrlParser:
     )
 
 
+DATACLASSES = (TaskArguments, GuidedGRPOConfig, ModelConfig)
+
+
+def _field_types() -> dict[str, object]:
+    types: dict[str, object] = {}
+    for cls in DATACLASSES:
+        types.update(typing.get_type_hints(cls))
+    return {name: kind for name, kind in types.items() if not name.startswith("_")}
+
+
+def _unknown_keys(strings: list[str], source: str) -> SystemExit:
+    names = list(_field_types())
+    keys = [s[2:].split("=")[0] for s in strings if s.startswith("--")] or strings
+    described = []
+    for key in keys:
+        close = difflib.get_close_matches(key, names, n=1)
+        described.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return SystemExit(
+        f"{source}: unknown key(s) {', '.join(described)}. Every key must be a field of TaskArguments, "
+        "GuidedGRPOConfig or ModelConfig; `trl-guided train --help` lists them."
+    )
+
+
+def _check_recipe_types(recipe: str) -> None:
+    """Scalar fields must get scalars of their type: `num_generations: four` fails here, naming key and file."""
+    config = yaml.safe_load(Path(recipe).read_text()) or {}
+    if not isinstance(config, dict):
+        raise SystemExit(f"{recipe}: a recipe must be a YAML mapping of field: value.")
+    types = _field_types()
+    for key, value in config.items():
+        annotation = types.get(key)
+        union = typing.get_origin(annotation) in (typing.Union, UnionType)
+        candidates = typing.get_args(annotation) if union else (annotation,)
+        candidates = tuple(t for t in candidates if t is not type(None))
+        if not all(t in (int, float, bool, str) for t in candidates):
+            continue  # lists, dicts, enums: left to the parser
+        allowed = candidates
+        if not allowed or value is None:
+            continue
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            expected = " or ".join(t.__name__ for t in allowed)
+            raise SystemExit(f"{recipe}: {key} must be {expected}, got {value!r}.")
+
+
+def validate(task_args: TaskArguments) -> None:
+    """Fail before anything is written when the task, a reward or a data file does not exist."""
+    if task_args.task not in TASKS:
+        close = difflib.get_close_matches(task_args.task, TASKS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise SystemExit(f"Unknown task {task_args.task!r}; known tasks: {sorted(TASKS)}.{hint}")
+    for name in task_args.reward_funcs:
+        try:
+            get_reward(name)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    if task_args.dataset_path is not None and not Path(task_args.dataset_path).exists():
+        raise SystemExit(f"dataset_path={task_args.dataset_path!r} does not exist.")
+
+
 def run(argv: list[str] | None = None) -> dict:
-    parser = make_parser()
-    try:
-        task_args, training_args, model_args = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
-    except ValueError as error:
-        if "Unknown arguments from config file" not in str(error):
-            raise
-        recipe = argv[argv.index("--config") + 1] if argv and "--config" in argv else "the recipe"
-        raise SystemExit(
-            f"{recipe}: {error} Every key must be a field of TaskArguments, GuidedGRPOConfig or ModelConfig."
-        ) from None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    if recipe is not None:
+        if not Path(recipe).is_file():
+            raise SystemExit(f"Recipe file not found: {recipe}")
+        _check_recipe_types(recipe)
+    task_args, training_args, model_args, from_recipe, from_command_line = make_parser().parse_args_and_config(
+        args=argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    if from_recipe:
+        raise _unknown_keys(from_recipe, recipe or "recipe")
+    if from_command_line:
+        raise _unknown_keys(from_command_line, "command line")
+    validate(task_args)
+    if str(training_args.resume_from_checkpoint).lower() in ("true", "last"):
+        training_args.resume_from_checkpoint = True  # the last checkpoint in output_dir
     return main(task_args, training_args, model_args)
 
 
