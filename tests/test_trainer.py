@@ -343,3 +343,32 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
     from trl.generation.vllm_generation import VLLMGeneration
 
     assert "self.max_completion_length" in inspect.getsource(VLLMGeneration.generate)
+
+
+def test_vllm_server_phases_send_equal_lists_and_one_budget(tiny_llama, tmp_path, monkeypatch):
+    """In vLLM server mode each phase call is a collective: pad to the largest list, use the largest budget."""
+    trainer = trainer_for(tiny_llama, tmp_path)
+    calls = []
+
+    def fake_backend(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        calls.append((len(prompt_ids), num_generations, self.generation_config.max_new_tokens))
+        return [[7] * self.generation_config.max_new_tokens for _ in prompt_ids], [[-0.5] * 3 for _ in prompt_ids]
+
+    other_rank = {"rows": 5, "budget": 30}
+
+    def fake_gather(tensor):  # this process, plus another one with a longer list and a larger budget
+        return torch.cat([tensor, torch.tensor([[other_rank["rows"], other_rank["budget"]]])])
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fake_backend)
+    monkeypatch.setattr(trainer, "_phase_is_server_collective", lambda: True)
+    monkeypatch.setattr(trainer.accelerator, "gather", fake_gather)
+    ids, logps = trainer._generate_phase([[1, 2], [3]], 1, 4)
+    assert calls == [(5, 1, 30)]  # padded to the other process's 5 rows and its budget of 30 tokens
+    assert len(ids) == 2 and len(logps) == 2  # only this process's rows come back
+    assert trainer.generation_config.max_new_tokens == trainer.max_completion_length  # budget restored
+    other_rank["rows"] = 3
+    ids, logps = trainer._generate_phase([], 1, 4)  # nothing here, but another process has rows: still call
+    assert calls[-1] == (3, 1, 30) and ids == [] and logps == []
+    other_rank.update(rows=0, budget=0)
+    calls.clear()
+    assert trainer._generate_phase([], 1, 0) == ([], None) and calls == []  # nobody has rows: nobody calls

@@ -199,14 +199,29 @@ class GuidedGRPOTrainer(GRPOTrainer):
         return completions, logprobs
 
     def _generate_phase(self, prompts: list[list[int]], num_generations: int, max_new_tokens: int):
-        """One batched call of the parent's backend with `max_new_tokens`; every process calls it (it may be a
-        collective: a ZeRO-3 gather, a vLLM server request), with a throw-away 1-token row if it has nothing to do."""
-        placeholder = not prompts
-        if placeholder:
+        """One batched call of the parent's backend with `max_new_tokens`.
+
+        Every process makes every call, because a call may be a collective: a ZeRO-3 parameter gather (a process with
+        nothing to do sends a throw-away 1-token row), or a vLLM server request, which needs equal-sized lists and one
+        token budget on all processes (short lists are padded, the budget is the largest; rows are cut to their own
+        budget afterwards).
+        """
+        count = len(prompts)
+        if self._phase_is_server_collective():
+            sizes = self.accelerator.gather(torch.tensor([[count, max_new_tokens]], device=self.accelerator.device))
+            target, max_new_tokens = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+            if target == 0:
+                return [], None
+            filler = prompts[:num_generations] if prompts else [[self._tokenizer.eos_token_id]] * num_generations
+            prompts = prompts + filler * ((target - count) // num_generations)
+        elif not prompts:
             prompts, num_generations, max_new_tokens = [[self._tokenizer.eos_token_id]], 1, 1
         with self._max_new_tokens(max_new_tokens):
             ids, logps = super()._generate_single_turn(prompts, None, {}, num_generations)
-        return ([], None) if placeholder else (ids, logps)
+        return ids[:count], None if logps is None else logps[:count]
+
+    def _phase_is_server_collective(self) -> bool:
+        return bool(self.use_vllm and self.vllm_mode == "server" and self.accelerator.num_processes > 1)
 
     @contextlib.contextmanager
     def _max_new_tokens(self, max_new_tokens: int):
