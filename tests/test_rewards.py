@@ -185,3 +185,15 @@ def test_hub_task_offline_says_to_use_a_local_file(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="set dataset_path to a local copy"):
         load_task("gsm8k", "train")
+
+
+def test_own_reward_module_in_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_task.py").write_text(
+        "def reward_polite(completions, **kwargs):\n"
+        "    return [float('please' in c[0]['content'].lower()) for c in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    reward = get_reward("my_task.reward_polite")
+    assert reward.__name__ == "reward_polite"
+    assert reward([chat("Please sit."), chat("Sit.")]) == [1.0, 0.0]

@@ -11,7 +11,9 @@ import ast
 import importlib
 import math
 import operator
+import os
 import re
+import sys
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -240,6 +242,8 @@ def get_reward(name: str, **options) -> Callable:
         func = REWARD_FUNCS[name]
     elif "." in name:
         module, _, attribute = name.rpartition(".")
+        if os.getcwd() not in sys.path:  # a module next to the recipe, as TRL's grpo script allows
+            sys.path.insert(0, os.getcwd())
         try:
             func = getattr(importlib.import_module(module), attribute)
         except (ImportError, AttributeError) as error:
