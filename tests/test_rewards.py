@@ -197,3 +197,25 @@ def test_own_reward_module_in_the_working_directory(tmp_path, monkeypatch):
     reward = get_reward("my_task.reward_polite")
     assert reward.__name__ == "reward_polite"
     assert reward([chat("Please sit."), chat("Sit.")]) == [1.0, 0.0]
+
+
+def test_arithmetic_expand_mode():
+    rows = load_task("arithmetic", size=30, seed=2, mode="expand")
+    assert rows["answer"] == load_task("arithmetic", size=30, seed=2, mode="expand")["answer"]
+    assert rows[0]["prompt"][-1]["content"].startswith(f"Expand {rows[0]['expression']}")
+    exact = [chat(f"<answer>{a}</answer>") for a in rows["answer"]]
+    assert arithmetic_accuracy(exact, rows["answer"]) == [1.0] * 30
+    copied = [chat(f"<answer>{e}</answer>") for e in rows["expression"]]
+    assert arithmetic_accuracy(copied, rows["answer"]) == [0.0] * 30  # the unexpanded product is not an answer
+    gold = ["6x^2 + 5x - 4"]
+    for text, reward in [
+        ("<answer>6x^2+5x-4</answer>", 1.0),
+        ("<answer>5x + 6*x**2 - 4</answer>", 1.0),
+        ("<answer>6x^2 + 5x + 4</answer>", 0.0),
+        ("<answer>x**99999</answer>", 0.0),
+        ("<answer>__import__('os')</answer>", 0.0),
+        ("6x^2 + 5x - 4", 1.0),
+    ]:
+        assert arithmetic_accuracy([chat(text)], gold) == [reward], text
+    with pytest.raises(ValueError, match="arithmetic mode='factor'"):
+        load_task("arithmetic", mode="factor")

@@ -41,6 +41,7 @@ def test_length_task_ships_prompts_and_splits(tmp_path):
     assert len(train) >= 32 and len(test) == 8
     assert {p[-1]["content"] for p in train["prompt"]}.isdisjoint(p[-1]["content"] for p in test["prompt"])
     assert train[0]["prompt"][0]["role"] == "system" and train[0]["prompt"][1]["role"] == "user"
+    assert load_task("length", "train", system_prompt="Be brief.")[0]["prompt"][0]["content"] == "Be brief."
     own = tmp_path / "prompts.txt"
     own.write_text("# comment\nOne.\n\nTwo.\nThree.\n")
     assert [p[-1]["content"] for p in load_task("length", "train", dataset_path=str(own), eval_size=1)["prompt"]] == [

@@ -34,7 +34,13 @@ def _length_prompts(path: str | None) -> list[str]:
     return prompts
 
 
-def load_length(split: str = "train", dataset_path: str | None = None, eval_size: int = 8, **_) -> Dataset:
+def load_length(
+    split: str = "train",
+    dataset_path: str | None = None,
+    eval_size: int = 8,
+    system_prompt: str = LENGTH_SYSTEM_PROMPT,
+    **_,
+) -> Dataset:
     """Length control in the spirit of the TL;DR seed: short open requests; rewards score the answer's length.
 
     The shipped prompt set (trl_guided/assets/length_prompts.txt) or a local text file, one prompt per line; the last
@@ -43,11 +49,7 @@ def load_length(split: str = "train", dataset_path: str | None = None, eval_size
     prompts = _length_prompts(dataset_path)
     chosen = prompts[-eval_size:] if split == "test" else prompts[:-eval_size] if eval_size else prompts
     return Dataset.from_dict(
-        {
-            "prompt": [
-                [{"role": "system", "content": LENGTH_SYSTEM_PROMPT}, {"role": "user", "content": p}] for p in chosen
-            ]
-        }
+        {"prompt": [[{"role": "system", "content": system_prompt}, {"role": "user", "content": p}] for p in chosen]}
     )
 
 
@@ -112,30 +114,47 @@ def load_arithmetic(
     seed: int = 0,
     terms: int = 3,
     max_number: int = 20,
+    mode: str = "evaluate",
     system_prompt: str = THINK_ANSWER_SYSTEM_PROMPT,
     **_,
 ) -> Dataset:
-    """Synthetic arithmetic (Minimal-GRPO style): evaluate an integer expression with + - * and parentheses; the
-    exact answer is in `answer`. Generated locally, deterministic by seed and split."""
+    """Synthetic arithmetic (Minimal-GRPO style), generated locally, deterministic by seed and split, exact answers in
+    `answer`. `mode="evaluate"`: an integer expression with + - * and parentheses. `mode="expand"`: a product
+    `(a x + b)(c x + d)` to expand into `p x^2 + q x + r`."""
+    if mode not in ("evaluate", "expand"):
+        raise ValueError(f"arithmetic mode={mode!r} is unknown; choose 'evaluate' or 'expand'.")
     rng = random.Random(_split_seed(seed, split))
-    expressions, answers = [], []
+    expressions, answers, prompts = [], [], []
     for _ in range(size):
-        expression = str(rng.randint(1, max_number))
-        for _ in range(terms - 1):
-            expression = f"({expression} {rng.choice('+-*')} {rng.randint(1, max_number)})"
-        expression = expression[1:-1] if expression.startswith("(") else expression
+        if mode == "expand":
+            a, b, c, d = (rng.randint(1, max_number // 2) * rng.choice((1, -1)) for _ in range(4))
+            expression = f"({a}x {'+' if b > 0 else '-'} {abs(b)})({c}x {'+' if d > 0 else '-'} {abs(d)})"
+            answer = _polynomial(a * c, a * d + b * c, b * d)
+            prompt = f"Expand {expression}. Put the expanded polynomial in <answer> </answer> tags."
+        else:
+            expression = str(rng.randint(1, max_number))
+            for _ in range(terms - 1):
+                expression = f"({expression} {rng.choice('+-*')} {rng.randint(1, max_number)})"
+            expression = expression[1:-1] if expression.startswith("(") else expression
+            answer = str(_evaluate_integer(expression))
+            prompt = f"Evaluate {expression}. Put the final number in <answer> </answer> tags."
         expressions.append(expression)
-        answers.append(str(_evaluate_integer(expression)))
-    return Dataset.from_dict(
-        {
-            "prompt": [
-                _chat(system_prompt, f"Evaluate {e}. Put the final number in <answer> </answer> tags.")
-                for e in expressions
-            ],
-            "expression": expressions,
-            "answer": answers,
-        }
-    )
+        answers.append(answer)
+        prompts.append(_chat(system_prompt, prompt))
+    return Dataset.from_dict({"prompt": prompts, "expression": expressions, "answer": answers})
+
+
+def _polynomial(square: int, linear: int, constant: int) -> str:
+    terms = [(square, "x^2"), (linear, "x"), (constant, "")]
+    text = ""
+    for coefficient, power in terms:
+        if coefficient == 0:
+            continue
+        sign = "-" if coefficient < 0 else "+"
+        magnitude = abs(coefficient)
+        body = f"{'' if magnitude == 1 and power else magnitude}{power}"
+        text += (f"-{body}" if sign == "-" else body) if not text else f" {sign} {body}"
+    return text or "0"
 
 
 def _evaluate_integer(expression: str) -> int:

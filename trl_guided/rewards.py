@@ -91,13 +91,64 @@ def gsm8k_accuracy(completions, answer, **kwargs) -> list[float | None]:
 
 
 def arithmetic_accuracy(completions, answer, **kwargs) -> list[float | None]:
-    """1 if the completion's answer equals the exact `answer` column, else 0 (None if the gold is unparseable)."""
+    """1 if the completion's answer equals the exact `answer` column, else 0 (None if the gold is unparseable).
+
+    A numeric gold is compared as a number; a polynomial gold in x (the `expand` mode) is compared as a polynomial
+    (equal values at more points than its degree), so `6x^2 + 5x - 4` and `5x + 6*x**2 - 4` both count, but not the
+    unexpanded product."""
     rewards = []
     for completion, gold_text in zip(completions, answer, strict=True):
         gold = parse_number(str(gold_text))
-        predicted = extract_answer(_text(completion))
-        rewards.append(None if gold is None else float(predicted is not None and _same(predicted, gold)))
+        if gold is not None:
+            predicted = extract_answer(_text(completion))
+            rewards.append(float(predicted is not None and _same(predicted, gold)))
+            continue
+        gold_values = _polynomial_values(str(gold_text))
+        if gold_values is None:
+            rewards.append(None)
+            continue
+        text = _text(completion)
+        tagged = _ANSWER_TAG.findall(text)
+        candidate = tagged[-1] if tagged else (text.strip().splitlines() or [""])[-1]
+        expanded = "(" not in candidate  # copying the unexpanded product back is not an answer
+        rewards.append(float(expanded and _polynomial_values(candidate) == gold_values))
     return rewards
+
+
+_POLYNOMIAL_CHARS = re.compile(r"^[0-9x\s+\-*/^().]+$")
+_SAMPLE_POINTS = (-3, -1, 0, 2, 5, 11)  # more points than any degree <= 5 polynomial can share by chance
+
+
+def _polynomial_values(expression: str) -> tuple[Fraction, ...] | None:
+    """Values of a polynomial in x (`6x^2 + 5x - 4`, `(2x+1)(3x-4)`, `5*x**2`) at fixed points, or None."""
+    expression = expression.strip().replace("^", "**")
+    if not expression or len(expression) > 200 or not _POLYNOMIAL_CHARS.match(expression):
+        return None
+    expression = re.sub(r"(\d|\))\s*(?=[x(])", r"\1*", expression)  # implicit products: 6x, 2(x+1), (x+1)(x-1)
+    expression = re.sub(r"x\s*(?=[(\d])", "x*", expression)
+
+    def value(node, x: Fraction) -> Fraction:
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.left, x), value(node.right, x))
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            exponent = node.right
+            if not (isinstance(exponent, ast.Constant) and type(exponent.value) is int and 0 <= exponent.value <= 5):
+                raise ValueError("only small constant powers")
+            return value(node.left, x) ** exponent.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            inner = value(node.operand, x)
+            return -inner if isinstance(node.op, ast.USub) else inner
+        if isinstance(node, ast.Name) and node.id == "x":
+            return x
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float) and abs(node.value) < 10**9:
+            return Fraction(node.value)
+        raise ValueError("not a polynomial")
+
+    try:
+        tree = ast.parse(expression, mode="eval").body
+        return tuple(value(tree, Fraction(point)) for point in _SAMPLE_POINTS)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, MemoryError, OverflowError):
+        return None
 
 
 def math_accuracy(completions, solution, **kwargs) -> list[float | None]:

@@ -37,6 +37,8 @@ class TaskArguments:
     eval_size: int = field(default=8, metadata={"help": "Prompts held out for the test split (length task)."})
     dataset_size: int = field(default=1000, metadata={"help": "Rows of a generated task (countdown, arithmetic)."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of a generated task (countdown, arithmetic)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "Replaces the task's system prompt."})
+    arithmetic_mode: str = field(default="evaluate", metadata={"help": "arithmetic task: 'evaluate' or 'expand'."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["smooth_length"],
         metadata={"help": f"Reward functions by name: {', '.join(sorted(REWARD_FUNCS))}."},
@@ -106,7 +108,10 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
         eval_size=task_args.eval_size,
         size=task_args.dataset_size,
         seed=task_args.dataset_seed,
+        mode=task_args.arithmetic_mode,
     )
+    if task_args.system_prompt is not None:
+        options["system_prompt"] = task_args.system_prompt
     train_dataset = load_task(task_args.task, "train", **options)
     eval_dataset = load_task(task_args.task, "test", **options) if training_args.eval_strategy != "no" else None
     trainer = GuidedGRPOTrainer(
