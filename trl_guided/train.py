@@ -39,6 +39,8 @@ class TaskArguments:
     dataset_seed: int = field(default=0, metadata={"help": "Seed of a generated task (countdown, arithmetic)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Replaces the task's system prompt."})
     arithmetic_mode: str = field(default="evaluate", metadata={"help": "arithmetic task: 'evaluate' or 'expand'."})
+    arithmetic_terms: int = field(default=3, metadata={"help": "arithmetic task: numbers per expression."})
+    arithmetic_max_number: int = field(default=20, metadata={"help": "arithmetic task: largest number."})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["smooth_length"],
         metadata={"help": f"Reward functions by name: {', '.join(sorted(REWARD_FUNCS))}."},
@@ -109,6 +111,8 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
         size=task_args.dataset_size,
         seed=task_args.dataset_seed,
         mode=task_args.arithmetic_mode,
+        terms=task_args.arithmetic_terms,
+        max_number=task_args.arithmetic_max_number,
     )
     if task_args.system_prompt is not None:
         options["system_prompt"] = task_args.system_prompt
