@@ -1,45 +1,106 @@
 #!/usr/bin/env bash
-# The main job. Usage: ./launch_train.sh [RECIPE] [--dry-run] [-- extra trainer flags]
-#   no GPU (this machine):  bootstraps .venv if needed, then trains RECIPE on CPU in one process
-#                           (default recipe: the embedded SmolLM2-135M length-control demo);
-#   GPUs:                   accelerate launch, one process per GPU (DDP). vLLM serving and ZeRO-3 sharding are added by
-#                           the distributed launcher (issue 5); pass --config_file to accelerate yourself until then.
-# Extra flags after `--` override recipe fields, e.g. `./launch_train.sh -- --max_steps 10`.
+# The main job. Usage: ./launch_train.sh [RECIPE] [--gpus N] [--vllm-gpus K] [--dry-run] [-- extra trainer flags]
+#   no GPU:   bootstraps .venv if needed, then trains RECIPE on CPU in one process
+#             (default recipe: the embedded SmolLM2-135M length-control demo);
+#   1 GPU:    one process, vLLM colocated in it (vllm_mode=colocate);
+#   N >= 2:   `vllm serve` on the first K GPUs (default 1) with NCCL weight transfer, processed log-probs and prefix
+#             caching; once its /health answers, `accelerate launch --config_file zero3.yaml` on the other N-K GPUs
+#             with vllm_mode=server. The server is stopped on every exit path.
+# --gpus defaults to what nvidia-smi sees; --dry-run prints the commands and runs nothing.
+# Flags after `--` override recipe fields, e.g. `./launch_train.sh -- --max_steps 10`.
+# Environment: VLLM_PORT (8000), VLLM_TIMEOUT seconds to wait for the server (900), VLLM_BIN (vllm), VENV (.venv).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RECIPE="$ROOT/recipes/smollm2-135m-instruct/length_cpu.yaml"
 DRY_RUN=0
+GPUS=""
+VLLM_GPUS=1
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
+    --gpus) GPUS="${2:?--gpus needs a number}"; shift ;;
+    --vllm-gpus) VLLM_GPUS="${2:?--vllm-gpus needs a number}"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     -*) echo "launch_train.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) RECIPE="$1" ;;
   esac
   shift
 done
 [ -f "$RECIPE" ] || { echo "launch_train.sh: recipe '$RECIPE' not found (give a YAML file under recipes/)" >&2; exit 2; }
+if [ -z "$GPUS" ]; then
+  GPUS=0
+  if command -v nvidia-smi >/dev/null 2>&1; then GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+fi
+case "$GPUS$VLLM_GPUS" in *[!0-9]*) echo "launch_train.sh: --gpus and --vllm-gpus take numbers" >&2; exit 2 ;; esac
+if [ "$GPUS" -ge 2 ] && { [ "$VLLM_GPUS" -lt 1 ] || [ "$VLLM_GPUS" -ge "$GPUS" ]; }; then
+  echo "launch_train.sh: --vllm-gpus $VLLM_GPUS leaves no GPU for training out of $GPUS; use 1..$((GPUS - 1))" >&2
+  exit 2
+fi
 
 VENV="${VENV:-$ROOT/.venv}"
-GPUS=0
-if command -v nvidia-smi >/dev/null 2>&1; then GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+PORT="${VLLM_PORT:-8000}"
+TRAIN=(-m trl_guided.train --config "$RECIPE")
+seq_csv() { seq -s, "$1" "$2"; }
 
+SERVER=()
 if [ "$GPUS" -eq 0 ]; then
   export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
-  CMD=("$VENV/bin/python" -m trl_guided.train --config "$RECIPE" --use_cpu true --bf16 false)
+  CMD=("$VENV/bin/python" "${TRAIN[@]}" --use_cpu true --bf16 false)
+elif [ "$GPUS" -eq 1 ]; then
+  CMD=("$VENV/bin/accelerate" launch --num_processes 1 "${TRAIN[@]}" --use_vllm true --vllm_mode colocate)
 else
-  CMD=("$VENV/bin/accelerate" launch --num_processes "$GPUS" $([ "$GPUS" -gt 1 ] && echo --multi_gpu)
-       -m trl_guided.train --config "$RECIPE")
+  MODEL=$("$VENV/bin/python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["model_name_or_path"])' \
+    "$RECIPE" 2>/dev/null || true)
+  [ -n "$MODEL" ] || { echo "launch_train.sh: $RECIPE has no model_name_or_path" >&2; exit 2; }
+  case "$MODEL" in embedded:*) MODEL=$("$VENV/bin/trl-guided" resolve-model "$MODEL") ;; esac
+  SERVER=(env "CUDA_VISIBLE_DEVICES=$(seq_csv 0 $((VLLM_GPUS - 1)))" VLLM_SERVER_DEV_MODE=1 "${VLLM_BIN:-vllm}" serve
+    "$MODEL" --host 127.0.0.1 --port "$PORT" --data-parallel-size "$VLLM_GPUS" --tensor-parallel-size 1
+    --weight-transfer-config '{"backend":"nccl"}' --logprobs-mode processed_logprobs --max-logprobs -1
+    --enable-prefix-caching)
+  CMD=(env "CUDA_VISIBLE_DEVICES=$(seq_csv "$VLLM_GPUS" $((GPUS - 1)))" "$VENV/bin/accelerate" launch
+    --config_file "$ROOT/zero3.yaml" --num_processes $((GPUS - VLLM_GPUS)) "${TRAIN[@]}"
+    --use_vllm true --vllm_mode server --vllm_server_host 127.0.0.1 --vllm_server_port "$PORT")
 fi
 CMD+=("${EXTRA[@]}")
 
 echo "[launch] $GPUS GPU(s); recipe $RECIPE"
-echo "[launch] ${CMD[*]}"
+quoted() { printf '%q ' "$@"; }
+if [ ${#SERVER[@]} -gt 0 ]; then echo "[launch] server: $(quoted "${SERVER[@]}")"; fi
+echo "[launch] train: $(quoted "${CMD[@]}")"
 [ "$DRY_RUN" -eq 1 ] && exit 0
 bash "$ROOT/scripts/setup_env.sh"
 start=$SECONDS
+
+if [ ${#SERVER[@]} -gt 0 ]; then
+  LOG="$(mktemp -t vllm-server.XXXXXX.log)"
+  "${SERVER[@]}" >"$LOG" 2>&1 &
+  SERVER_PID=$!
+  stop_server() { kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true; }
+  trap stop_server EXIT
+  trap 'stop_server; exit 130' INT TERM
+  deadline=$((SECONDS + ${VLLM_TIMEOUT:-900}))
+  healthy() {
+    "$VENV/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+      "http://127.0.0.1:$PORT/health" >/dev/null 2>&1
+  }
+  until healthy; do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      echo "[launch] the vLLM server exited before answering on port $PORT. Last lines of $LOG:" >&2
+      tail -n 30 "$LOG" >&2
+      exit 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "[launch] the vLLM server did not answer http://127.0.0.1:$PORT/health within ${VLLM_TIMEOUT:-900} s." \
+        "Last lines of $LOG:" >&2
+      tail -n 30 "$LOG" >&2
+      exit 1
+    fi
+    sleep 2
+  done
+  echo "[launch] vLLM server ready on port $PORT (log: $LOG)"
+fi
 "${CMD[@]}"
 echo "[launch] finished in $((SECONDS - start)) s"

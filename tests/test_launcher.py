@@ -1,0 +1,101 @@
+"""launch_train.sh: the exact commands for 0, 1, 2 and 8 GPUs (dry runs), and the vLLM server failure paths."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / "launch_train.sh"
+GPU_RECIPE = ROOT / "recipes" / "qwen2.5-1.5b-instruct" / "gsm8k_guided.yaml"
+ENV = {**os.environ, "VENV": sys.prefix}
+
+
+def launch(*args, env=None, timeout=120):
+    return subprocess.run(
+        ["bash", str(LAUNCHER), *map(str, args)], capture_output=True, text=True, env=env or ENV, timeout=timeout
+    )
+
+
+def commands(result) -> dict[str, list[str]]:
+    lines = {}
+    for line in result.stdout.splitlines():
+        for role in ("server", "train"):
+            if line.startswith(f"[launch] {role}: "):
+                lines[role] = shlex.split(line.split(": ", 1)[1])
+    return lines
+
+
+def test_dry_run_without_gpu_is_the_cpu_demo():
+    result = launch("--gpus", "0", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    train = commands(result)["train"]
+    assert train[1:4] == ["-m", "trl_guided.train", "--config"]
+    assert train[4].endswith("recipes/smollm2-135m-instruct/length_cpu.yaml") and "--use_cpu" in train
+    assert "server" not in commands(result)
+
+
+def test_dry_run_one_gpu_colocates_vllm():
+    train = commands(launch(GPU_RECIPE, "--gpus", "1", "--dry-run"))["train"]
+    assert train[1:4] == ["launch", "--num_processes", "1"]
+    assert train[-4:] == ["--use_vllm", "true", "--vllm_mode", "colocate"]
+
+
+@pytest.mark.parametrize("gpus, vllm_gpus", [(2, 1), (8, 1), (8, 2)])
+def test_dry_run_several_gpus_serves_vllm_and_trains_with_zero3(gpus, vllm_gpus):
+    result = launch(GPU_RECIPE, "--gpus", gpus, "--vllm-gpus", vllm_gpus, "--dry-run", "--", "--max_steps", "5")
+    assert result.returncode == 0, result.stderr
+    server, train = commands(result)["server"], commands(result)["train"]
+    assert server[1] == "CUDA_VISIBLE_DEVICES=" + ",".join(map(str, range(vllm_gpus)))
+    assert server[2:6] == ["VLLM_SERVER_DEV_MODE=1", "vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct"]
+    flags = " ".join(server)
+    for flag in (
+        '--weight-transfer-config {"backend":"nccl"}',
+        "--logprobs-mode processed_logprobs",
+        "--max-logprobs -1",
+        "--enable-prefix-caching",
+        f"--data-parallel-size {vllm_gpus}",
+    ):
+        assert flag in flags
+    assert train[1] == "CUDA_VISIBLE_DEVICES=" + ",".join(map(str, range(vllm_gpus, gpus)))
+    assert train[train.index("--config_file") + 1] == str(ROOT / "zero3.yaml")
+    assert train[train.index("--num_processes") + 1] == str(gpus - vllm_gpus)
+    assert train[-6:] == ["--vllm_server_host", "127.0.0.1", "--vllm_server_port", "8000", "--max_steps", "5"]
+
+
+def test_bad_arguments_are_refused():
+    assert launch("--gpus", "2", "--vllm-gpus", "2", "--dry-run").returncode == 2
+    assert launch(ROOT / "recipes" / "nope.yaml", "--dry-run").returncode == 2
+    assert launch("--gpus", "two", "--dry-run").returncode == 2
+
+
+def _fake_vllm(tmp_path, body: str) -> str:
+    fake = tmp_path / "fake-vllm"
+    fake.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_a_server_that_dies_stops_the_launch_with_its_log(tmp_path):
+    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, 'echo "CUDA out of memory (fake)"; exit 3'), "VLLM_PORT": "18431"}
+    result = launch(GPU_RECIPE, "--gpus", "2", env=env, timeout=300)
+    assert result.returncode == 1
+    assert "exited before answering" in result.stderr and "CUDA out of memory (fake)" in result.stderr
+    assert "[launch] vLLM server ready" not in result.stdout
+
+
+def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path):
+    marker = tmp_path / "still-running"
+    body = f"trap 'exit 0' TERM; echo loading; while true; do touch {marker}; sleep 0.2; done"
+    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, body), "VLLM_PORT": "18432", "VLLM_TIMEOUT": "3"}
+    result = launch(GPU_RECIPE, "--gpus", "2", env=env, timeout=300)
+    assert result.returncode == 1
+    assert "did not answer http://127.0.0.1:18432/health within 3 s" in result.stderr and "loading" in result.stderr
+    marker.unlink()
+    subprocess.run(["sleep", "1"], check=True)
+    assert not marker.exists(), "the fake vLLM server is still running after the launcher exited"
