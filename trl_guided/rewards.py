@@ -48,6 +48,12 @@ def parse_number(text: str) -> Fraction | None:
         return None
 
 
+def _answer_text(text: str) -> str:
+    """The inside of the last `<answer>...</answer>`, or the last line of the text."""
+    tagged = _ANSWER_TAG.findall(text)
+    return tagged[-1] if tagged else (text.strip().splitlines() or [""])[-1]
+
+
 def last_number(text: str) -> Fraction | None:
     """The last number written in `text` (a trailing sentence such as "so the answer is $18." works)."""
     for match in reversed(_NUMBER.findall(text)):
@@ -107,9 +113,7 @@ def arithmetic_accuracy(completions, answer, **kwargs) -> list[float | None]:
         if gold_values is None:
             rewards.append(None)
             continue
-        text = _text(completion)
-        tagged = _ANSWER_TAG.findall(text)
-        candidate = tagged[-1] if tagged else (text.strip().splitlines() or [""])[-1]
+        candidate = _answer_text(_text(completion))
         expanded = "(" not in candidate  # copying the unexpanded product back is not an answer
         rewards.append(float(expanded and _polynomial_values(candidate) == gold_values))
     return rewards
@@ -205,9 +209,7 @@ def countdown(completions, nums, target, **kwargs) -> list[float]:
     parentheses, and equals `target`; else 0."""
     rewards = []
     for completion, numbers, goal in zip(completions, nums, target, strict=True):
-        text = _text(completion)
-        tagged = _ANSWER_TAG.findall(text)
-        candidate = tagged[-1] if tagged else (text.strip().splitlines() or [""])[-1]
+        candidate = _answer_text(_text(completion))
         result = evaluate_equation(candidate)
         correct = (
             result is not None and sorted(result[1]) == sorted(int(n) for n in numbers) and result[0] == Fraction(goal)
