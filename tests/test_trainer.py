@@ -372,3 +372,76 @@ def test_vllm_server_phases_send_equal_lists_and_one_budget(tiny_llama, tmp_path
     other_rank.update(rows=0, budget=0)
     calls.clear()
     assert trainer._generate_phase([], 1, 0) == ([], None) and calls == []  # nobody has rows: nobody calls
+
+
+def test_minimum_guidance_length_goes_through_the_backend(tiny_llama, tmp_path, monkeypatch):
+    """Phase 2 holds EOS back for min_guide_tokens through generate's own parameter; phases 1 and 3 do not."""
+    trainer = trainer_for(tiny_llama, tmp_path, min_guide_tokens=3, max_guide_tokens=4)
+    seen = []
+    backend = GRPOTrainer._generate_single_turn
+
+    def spy(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        seen.append((num_generations, self.generation_config.min_new_tokens, self.generation_config.max_new_tokens))
+        return backend(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", spy)
+    trainer._generate_guided([ids for ids in [[5, 6, 7], [8, 9]] for _ in range(G)], G)
+    guidance_calls = [call for call in seen if call[0] == G]
+    assert len(guidance_calls) == 1 and guidance_calls[0][1] == 3
+    assert all(call[1] is None for call in seen if call[0] != G)
+    assert trainer.generation_config.min_new_tokens is None  # restored after the phase
+
+
+class FakeSleepingEngine:
+    """The sleep-mode protocol of trl 1.16's VLLMGeneration in colocate mode (weights dropped at sleep level 2)."""
+
+    def __init__(self):
+        self.mode, self.enable_sleep_mode, self._llm_weights_sleeping = "colocate", True, True
+        self.max_completion_length, self.generation_kwargs = 16, {}
+        self.events = []
+        self.llm = self
+
+    def wake_up(self, tags):
+        self.events.append(f"wake:{','.join(tags)}")
+
+    def sleep(self, level):
+        self.events.append(f"sleep:{level}")
+
+    def sync_weights(self):
+        if self.enable_sleep_mode:
+            self.wake_up(tags=["weights"])
+            self._llm_weights_sleeping = False
+        self.events.append("sync")
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        if self.enable_sleep_mode and self._llm_weights_sleeping:
+            self.sync_weights()
+        if self.enable_sleep_mode:
+            self.wake_up(tags=["kv_cache"])
+        self.events.append(f"generate:{self.generation_kwargs.get('min_tokens')}")
+        completions = [[11 + i % 3] * self.max_completion_length for i in range(len(prompts))]
+        logprobs = [[[-1.0]] * len(c) for c in completions]
+        if self.enable_sleep_mode:
+            self.sleep(level=2)
+            self._llm_weights_sleeping = True
+        return prompts, completions, logprobs, None
+
+
+def test_colocate_sleep_mode_wakes_and_syncs_once_per_rollout(tiny_llama, tmp_path):
+    trainer = trainer_for(tiny_llama, tmp_path, min_guide_tokens=2)
+    engine = FakeSleepingEngine()
+    trainer.use_vllm, trainer.vllm_mode, trainer.vllm_generation = True, "colocate", engine
+    trainer._last_loaded_step = trainer.state.global_step  # TRL would sync here only when the step changed
+    prompts = [ids for ids in [[5, 6, 7], [8, 9]] for _ in range(G)]
+    completions, logprobs = trainer._generate_single_turn(prompts, None, {}, G)
+    assert engine.events.count("sync") == 1 and engine.events[:2] == ["wake:weights", "sync"]
+    assert engine.events.count("wake:kv_cache") == 1 and engine.events[-1] == "sleep:2"
+    assert engine.events.count("sleep:2") == 1
+    generates = [e for e in engine.events if e.startswith("generate")]
+    assert generates == ["generate:None", "generate:2", "generate:None"]  # min_tokens only for the guidance
+    assert engine.enable_sleep_mode and engine._llm_weights_sleeping and engine.generation_kwargs == {}
+    assert [len(row) for row in logprobs] == [len(row) for row in completions]  # three phases' log-probs joined
+    engine.events.clear()
+    trainer.state.global_step += 1  # next step: still exactly one sync, not one per phase
+    trainer._generate_single_turn(prompts, None, {}, G)
+    assert engine.events.count("sync") == 1 and engine.events.count("sleep:2") == 1

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
 
 from .config import GuidedGRPOConfig
@@ -129,7 +129,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 "Guided sampling supports text-only prompts; this batch has images or multimodal inputs. Set "
                 "guidance=False (or eval_guidance=False for evaluation) to train a vision-language model."
             )
-        return self._generate_guided(prompt_ids, num_generations)
+        with self._rollout_session():
+            return self._generate_guided(prompt_ids, num_generations)
 
     def _generate_guided(self, prompt_ids: list[list[int]], num_generations: int):
         args, rng, eos = self.args, self._guidance_rng, self.eos_token_ids
@@ -164,7 +165,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
         rows = range(num_groups * num_generations)
         group_of = [row // num_generations for row in rows]
         branch_prompts = [group_prompts[g] + prefixes[g] for g in group_of]
-        samples, guide_logps = self._generate_phase(branch_prompts, num_generations, max(guide_lengths))
+        samples, guide_logps = self._generate_phase(
+            branch_prompts, num_generations, max(guide_lengths), min_new_tokens=args.min_guide_tokens
+        )
         guides, ended = zip(
             *(clip_guidance(sample, guide_lengths[g], eos) for sample, g in zip(samples, group_of, strict=True)),
             strict=True,
@@ -198,8 +201,10 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._log_guidance(self._segments, [len(p) == 0 for p in prefixes], retries, completions)
         return completions, logprobs
 
-    def _generate_phase(self, prompts: list[list[int]], num_generations: int, max_new_tokens: int):
-        """One batched call of the parent's backend with `max_new_tokens`.
+    def _generate_phase(
+        self, prompts: list[list[int]], num_generations: int, max_new_tokens: int, min_new_tokens: int = 0
+    ):
+        """One batched call of the parent's backend with `max_new_tokens` (and EOS held back for `min_new_tokens`).
 
         Every process makes every call, because a call may be a collective: a ZeRO-3 parameter gather (a process with
         nothing to do sends a throw-away 1-token row), or a vLLM server request, which needs equal-sized lists and one
@@ -216,7 +221,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
             prompts = prompts + filler * ((target - count) // num_generations)
         elif not prompts:
             prompts, num_generations, max_new_tokens = [[self._tokenizer.eos_token_id]], 1, 1
-        with self._max_new_tokens(max_new_tokens):
+        with self._token_budget(max_new_tokens, min(min_new_tokens, max_new_tokens)):
             ids, logps = super()._generate_single_turn(prompts, None, {}, num_generations)
         return ids[:count], None if logps is None else logps[:count]
 
@@ -224,27 +229,57 @@ class GuidedGRPOTrainer(GRPOTrainer):
         return bool(self.use_vllm and self.vllm_mode == "server" and self.accelerator.num_processes > 1)
 
     @contextlib.contextmanager
-    def _max_new_tokens(self, max_new_tokens: int):
-        """Temporarily set the token budget of whichever generation backend is active."""
-        saved = []
-        targets = [(getattr(self, "vllm_generation", None), "max_completion_length")]
+    def _token_budget(self, max_new_tokens: int, min_new_tokens: int = 0):
+        """Temporarily set the token budget of whichever generation backend is active.
+
+        The minimum goes through each backend's own parameter (vLLM `min_tokens`, transformers `min_new_tokens`), so
+        EOS is held back inside the sampler rather than resampled afterwards.
+        """
+        vllm_generation = getattr(self, "vllm_generation", None) if self.use_vllm else None
+        settings = []
+        if vllm_generation is not None:
+            settings.append((vllm_generation, "max_completion_length", max_new_tokens))
+            settings.append((vllm_generation.generation_kwargs, "min_tokens", min_new_tokens or None))
         if getattr(self, "generation_config", None) is not None:
-            targets.append((self.generation_config, "max_new_tokens"))
-        for target, attribute in targets:
-            if target is not None and hasattr(target, attribute):
-                saved.append((target, attribute, getattr(target, attribute)))
-                setattr(target, attribute, max_new_tokens)
-        kwargs = getattr(self, "generation_kwargs", None)
-        saved_kwarg = kwargs.get("max_new_tokens") if isinstance(kwargs, dict) else None
-        if isinstance(kwargs, dict):
-            kwargs["max_new_tokens"] = max_new_tokens
-        try:
+            settings.append((self.generation_config, "max_new_tokens", max_new_tokens))
+            settings.append((self.generation_config, "min_new_tokens", min_new_tokens or None))
+        if isinstance(getattr(self, "generation_kwargs", None), dict):
+            settings.append((self.generation_kwargs, "max_new_tokens", max_new_tokens))
+        with contextlib.ExitStack() as stack:
+            for target, name, value in settings:
+                stack.enter_context(_temporarily(target, name, value))
             yield
-        finally:
-            for target, attribute, value in saved:
-                setattr(target, attribute, value)
-            if isinstance(kwargs, dict):
-                kwargs["max_new_tokens"] = saved_kwarg
+
+    @contextlib.contextmanager
+    def _rollout_session(self):
+        """Keep the generation backend ready across the three phases of one rollout.
+
+        - ZeRO-3 on the transformers backend: TRL gathers the sharded parameters around each generate call; here they
+          are gathered once for the rollout and the phase calls are told not to gather again.
+        - vLLM colocate with sleep mode: TRL's engine sleeps (level 2, weights dropped) after every generate call and
+          reloads the weights on the next one; here it wakes and syncs once, stays awake for the three phases, then
+          sleeps.
+        """
+        vllm_generation = getattr(self, "vllm_generation", None) if self.use_vllm else None
+        with contextlib.ExitStack() as stack:
+            if vllm_generation is not None and self.vllm_mode == "colocate" and vllm_generation.enable_sleep_mode:
+                if vllm_generation._llm_weights_sleeping:
+                    vllm_generation.sync_weights()  # wakes the weights and pushes the current policy
+                    self._last_loaded_step = self.state.global_step
+                vllm_generation.llm.wake_up(tags=["kv_cache"])
+                stack.callback(_put_to_sleep, vllm_generation)
+                stack.enter_context(_temporarily(vllm_generation, "enable_sleep_mode", False))
+            elif not self.use_vllm and self._dist.is_zero3 and self.args.ds3_gather_for_generation:
+                stack.enter_context(
+                    unwrap_model_for_generation(
+                        self.model_wrapped,
+                        self.accelerator,
+                        gather_deepspeed3_params=True,
+                        gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                    )
+                )
+                stack.enter_context(_temporarily(self.args, "ds3_gather_for_generation", False))
+            yield
 
     def _any_process(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
@@ -444,6 +479,37 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["ot/penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
         self._metrics[mode]["ot/marginal_error"].append(rows_mean(result.marginal_error))
         return loss
+
+
+@contextlib.contextmanager
+def _temporarily(target: Any, name: str, value: Any):
+    """Set an attribute (or a dict key) for the duration of the block; restore it (or remove it) afterwards."""
+    is_dict = isinstance(target, dict)
+    missing = object()
+    saved = target.get(name, missing) if is_dict else getattr(target, name, missing)
+    if is_dict:
+        if value is None:
+            target.pop(name, None)
+        else:
+            target[name] = value
+    else:
+        setattr(target, name, value)
+    try:
+        yield
+    finally:
+        if is_dict:
+            target.pop(name, None)
+            if saved is not missing:
+                target[name] = saved
+        elif saved is missing:
+            delattr(target, name)
+        else:
+            setattr(target, name, saved)
+
+
+def _put_to_sleep(vllm_generation) -> None:
+    vllm_generation.llm.sleep(level=2)
+    vllm_generation._llm_weights_sleeping = True
 
 
 def _rows(logps: list | None, count: int) -> list:
