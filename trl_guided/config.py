@@ -72,6 +72,14 @@ class GuidedGRPOConfig(GRPOConfig):
     eval_guidance: bool = field(
         default=True, metadata={"help": "Sample evaluation rollouts guided (True) or plain (False)."}
     )
+    shared_prefix_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Loss forward: encode each group's shared prompt + prefix once and run only the rest per row "
+            "(Prefix Grouper; same log-probs and gradients). Skipped with gradient checkpointing, OT, multimodal or "
+            "MoE aux-loss batches, where the plain forward runs."
+        },
+    )
 
     # Optimal-transport (Sinkhorn) regularizer on the backbone's last hidden states (see trl_guided.ot).
     ot_coef: float = field(default=0.0, metadata={"help": "Weight of the OT penalty in the loss; 0 turns OT off."})

@@ -26,6 +26,7 @@ from .config import GuidedGRPOConfig
 from .guidance import BRANCH_POINTS, Segments, clip_guidance, draw_lengths, loss_weights, prefix_candidate
 from .models import resolve_model_path
 from .ot import banded_sinkhorn_with_stats
+from .shared_prefix import shared_prefix_logps
 
 logger = logging.getLogger(__name__)
 
@@ -360,6 +361,46 @@ class GuidedGRPOTrainer(GRPOTrainer):
         trained_per_row = self.accelerator.gather(loss_mask.sum(dim=1).float())
         self._metrics[mode]["guidance/trained_tokens"].append(trained_per_row.mean().item())
         return output
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal_inputs,
+    ):
+        if not self._shares_prefix(model, compute_aux_loss, multimodal_inputs):
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **multimodal_inputs,
+            )
+        logps, entropies = shared_prefix_logps(
+            model, input_ids, attention_mask, logits_to_keep, compute_entropy, self.accelerator.autocast()
+        )
+        return logps, entropies, None
+
+    def _shares_prefix(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
+        """Whether the shared-prefix forward applies (it needs a KV cache, text only, and no per-forward OT hook)."""
+        args = self.args
+        if not (args.guidance and args.shared_prefix_loss) or args.ot_coef > 0 or compute_aux_loss:
+            return False
+        if any(value is not None for value in multimodal_inputs.values()):
+            return False
+        unwrapped = self.accelerator.unwrap_model(model)
+        checkpointing = getattr(unwrapped, "is_activation_checkpointing", None)  # transformers >= 5.x name
+        if checkpointing is None:
+            checkpointing = getattr(unwrapped, "is_gradient_checkpointing", False)
+        return not checkpointing  # checkpointed layers drop the KV cache the shared prefix lives in
 
     # ---------------------------------------------------------------------------------------- optimal transport
 
