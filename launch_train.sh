@@ -11,6 +11,50 @@
 # Environment: VLLM_PORT (8000), VLLM_TIMEOUT seconds to wait for the server (900), VLLM_BIN (vllm), VENV (.venv).
 set -euo pipefail
 
+# Helpers shared with slurm/train.slurm, which sources this file (sourcing defines them and runs nothing else).
+quoted() { printf '%q ' "$@"; }
+
+# recipe_model TAG RECIPE: the recipe's model_name_or_path (an embedded: model resolved to its local folder).
+recipe_model() {
+  local model
+  model=$("$VENV/bin/python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["model_name_or_path"])' \
+    "$2" 2>/dev/null) || model=""
+  [ -n "$model" ] || { echo "$1: $2 has no model_name_or_path (add one to the recipe)" >&2; return 2; }
+  case "$model" in embedded:*) model=$("$VENV/bin/trl-guided" resolve-model "$model") || return 2 ;; esac
+  echo "$model"
+}
+
+# vllm_serve_command MODEL HOST PORT DATA_PARALLEL TENSOR_PARALLEL: sets the array VLLM_SERVE to the server command
+# (dev mode for weight sync, NCCL weight transfer, processed log-probs, all log-probs, prefix caching).
+vllm_serve_command() {
+  VLLM_SERVE=(VLLM_SERVER_DEV_MODE=1 "${VLLM_BIN:-vllm}" serve "$1" --host "$2" --port "$3"
+    --data-parallel-size "$4" --tensor-parallel-size "$5"
+    --weight-transfer-config '{"backend":"nccl"}' --logprobs-mode processed_logprobs --max-logprobs -1
+    --enable-prefix-caching)
+}
+
+# wait_for_vllm TAG URL PID LOG TIMEOUT: poll URL until it answers; if the process PID dies or TIMEOUT seconds pass,
+# print the reason and the tail of LOG and return 1.
+wait_for_vllm() {
+  local tag=$1 url=$2 pid=$3 log=$4 timeout=$5 deadline=$((SECONDS + $5))
+  until "$VENV/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+    "$url" >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "[$tag] the vLLM server exited before answering $url. Last lines of $log:" >&2
+      tail -n 30 "$log" >&2
+      return 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "[$tag] the vLLM server did not answer $url within $timeout s. Last lines of $log:" >&2
+      tail -n 30 "$log" >&2
+      return 1
+    fi
+    sleep 2
+  done
+}
+
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RECIPE="$ROOT/recipes/smollm2-135m-instruct/length_cpu.yaml"
 DRY_RUN=0
@@ -52,14 +96,9 @@ if [ "$GPUS" -eq 0 ]; then
 elif [ "$GPUS" -eq 1 ]; then
   CMD=("$VENV/bin/accelerate" launch --num_processes 1 "${TRAIN[@]}" --use_vllm true --vllm_mode colocate)
 else
-  MODEL=$("$VENV/bin/python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["model_name_or_path"])' \
-    "$RECIPE" 2>/dev/null || true)
-  [ -n "$MODEL" ] || { echo "launch_train.sh: $RECIPE has no model_name_or_path" >&2; exit 2; }
-  case "$MODEL" in embedded:*) MODEL=$("$VENV/bin/trl-guided" resolve-model "$MODEL") ;; esac
-  SERVER=(env "CUDA_VISIBLE_DEVICES=$(seq_csv 0 $((VLLM_GPUS - 1)))" VLLM_SERVER_DEV_MODE=1 "${VLLM_BIN:-vllm}" serve
-    "$MODEL" --host 127.0.0.1 --port "$PORT" --data-parallel-size "$VLLM_GPUS" --tensor-parallel-size 1
-    --weight-transfer-config '{"backend":"nccl"}' --logprobs-mode processed_logprobs --max-logprobs -1
-    --enable-prefix-caching)
+  MODEL=$(recipe_model launch_train.sh "$RECIPE") || exit 2
+  vllm_serve_command "$MODEL" 127.0.0.1 "$PORT" "$VLLM_GPUS" 1
+  SERVER=(env "CUDA_VISIBLE_DEVICES=$(seq_csv 0 $((VLLM_GPUS - 1)))" "${VLLM_SERVE[@]}")
   CMD=(env "CUDA_VISIBLE_DEVICES=$(seq_csv "$VLLM_GPUS" $((GPUS - 1)))" "$VENV/bin/accelerate" launch
     --config_file "$ROOT/zero3.yaml" --num_processes $((GPUS - VLLM_GPUS)) "${TRAIN[@]}"
     --use_vllm true --vllm_mode server --vllm_server_host 127.0.0.1 --vllm_server_port "$PORT")
@@ -67,7 +106,6 @@ fi
 CMD+=("${EXTRA[@]}")
 
 echo "[launch] $GPUS GPU(s); recipe $RECIPE"
-quoted() { printf '%q ' "$@"; }
 if [ ${#SERVER[@]} -gt 0 ]; then echo "[launch] server: $(quoted "${SERVER[@]}")"; fi
 echo "[launch] train: $(quoted "${CMD[@]}")"
 [ "$DRY_RUN" -eq 1 ] && exit 0
@@ -81,25 +119,7 @@ if [ ${#SERVER[@]} -gt 0 ]; then
   stop_server() { kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true; }
   trap stop_server EXIT
   trap 'stop_server; exit 130' INT TERM
-  deadline=$((SECONDS + ${VLLM_TIMEOUT:-900}))
-  healthy() {
-    "$VENV/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-      "http://127.0.0.1:$PORT/health" >/dev/null 2>&1
-  }
-  until healthy; do
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-      echo "[launch] the vLLM server exited before answering on port $PORT. Last lines of $LOG:" >&2
-      tail -n 30 "$LOG" >&2
-      exit 1
-    fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      echo "[launch] the vLLM server did not answer http://127.0.0.1:$PORT/health within ${VLLM_TIMEOUT:-900} s." \
-        "Last lines of $LOG:" >&2
-      tail -n 30 "$LOG" >&2
-      exit 1
-    fi
-    sleep 2
-  done
+  wait_for_vllm launch "http://127.0.0.1:$PORT/health" "$SERVER_PID" "$LOG" "${VLLM_TIMEOUT:-900}" || exit 1
   echo "[launch] vLLM server ready on port $PORT (log: $LOG)"
 fi
 "${CMD[@]}"
