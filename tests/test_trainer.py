@@ -520,3 +520,50 @@ def test_shared_prefix_groups_rows_by_prompt_and_common_prefix():
     mask[3] = mask[0]
     groups, _ = shared_prefix_groups(ids, mask, prompt_width=3)
     assert [(rows.tolist(), shared) for rows, shared in groups] == [([0, 1, 3], 5)]
+
+
+def test_branches_start_from_one_prefill_per_group(tiny_model, tmp_path, monkeypatch):
+    """transformers backend: a group's prompt + prefix is encoded once and its cache repeated for the G branches."""
+    trainer = trainer_for(tiny_model, tmp_path, temperature=1.0)
+    prompts = [ids for ids in [[5, 6, 7, 8], [9, 10]] for _ in range(G)]
+
+    def run(shared):
+        forwards = []
+        hook = trainer.model.register_forward_hook(
+            lambda m, a, kw, out: forwards.append(kw["input_ids"].shape), with_kwargs=True
+        )
+        torch.manual_seed(3)
+        try:
+            ids, _ = trainer._generate_phase(prompts, G, 6, shared_prompts=shared)
+        finally:
+            hook.remove()
+        return ids, forwards
+
+    plain_ids, plain_forwards = run(False)
+    shared_ids, shared_forwards = run(True)
+    assert shared_ids == plain_ids  # same samples from the same random stream: the cache is exact
+    assert plain_forwards[0] == (2 * G, 4)  # without sharing: every row prefills the whole padded prompt
+    assert shared_forwards[0] == (2, 3)  # one row per group, all but the last column
+    assert shared_forwards[1] == (2 * G, 1)  # generate then starts at the last prompt column
+    assert "generate" not in vars(trainer.accelerator.unwrap_model(trainer.model))  # the patch is gone
+
+
+def test_guidance_and_postfix_split_one_sample_on_transformers(tiny_llama, tmp_path, monkeypatch):
+    trainer = trainer_for(tiny_llama, tmp_path, max_completion_length=24)
+    calls = []
+    backend = GRPOTrainer._generate_single_turn
+
+    def spy(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        calls.append((len(prompt_ids), num_generations, self.generation_config.max_new_tokens))
+        return backend(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", spy)
+    completions, _ = trainer._generate_guided([ids for ids in [[5, 6, 7], [8, 9]] for _ in range(G)], G)
+    segments = trainer._segments
+    branch_calls = [call for call in calls if call[1] == G]
+    assert len(branch_calls) == 1 and len(calls) - len(branch_calls) >= 1  # prefix call(s), then one branch call
+    assert branch_calls[0][2] == 24 - min(segments.prefix)  # the budget left after the shorter prefix
+    for row, completion in enumerate(completions):
+        assert len(completion) <= 24
+        assert segments.prefix[row] + segments.guidance[row] + segments.postfix[row] == len(completion)
+        assert segments.guidance[row] <= 4

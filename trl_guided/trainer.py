@@ -18,9 +18,16 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers import DynamicCache
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
-from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, get_config_model_id, use_adapter
+from trl.trainer.utils import (
+    create_model_from_path,
+    disable_dropout_in_model,
+    get_config_model_id,
+    pad,
+    use_adapter,
+)
 
 from .config import GuidedGRPOConfig
 from .guidance import BRANCH_POINTS, Segments, clip_guidance, draw_lengths, loss_weights, prefix_candidate
@@ -161,31 +168,39 @@ class GuidedGRPOTrainer(GRPOTrainer):
             if not self._any_process(bool(pending)):
                 break
 
-        # Phase 2: G guidance continuations of each group's prompt + prefix.
+        # Phase 2: G guidance continuations of each group's prompt + prefix. Phase 3: every chain that has not ended
+        # is completed within what is left of max_completion_length.
         guide_lengths = draw_lengths(rng, num_groups, args.min_guide_tokens, args.max_guide_tokens)
         rows = range(num_groups * num_generations)
         group_of = [row // num_generations for row in rows]
         branch_prompts = [group_prompts[g] + prefixes[g] for g in group_of]
-        samples, guide_logps = self._generate_phase(
-            branch_prompts, num_generations, max(guide_lengths), min_new_tokens=args.min_guide_tokens
-        )
-        guides, ended = zip(
-            *(clip_guidance(sample, guide_lengths[g], eos) for sample, g in zip(samples, group_of, strict=True)),
-            strict=True,
-        )
-
-        # Phase 3: complete every chain that has not ended, within what is left of max_completion_length.
-        budgets = [self.max_completion_length - len(prefixes[g]) - len(guides[r]) for r, g in enumerate(group_of)]
-        todo = [r for r in rows if not ended[r]]
-        samples, post_logps = self._generate_phase(
-            [branch_prompts[r] + guides[r] for r in todo], 1, max((budgets[r] for r in todo), default=1)
-        )
+        budgets = [self.max_completion_length - len(prefixes[g]) for g in group_of]
         postfixes: list[list[int]] = [[] for _ in rows]
         postfix_logps: list[list[float]] = [[] for _ in rows]
-        for row, sample, sample_logps in zip(todo, samples, _rows(post_logps, len(samples)), strict=True):
-            postfixes[row] = list(sample[: budgets[row]])
-            if sample_logps is not None:
-                postfix_logps[row] = list(sample_logps[: budgets[row]])
+        if self._branches_in_one_call():
+            # transformers: a chain goes on in the same generate call with its KV cache, so the guidance and postfix
+            # of a branch are one sample split at the drawn guidance length (the same distribution as two calls).
+            samples, guide_logps = self._generate_phase(
+                branch_prompts, num_generations, max(budgets), args.min_guide_tokens, shared_prompts=True
+            )
+            guides, ended = _clip_all(samples, [guide_lengths[g] for g in group_of], eos)
+            for row in rows:
+                if not ended[row]:
+                    postfixes[row] = list(samples[row][len(guides[row]) : budgets[row]])
+        else:
+            samples, guide_logps = self._generate_phase(
+                branch_prompts, num_generations, max(guide_lengths), args.min_guide_tokens
+            )
+            guides, ended = _clip_all(samples, [guide_lengths[g] for g in group_of], eos)
+            budgets = [budgets[r] - len(guides[r]) for r in rows]
+            todo = [r for r in rows if not ended[r]]
+            samples, post_logps = self._generate_phase(
+                [branch_prompts[r] + guides[r] for r in todo], 1, max((budgets[r] for r in todo), default=1)
+            )
+            for row, sample, sample_logps in zip(todo, samples, _rows(post_logps, len(samples)), strict=True):
+                postfixes[row] = list(sample[: budgets[row]])
+                if sample_logps is not None:
+                    postfix_logps[row] = list(sample_logps[: budgets[row]])
 
         completions = [prefixes[g] + guides[r] + postfixes[r] for r, g in enumerate(group_of)]
         logprobs = None
@@ -203,9 +218,17 @@ class GuidedGRPOTrainer(GRPOTrainer):
         return completions, logprobs
 
     def _generate_phase(
-        self, prompts: list[list[int]], num_generations: int, max_new_tokens: int, min_new_tokens: int = 0
+        self,
+        prompts: list[list[int]],
+        num_generations: int,
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        shared_prompts: bool = False,
     ):
         """One batched call of the parent's backend with `max_new_tokens` (and EOS held back for `min_new_tokens`).
+
+        `shared_prompts` (transformers backend): the prompts come in runs of `num_generations` identical ones, whose
+        key/value cache is computed once per run and repeated, instead of once per row.
 
         Every process makes every call, because a call may be a collective: a ZeRO-3 parameter gather (a process with
         nothing to do sends a throw-away 1-token row), or a vLLM server request, which needs equal-sized lists and one
@@ -222,9 +245,62 @@ class GuidedGRPOTrainer(GRPOTrainer):
             prompts = prompts + filler * ((target - count) // num_generations)
         elif not prompts:
             prompts, num_generations, max_new_tokens = [[self._tokenizer.eos_token_id]], 1, 1
-        with self._token_budget(max_new_tokens, min(min_new_tokens, max_new_tokens)):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._token_budget(max_new_tokens, min(min_new_tokens, max_new_tokens)))
+            if shared_prompts and count and num_generations > 1 and self._branches_in_one_call():
+                stack.enter_context(self._generate_from_shared_cache(prompts, num_generations))
             ids, logps = super()._generate_single_turn(prompts, None, {}, num_generations)
         return ids[:count], None if logps is None else logps[:count]
+
+    def _branches_in_one_call(self) -> bool:
+        """The transformers backend (no cache survives between generate calls; vLLM has prefix caching)."""
+        return not self.use_vllm and not self.use_transformers_continuous_batching
+
+    @contextlib.contextmanager
+    def _generate_from_shared_cache(self, prompts: list[list[int]], num_generations: int):
+        """Prefill each run of `num_generations` identical prompts once; the next generate call starts from it.
+
+        The cache is laid out exactly as the parent pads the prompts (left padding, `pad_to_multiple_of`, positions
+        from the attention mask), covers all but the last prompt column, and is repeated `num_generations` times.
+        """
+        unique = [torch.tensor(ids) for ids in prompts[::num_generations]]
+        padding = dict(padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of)
+        input_ids = pad(unique, padding_value=self._tokenizer.pad_token_id, **padding).to(self.accelerator.device)
+        mask = pad([torch.ones_like(ids) for ids in unique], padding_value=0, **padding).to(self.accelerator.device)
+        if input_ids.size(1) < 2:
+            yield
+            return
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model,
+            torch.no_grad(),
+        ):
+            cache = DynamicCache(config=model.config)
+            model(
+                input_ids=input_ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=positions[:, :-1],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        cache.batch_repeat_interleave(num_generations)
+        generate = model.generate
+
+        def generate_from_cache(*args, **kwargs):
+            kwargs.setdefault("past_key_values", cache)
+            return generate(*args, **kwargs)
+
+        model.generate = generate_from_cache  # an instance attribute: the parent's next generate call takes it
+        try:
+            yield
+        finally:
+            del model.generate
 
     def _phase_is_server_collective(self) -> bool:
         return bool(self.use_vllm and self.vllm_mode == "server" and self.accelerator.num_processes > 1)
@@ -551,6 +627,11 @@ def _temporarily(target: Any, name: str, value: Any):
 def _put_to_sleep(vllm_generation) -> None:
     vllm_generation.llm.sleep(level=2)
     vllm_generation._llm_weights_sleeping = True
+
+
+def _clip_all(samples: list, lengths: list[int], eos: list[int]) -> tuple[list[list[int]], list[bool]]:
+    clipped = [clip_guidance(sample, length, eos) for sample, length in zip(samples, lengths, strict=True)]
+    return [ids for ids, _ in clipped], [ended for _, ended in clipped]
 
 
 def _rows(logps: list | None, count: int) -> list:
