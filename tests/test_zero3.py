@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,18 @@ from transformers import AutoModelForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_zero3_two_processes_guided_with_ot(tiny_llama, tmp_path):
     out = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "zero3_cpu.yaml")]
-    command += ["--main_process_port", "29517", str(ROOT / "tests" / "scripts" / "zero3_guided_ot.py")]
+    command += ["--main_process_port", str(free_port()), str(ROOT / "tests" / "scripts" / "zero3_guided_ot.py")]
     command += [tiny_llama, str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
@@ -32,6 +39,10 @@ def test_zero3_two_processes_guided_with_ot(tiny_llama, tmp_path):
         assert report["reference"] == "DeepSpeedEngine"  # the OT reference model is sharded too
         assert report["steps"] == 3 and len(report["losses"]) == 3
         assert all(math.isfinite(x) for x in report["losses"] + report["ot_costs"])
+        assert all(length > 0 for length in report["guide_lengths"]), "the steps were not guided"
+        # One rollout per step (steps_per_generation = 1), each gathering the sharded parameters once for its three
+        # phases, not once per phase.
+        assert report["gathers_per_rollout"] == [1, 1, 1], report["gathers_per_rollout"]
     assert reports[0]["losses"] == reports[1]["losses"]  # logged losses are reduced across ranks
     checkpoint = out / "checkpoint-3"
     assert (checkpoint / "trainer_state.json").exists()

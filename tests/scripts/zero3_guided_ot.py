@@ -1,4 +1,9 @@
-"""Run by tests/test_zero3.py under `accelerate launch` (2 CPU processes, ZeRO-3): 3 guided steps with OT on."""
+"""Run by tests/test_zero3.py under `accelerate launch` (2 CPU processes, ZeRO-3): 3 guided steps with OT on.
+
+Prints one `REPORT {json}` line per rank. Besides the losses it counts the ZeRO-3 parameter gathers made during each
+rollout (`_generate_single_turn`): TRL's `_unwrap_model_for_generation` enters `deepspeed.zero.GatheredParameters`
+once per generate call, so a guided rollout (three phases) should gather once, not three times.
+"""
 
 import json
 import os
@@ -6,6 +11,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import deepspeed  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer  # noqa: E402
@@ -15,7 +21,33 @@ def reward_len(completions, **kwargs):
     return [-abs(30 - len(c[0]["content"])) / 30 for c in completions]
 
 
+class CountingGather(deepspeed.zero.GatheredParameters):
+    """`deepspeed.zero.GatheredParameters` that counts how often it is entered (looked up at call time by TRL)."""
+
+    entered = 0
+
+    def __enter__(self):
+        CountingGather.entered += 1
+        return super().__enter__()
+
+
+def count_gathers_per_rollout(trainer) -> list[int]:
+    """Wrap the trainer's `_generate_single_turn` (the whole guided rollout) and record the gathers made inside it."""
+    counts = []
+    rollout = trainer._generate_single_turn
+
+    def counted(*args, **kwargs):
+        before = CountingGather.entered
+        result = rollout(*args, **kwargs)
+        counts.append(CountingGather.entered - before)
+        return result
+
+    trainer._generate_single_turn = counted
+    return counts
+
+
 def main(model_path: str, output_dir: str) -> None:
+    deepspeed.zero.GatheredParameters = CountingGather
     prompts = [[{"role": "user", "content": f"Count to {i}, then stop."}] for i in range(16)]
     args = GuidedGRPOConfig(
         output_dir=output_dir,
@@ -43,6 +75,7 @@ def main(model_path: str, output_dir: str) -> None:
         model=model_path, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_dict({"prompt": prompts})
     )
     sharded = all(p.numel() == 0 and hasattr(p, "ds_id") for p in trainer.model.parameters())
+    gathers = count_gathers_per_rollout(trainer)
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     report = {
@@ -52,6 +85,8 @@ def main(model_path: str, output_dir: str) -> None:
         "reference": type(trainer._ot_ref_model).__name__,
         "losses": [e["loss"] for e in logs],
         "ot_costs": [e["ot/cost"] for e in logs],
+        "guide_lengths": [e["guidance/guide_length"] for e in logs],
+        "gathers_per_rollout": gathers,
         "steps": trainer.state.global_step,
     }
     print("REPORT " + json.dumps(report), flush=True)
