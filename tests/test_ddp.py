@@ -38,8 +38,7 @@ def test_ddp_two_processes_guided_replicas_stay_in_sync(tiny_llama, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    lines = [line[len("REPORT ") :] for line in result.stdout.splitlines() if line.startswith("REPORT ")]
-    reports = {report["rank"]: report for report in map(json.loads, lines)}
+    reports = {r["rank"]: r for r in (json.loads(f.read_text()) for f in sorted(out.glob("report-rank*.json")))}
     assert sorted(reports) == [0, 1]
     for report in reports.values():
         assert report["num_processes"] == 2 and report["backend"] == "gloo"

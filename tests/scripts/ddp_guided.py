@@ -1,13 +1,15 @@
 """Run by tests/test_ddp.py under `accelerate launch --multi_gpu --num_processes 2` on CPU (plain DDP over gloo, no
-DeepSpeed): 3 guided steps of a tiny model. Prints one `REPORT {json}` line per rank with what the test compares
-across ranks: the logged losses, the prompts this rank sampled for, and a checksum of the parameters before and
-after training (DDP all-reduces the gradients, so the replicas must stay identical although their data differ).
+DeepSpeed): 3 guided steps of a tiny model. Each rank writes `report-rank{N}.json` into the output folder with what
+the test compares across ranks: the logged losses, the prompts this rank sampled for, and a checksum of the
+parameters before and after training (DDP all-reduces the gradients, so the replicas must stay identical although
+their data differ).
 """
 
 import hashlib
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -81,7 +83,8 @@ def main(model_path: str, output_dir: str) -> None:
         "checksum_after": checksum(model),
         "steps": trainer.state.global_step,
     }
-    print("REPORT " + json.dumps(report), flush=True)
+    # A file per rank: the two processes share stdout, where their lines can interleave.
+    Path(output_dir, f"report-rank{report['rank']}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

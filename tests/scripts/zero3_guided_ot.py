@@ -1,13 +1,15 @@
 """Run by tests/test_zero3.py under `accelerate launch` (2 CPU processes, ZeRO-3): 3 guided steps with OT on.
 
-Prints one `REPORT {json}` line per rank. Besides the losses it counts the ZeRO-3 parameter gathers made during each
-rollout (`_generate_single_turn`): TRL's `_unwrap_model_for_generation` enters `deepspeed.zero.GatheredParameters`
-once per generate call, so a guided rollout (three phases) should gather once, not three times.
+Each rank writes `report-rank{N}.json` into the output folder. Besides the losses it counts the ZeRO-3 parameter
+gathers made during each rollout (`_generate_single_turn`): TRL's `_unwrap_model_for_generation` enters
+`deepspeed.zero.GatheredParameters` once per generate call, so a guided rollout (three phases) should gather once,
+not three times.
 """
 
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -89,7 +91,8 @@ def main(model_path: str, output_dir: str) -> None:
         "gathers_per_rollout": gathers,
         "steps": trainer.state.global_step,
     }
-    print("REPORT " + json.dumps(report), flush=True)
+    # A file per rank: the two processes share stdout, where their lines can interleave.
+    Path(output_dir, f"report-rank{report['rank']}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
