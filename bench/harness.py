@@ -1,0 +1,401 @@
+"""Shared pieces of the guided-vs-vanilla benchmarks: settings, the two trainers, token counting, output.
+
+Each benchmark builds a stock `trl.GRPOTrainer` (with `trl.GRPOConfig`) and a `GuidedGRPOTrainer` (with
+`GuidedGRPOConfig`) from the same `Settings` (model, prompts, G, lengths, seed) and times the trainers' own entry
+points; nothing here re-implements trainer logic. Progress goes to stderr, the one JSON object to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("vanilla", "guided")
+TINY_PUNCTUATION = ["e", "a", "o", "t", "s"]  # a random tiny model rarely samples real punctuation marks
+_START = time.perf_counter()
+
+# stdout carries the JSON report only: from here on, whatever else is written to file descriptor 1 (library prints,
+# DeepSpeed's logger, C code, inherited by child processes) goes to stderr; `emit` writes to the original stdout.
+sys.stdout.flush()
+_REPORT_STREAM = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
+
+
+@dataclasses.dataclass
+class Settings:
+    """What both trainers share. Full size by default; `tiny()` gives the seconds-long smoke size."""
+
+    model: str = "embedded:smollm2-135m-instruct"
+    task: str = "length"
+    reward: str = "smooth_length"
+    num_generations: int = 8
+    groups: int = 2  # prompt groups per step: per_device_train_batch_size = groups * num_generations
+    max_completion_length: int = 256
+    prefix_min_tokens: int | None = None  # None: GuidedGRPOConfig's default, derived from max_completion_length
+    prefix_max_tokens: int | None = None
+    min_guide_tokens: int = 2
+    max_guide_tokens: int = 8
+    punctuation: list[str] | None = None  # None: GuidedGRPOConfig's default marks
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+    learning_rate: float = 1e-6
+    gradient_checkpointing: bool = False
+    dtype: str | None = None  # model weights dtype (e.g. bfloat16 on a GPU); None: TRL's default (float32)
+    tiny_hidden_size: int = 32
+
+    @classmethod
+    def tiny(cls) -> Settings:
+        return cls(
+            model="tiny",
+            num_generations=4,
+            groups=2,
+            max_completion_length=24,
+            prefix_min_tokens=4,
+            prefix_max_tokens=10,
+            max_guide_tokens=4,
+            punctuation=TINY_PUNCTUATION,
+            repeats=1,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.groups * self.num_generations
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every benchmark understands; unset flags keep the full (or `--tiny`) defaults."""
+    parser.add_argument("--tiny", action="store_true", help="tiny local model, few tokens, 1 repeat (smoke run)")
+    parser.add_argument("--model", help="model path, hub id, 'embedded:smollm2-135m-instruct' or 'tiny'")
+    parser.add_argument("--task", help="trl_guided.data task (default: length)")
+    parser.add_argument("--reward", help="trl_guided.rewards reward name (default: smooth_length)")
+    parser.add_argument("--num-generations", type=int, help="G (default 8)")
+    parser.add_argument("--groups", type=int, help="prompt groups per step (default 2)")
+    parser.add_argument("--max-completion-length", type=int, help="default 256")
+    parser.add_argument("--prefix-min-tokens", type=int)
+    parser.add_argument("--prefix-max-tokens", type=int)
+    parser.add_argument("--min-guide-tokens", type=int)
+    parser.add_argument("--max-guide-tokens", type=int)
+    parser.add_argument("--repeats", type=int, help="timed repeats (default 3), the median is reported")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up repeats (default 1)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parser.add_argument("--dtype", help="model weights dtype, e.g. bfloat16 (default: TRL's float32)")
+    parser.add_argument("--out", default="-", help="also write the JSON to this file ('-': stdout only)")
+    parser.add_argument("--settings", help=argparse.SUPPRESS)  # JSON of a parent's Settings (child processes)
+
+
+def settings_from(args: argparse.Namespace, base: Settings | None = None) -> Settings:
+    """`base` (default: full or `--tiny` size) with every flag given on the command line applied."""
+    if args.settings:
+        return Settings(**json.loads(args.settings))
+    settings = base or (Settings.tiny() if args.tiny else Settings())
+    for field in dataclasses.fields(Settings):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            setattr(settings, field.name, value)
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------------- progress
+
+
+def progress(bench: str, message: str) -> None:
+    """One progress line on stderr (the JSON stays alone on stdout)."""
+    print(f"[bench {bench} +{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def emit(result: dict[str, Any], out: str = "-") -> None:
+    text = json.dumps(result, indent=2)
+    print(text, file=_REPORT_STREAM, flush=True)
+    if out and out != "-":
+        Path(out).write_text(text + "\n")
+
+
+def parse_json_output(stdout: str) -> dict[str, Any]:
+    """The last JSON object a benchmark printed (libraries may print other lines before it)."""
+    decoder = json.JSONDecoder()
+    found = None
+    for index, line in enumerate(stdout.splitlines(keepends=True)):
+        if line.startswith("{"):
+            offset = sum(len(x) for x in stdout.splitlines(keepends=True)[:index])
+            try:
+                found, _ = decoder.raw_decode(stdout, offset)
+            except json.JSONDecodeError:
+                continue
+    if found is None:
+        raise ValueError(f"no JSON object in the output: {stdout[-500:]!r}")
+    return found
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    """Median of the timed repeats, with every repeat."""
+    return {"median": statistics.median(values), "repeats": list(values)}
+
+
+def target(value: float | None, at_most: float) -> dict[str, Any]:
+    """A target recorded next to the measured ratio (not asserted: timings on a shared machine are noisy)."""
+    return {"value": value, "at_most": at_most, "pass": value is not None and value <= at_most}
+
+
+def ratio(guided: float | None, vanilla: float | None) -> float | None:
+    if guided is None or not vanilla:
+        return None
+    return guided / vanilla
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work before reading a clock (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (the kernel's high-water mark, `ru_maxrss`)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+    import transformers
+    import trl
+
+    cpu_model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    info = {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gb": round(memory_gb, 1),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+# ------------------------------------------------------------------------------------------------- the two trainers
+
+
+def resolve_model(settings: Settings) -> str:
+    """A local model directory: 'tiny' is built (deterministic by seed), 'embedded:*' converted once."""
+    from trl_guided.models import build_tiny_model, resolve_model_path
+
+    if settings.model == "tiny":
+        folder = tempfile.mkdtemp(prefix="bench-tiny-")
+        return build_tiny_model(folder, seed=settings.seed, hidden_size=settings.tiny_hidden_size)
+    return resolve_model_path(settings.model)
+
+
+def config_fields(settings: Settings, output_dir: str, max_steps: int = 1) -> dict[str, Any]:
+    """The GRPOConfig fields both trainers get."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=settings.batch_size,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        max_steps=max_steps,
+        learning_rate=settings.learning_rate,
+        beta=0.0,
+        seed=settings.seed,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=not on_gpu,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=settings.gradient_checkpointing,
+        model_init_kwargs={"dtype": settings.dtype} if settings.dtype else None,
+        disable_tqdm=True,
+    )
+
+
+def guided_fields(settings: Settings) -> dict[str, Any]:
+    """The GuidedGRPOConfig fields on top of the shared ones (guidance scope: guidance tokens only)."""
+    fields: dict[str, Any] = dict(
+        guidance_loss_scope="guidance",
+        min_guide_tokens=settings.min_guide_tokens,
+        max_guide_tokens=settings.max_guide_tokens,
+        prefix_min_tokens=settings.prefix_min_tokens,
+        prefix_max_tokens=settings.prefix_max_tokens,
+    )
+    if settings.punctuation is not None:
+        fields["punctuation"] = settings.punctuation
+    return fields
+
+
+def build_trainer(kind: str, settings: Settings, model_path: str, max_steps: int = 1, callbacks=None):
+    """`trl.GRPOTrainer` + `GRPOConfig` ("vanilla") or `GuidedGRPOTrainer` + `GuidedGRPOConfig` ("guided")."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer
+    from trl_guided.data import load_task
+    from trl_guided.rewards import get_reward
+
+    common = config_fields(settings, tempfile.mkdtemp(prefix=f"bench-{kind}-"), max_steps)
+    if kind == "vanilla":
+        args, trainer_class = GRPOConfig(**common), GRPOTrainer
+    elif kind == "guided":
+        args, trainer_class = GuidedGRPOConfig(**common, **guided_fields(settings)), GuidedGRPOTrainer
+    else:
+        raise ValueError(f"unknown trainer kind {kind!r}; choose one of {KINDS}")
+    trainer = trainer_class(
+        model=model_path,
+        reward_funcs=get_reward(settings.reward),
+        args=args,
+        train_dataset=load_task(settings.task),
+        callbacks=callbacks,
+    )
+    trainer.model.train()  # Trainer.train() does this; direct calls to the trainer's steps need it too
+    return trainer
+
+
+def benchmark_inputs(settings: Settings) -> list[dict[str, Any]]:
+    """One generation batch as TRL's sampler lays it out: each of `groups` prompts repeated G times."""
+    from trl_guided.data import load_task
+
+    dataset = load_task(settings.task)
+    rows = [dataset[i] for i in range(settings.groups)]
+    return [row for row in rows for _ in range(settings.num_generations)]
+
+
+def guided_settings_used(trainer) -> dict[str, Any]:
+    """The guided fields as the config resolved them (prefix range defaults depend on the completion length)."""
+    args = trainer.args
+    names = ("prefix_min_tokens", "prefix_max_tokens", "min_guide_tokens", "max_guide_tokens", "guidance_loss_scope")
+    return {name: getattr(args, name) for name in names}
+
+
+def describe(settings: Settings, model_path: str) -> dict[str, Any]:
+    described = dataclasses.asdict(settings)
+    described["batch_size"] = settings.batch_size
+    described["model_path"] = model_path
+    return described
+
+
+def last_metric(trainer, name: str) -> float | None:
+    values = trainer._metrics["train"].get(name)
+    return values[-1] if values else None
+
+
+# --------------------------------------------------------------------------------------------- generation counter
+
+
+class GenerationCounter:
+    """Counts generation work while installed: every call of TRL's backend dispatch
+    `GRPOTrainer._generate_single_turn` (tokens returned per row: every backend) and every transformers `generate`
+    call (decode steps = new columns; row-steps = rows * steps, the work of the transformers backend).
+
+    Both are patched on the class, so the guided trainer's per-phase `super()._generate_single_turn` calls are seen.
+    """
+
+    def __init__(self, eos_token_ids: Sequence[int]):
+        self.eos = set(eos_token_ids)
+        self.backend_calls: list[dict[str, Any]] = []
+        self.generate_calls: list[dict[str, Any]] = []
+        self._saved: list[tuple[type, str, Callable]] = []
+
+    def __enter__(self) -> GenerationCounter:
+        from transformers.generation.utils import GenerationMixin
+        from trl import GRPOTrainer
+
+        counter = self
+        original_turn, original_generate = GRPOTrainer._generate_single_turn, GenerationMixin.generate
+
+        def generate_single_turn(trainer, prompt_ids, *args, **kwargs):
+            start = time.perf_counter()
+            completion_ids, logprobs = original_turn(trainer, prompt_ids, *args, **kwargs)
+            lengths = [len(ids) for ids in completion_ids]
+            counter.backend_calls.append(
+                {
+                    "rows": len(prompt_ids),
+                    "tokens": sum(lengths),
+                    "longest": max(lengths, default=0),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            return completion_ids, logprobs
+
+        def generate(model, *args, **kwargs):
+            start = time.perf_counter()
+            output = original_generate(model, *args, **kwargs)
+            sequences = output if hasattr(output, "shape") else output.sequences
+            inputs = kwargs.get("input_ids", args[0] if args else None)
+            new = sequences[:, inputs.size(1) :] if inputs is not None else sequences
+            counter.generate_calls.append(
+                {
+                    "rows": new.size(0),
+                    "decode_steps": new.size(1),
+                    "tokens": sum(counter._until_eos(row) for row in new.tolist()),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            return output
+
+        self._saved = [
+            (GRPOTrainer, "_generate_single_turn", original_turn),
+            (GenerationMixin, "generate", original_generate),
+        ]
+        GRPOTrainer._generate_single_turn = generate_single_turn
+        GenerationMixin.generate = generate
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in self._saved:
+            setattr(owner, name, original)
+
+    def _until_eos(self, row: list[int]) -> int:
+        for index, token in enumerate(row):
+            if token in self.eos:
+                return index + 1
+        return len(row)
+
+    def reset(self) -> None:
+        self.backend_calls.clear()
+        self.generate_calls.clear()
+
+    def totals(self) -> dict[str, Any]:
+        return {
+            "generated_tokens": sum(c["tokens"] for c in self.backend_calls),
+            "backend_calls": len(self.backend_calls),
+            "decode_steps": sum(c["decode_steps"] for c in self.generate_calls),
+            "row_steps": sum(c["rows"] * c["decode_steps"] for c in self.generate_calls),
+            "generate_tokens": sum(c["tokens"] for c in self.generate_calls),
+            "generate_seconds": sum(c["seconds"] for c in self.generate_calls),
+            "calls": [dict(c) for c in self.backend_calls],
+            "generate": [dict(c) for c in self.generate_calls],
+        }
