@@ -1,8 +1,8 @@
 """Run by tests/test_ddp.py under `accelerate launch --multi_gpu --num_processes 2` on CPU (plain DDP over gloo, no
-DeepSpeed): 3 guided steps of a tiny model. Each rank writes `report-rank{N}.json` into the output folder with what
-the test compares across ranks: the logged losses, the prompts this rank sampled for, and a checksum of the
-parameters before and after training (DDP all-reduces the gradients, so the replicas must stay identical although
-their data differ).
+DeepSpeed): 3 guided steps of a tiny model with OT on. Each rank writes `report-rank{N}.json` into the output folder
+with what the test compares across ranks: the logged losses, the prompts this rank sampled for, and a checksum of
+the parameters before and after training (DDP all-reduces the gradients, so the replicas must stay identical
+although their data differ).
 """
 
 import hashlib
@@ -51,6 +51,10 @@ def main(model_path: str, output_dir: str) -> None:
         prefix_min_tokens=2,
         prefix_max_tokens=6,
         max_guide_tokens=4,
+        ot_coef=0.5,  # OT against a frozen reference model (beta is 0)
+        ot_window=4,
+        ot_epsilon=0.5,
+        ot_iterations=20,
         seed=0,
     )
     trainer = GuidedGRPOTrainer(
@@ -77,6 +81,8 @@ def main(model_path: str, output_dir: str) -> None:
         "deepspeed": trainer.is_deepspeed_enabled,
         "losses": [e["loss"] for e in logs],
         "rewards": [e["reward"] for e in logs],
+        "ot_costs": [e["ot/cost"] for e in logs],
+        "reference": type(trainer._ot_ref_model).__name__,
         "guide_lengths": [e["guidance/guide_length"] for e in logs],
         "prompts_digest": hashlib.sha256(json.dumps(seen_prompts).encode()).hexdigest(),
         "checksum_before": before,
