@@ -76,3 +76,22 @@ def test_run_all_tiny_smoke(tmp_path):
     # The trained tokens of the guidance scope are a subset of the completion tokens.
     assert bench["loss"]["guided"]["batch"]["trained_tokens"] <= bench["loss"]["vanilla"]["batch"]["completion_tokens"]
     assert bench["ot"]["training_step"]["seconds_per_step_ot_on"] > 0
+
+
+def test_compare_runs_reads_two_training_runs(tmp_path):
+    """bench/compare_runs.py (the GPU plan's summary) on two synthetic run directories."""
+    for kind, step_time, memory, generated in (("guided", 6.0, 18000, 500), ("vanilla", 10.0, 20000, 1000)):
+        run = tmp_path / kind
+        run.mkdir()
+        logs = [{"step": i, "step_time": step_time + (i == 0) * 50, "completions/mean_length": 300} for i in range(8)]
+        (run / "trainer_state.json").write_text(json.dumps({"log_history": logs}))
+        (run / "nvidia-smi.csv").write_text(f"0, 70000\n1, {memory - 100}\n1, {memory}\n")
+        metrics = f'vllm:generation_tokens_total{{model_name="m"}} {generated}\nvllm:prefix_cache_queries_total 10\n'
+        (run / "vllm-metrics.txt").write_text(metrics + "vllm:prefix_cache_hits_total 4\n")
+    command = [sys.executable, str(ROOT / "bench" / "compare_runs.py"), "--guided", str(tmp_path / "guided")]
+    command += ["--vanilla", str(tmp_path / "vanilla"), "--skip", "1", "--exclude-gpus", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ratios"] == {"step_time": 0.6, "peak_gpu_memory": 0.9, "vllm_generation_tokens": 0.5}
+    assert report["guided"]["steps"] == 7 and report["guided"]["vllm"]["prefix_cache_hit_rate"] == 0.4
