@@ -43,9 +43,9 @@ def test_ddp_two_processes_guided_replicas_stay_in_sync(tiny_llama, tmp_path):
     for report in reports.values():
         assert report["num_processes"] == 2 and report["backend"] == "gloo"
         assert report["wrapped"] == "DistributedDataParallel" and not report["deepspeed"]
-        assert report["reference"] != "NoneType", "no frozen OT reference model was built"
+        assert report["shared_prefix_forwards"] == 3, "the loss did not run through the shared-prefix forward"
         assert report["steps"] == 3 and len(report["losses"]) == 3
-        assert all(math.isfinite(x) for x in report["losses"] + report["rewards"] + report["ot_costs"])
+        assert all(math.isfinite(x) for x in report["losses"] + report["rewards"])
         assert all(length > 0 for length in report["guide_lengths"]), "the steps were not guided"
     first, second = reports[0], reports[1]
     assert first["losses"] == second["losses"] and first["rewards"] == second["rewards"]  # reduced across ranks

@@ -486,7 +486,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         if args.ot_reference == "old" or self.ref_model is not None or is_peft_model(self.model):
             return None
         kwargs = dict(args.model_init_kwargs or {})
-        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "MULTI_CPU", "DEEPSPEED"):
             kwargs["device_map"] = None
         kwargs.setdefault("dtype", self.model.dtype)
         kwargs.setdefault("trust_remote_code", args.trust_remote_code)
