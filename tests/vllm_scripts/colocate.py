@@ -1,0 +1,108 @@
+"""Guided GRPO with vLLM colocate on CPU: two real training steps of a tiny model through the real vLLM engine.
+
+Run with the .venv-vllm python: `python tests/vllm_scripts/colocate.py WORKDIR`. Prints
+`REPORT {json}`; exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as common
+
+# bfloat16 (vLLM) against float32 (trainer): worst single-token log-prob gap allowed.
+BF16_TOLERANCE = 0.25
+
+
+def keep_linear_weights_in_place() -> None:
+    """The one CPU-only patch: keep vLLM's linear weights as plain tensors so TRL can reload them in place.
+
+    After loading, vLLM's CPU backend hands every linear layer to `dispatch_cpu_unquantized_gemm`, which packs a
+    private copy of the weight for oneDNN (or the SGL kernel) and replaces `layer.weight` by an empty tensor (linear
+    layers) or keeps it but computes from the copy (the LM head). TRL's colocate weight sync writes the training
+    weights with `model.load_weights(...)` into `layer.weight`: into an empty tensor that fails, and for the LM head
+    it would silently keep sampling from the stale copy. GPU backends compute from `layer.weight` directly, so this is
+    CPU-only; the fallback below is the plain `F.linear` vLLM itself uses when oneDNN is unavailable.
+    """
+    import torch.nn.functional as F
+    from vllm.model_executor.layers import utils
+
+    def plain_linear(layer: Any, remove_weight: bool) -> None:
+        layer.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+
+    # Looked up by name at every call (`from ...utils import dispatch_cpu_unquantized_gemm` inside the loaders).
+    utils.dispatch_cpu_unquantized_gemm = plain_linear
+
+
+def main() -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workdir", type=Path)
+    args = parser.parse_args()
+
+    keep_linear_weights_in_place()
+    from transformers import AutoModelForCausalLM
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from trl_guided import GuidedGRPOTrainer
+
+    model = common.build_model(args.workdir / "model")
+    initial = AutoModelForCausalLM.from_pretrained(model).eval()
+    config = common.guided_config(
+        args.workdir / "out",
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.1,
+        # Large enough that one optimizer step visibly moves the log-probs: step 2 then only matches vLLM's sampling
+        # log-probs if the weight sync really reached the engine.
+        learning_rate=3e-3,
+    )
+    # Count TRL's weight syncs (the real method runs): one per training step, not one per phase.
+    syncs: list[int] = []
+    sync = VLLMGeneration.sync_weights
+
+    def counted_sync(self: VLLMGeneration) -> None:
+        syncs.append(trainer.state.global_step)
+        sync(self)
+
+    VLLMGeneration.sync_weights = counted_sync
+    start = time.perf_counter()
+    trainer = GuidedGRPOTrainer(
+        model=model, reward_funcs=common.reward_len, args=config, train_dataset=common.dataset()
+    )
+    init_seconds = time.perf_counter() - start
+    recorder = common.Recorder(trainer)
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    recorder.close()
+
+    steps = trainer.state.global_step
+    common.check(steps == 2, f"{steps} training steps ran, expected 2")
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    common.check(len(losses) == 2 and all(math.isfinite(x) for x in losses), f"losses {losses}")
+    guidance = common.logged(trainer, "guidance/")
+    for name in ("prefix_length", "guide_length", "postfix_length", "empty_prefix_ratio"):
+        common.check(all(f"guidance/{name}" in e for e in guidance[:2]), f"guidance/{name} not logged: {guidance}")
+    report: dict[str, Any] = dict(steps=steps, losses=losses, init_seconds=init_seconds, train_seconds=train_seconds)
+    report.update(common.check_rollouts(recorder.rollouts, config.max_completion_length))
+    # TRL's colocate engine is built without a dtype, and vLLM's "auto" turns a float32 checkpoint into bfloat16: the
+    # sampling log-probs carry bfloat16 rounding against the fp32 trainer.
+    report.update(common.check_scored(recorder.scored, recorder.rollouts, BF16_TOLERANCE, config.min_guide_tokens))
+    # Step 2 samples after one optimizer step. Its log-probs match the updated trainer (checked above) and not the
+    # initial weights: the sync reached the engine (with stale engine weights this is the other way round).
+    second = recorder.scored[1]
+    sampling, mask = second["sampling_per_token_logps"], second["completion_mask"]
+    stale = common.masked_mean_abs(common.completion_logprobs(initial, second)[0], sampling, mask)
+    synced = common.masked_mean_abs(second["old_per_token_logps"], sampling, mask)
+    report.update(step2_synced_logp_diff=synced, step2_stale_logp_diff=stale)
+    common.check(stale > 3 * synced, f"step 2 sampled from stale weights? synced {synced:.3f}, stale {stale:.3f}")
+    common.check(syncs == [0, 1], f"weight syncs at steps {syncs}, expected one per step: [0, 1]")
+    report["syncs"] = syncs
+    return report
+
+
+if __name__ == "__main__":
+    common.run(main)
