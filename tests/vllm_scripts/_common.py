@@ -147,8 +147,17 @@ class Recorder:
         self._restore()
 
 
-def check_rollouts(rollouts: list[dict[str, Any]], max_completion_length: int) -> dict[str, Any]:
-    """Groups share their prefix; every completion token has exactly one finite sampling log-prob."""
+def held_back(segments: Any, row: int, min_guide_tokens: int) -> range:
+    """Completion positions of the first `min_guide_tokens` guidance tokens of a row (EOS may be held back there)."""
+    start = segments.prefix[row]
+    return range(start, start + min(segments.guidance[row], min_guide_tokens))
+
+
+def check_rollouts(
+    rollouts: list[dict[str, Any]], max_completion_length: int, min_guide_tokens: int
+) -> dict[str, Any]:
+    """Groups share their prefix; every completion token has exactly one sampling log-prob, finite except that the
+    held-back guidance tokens may be None ("unknown": TRL then leaves them out of the importance-sampling ratio)."""
     check(bool(rollouts), "no rollout was generated")
     nonempty_prefixes = branching = rows = 0
     for rollout in rollouts:
@@ -161,7 +170,12 @@ def check_rollouts(rollouts: list[dict[str, Any]], max_completion_length: int) -
                 len(row_logps) == len(row_ids),
                 f"row {row}: {len(row_logps)} sampling log-probs for {len(row_ids)} completion tokens",
             )
-            check(all(math.isfinite(x) and x <= 1e-6 for x in row_logps), f"row {row}: invalid log-probs {row_logps}")
+            held = held_back(segments, row, min_guide_tokens)
+            valid = [
+                (x is None and t in held) or (x is not None and math.isfinite(x) and x <= 1e-6)
+                for t, x in enumerate(row_logps)
+            ]
+            check(all(valid), f"row {row}: invalid log-probs {row_logps}")
             p, q, r = segments.prefix[row], segments.guidance[row], segments.postfix[row]
             check(p + q + r == len(row_ids) <= max_completion_length, f"row {row}: segments {p}+{q}+{r} != ids")
         for start in range(0, len(ids), g):
@@ -185,14 +199,14 @@ def check_scored(
     `old_per_token_logps` is the trainer's own forward over the same ids; with the same weights it must match vLLM's
     sampling log-probs. Exception: the first `min_guide_tokens` guidance tokens, if the trainer asks vLLM for
     `min_tokens` there. vLLM then samples them with the stop tokens masked, and its processed log-probs are those of
-    that renormalised distribution: policy log-prob - log(1 - P(stop)). Either form is accepted there (whichever
-    the trainer does); `eos_held_back` reports which one matched. A control shifts the sampling log-probs by one token
-    and must not match: it shows the check tells aligned from misaligned.
+    that renormalised distribution: policy log-prob - log(1 - P(stop)). Either form is accepted there, or "unknown"
+    (NaN, which TRL leaves out of the ratio); `eos_held_back` reports which one matched. A control shifts the
+    sampling log-probs by one token and must not match: it shows the check tells aligned from misaligned.
     """
     import torch
 
     check(len(scored) == len(rollouts), f"{len(scored)} scored batches for {len(rollouts)} rollouts")
-    worst, held_plain, held_renormalised, aligned, shifted = 0.0, 0.0, 0.0, [], []
+    worst, held_plain, held_renormalised, held_unknown, aligned, shifted = 0.0, 0.0, 0.0, 0, [], []
     for batch, rollout in zip(scored, rollouts, strict=True):
         for key in ("sampling_per_token_logps", "old_per_token_logps", "importance_sampling_ratio"):
             check(key in batch, f"{key} missing from the scored batch (keys: {sorted(batch)})")
@@ -200,23 +214,28 @@ def check_scored(
         sampling, old = batch["sampling_per_token_logps"], batch["old_per_token_logps"]
         check(sampling.shape == old.shape == ids.shape, f"shapes {sampling.shape} {old.shape} {ids.shape}")
         held = torch.zeros_like(mask)
-        segments = rollout["segments"]
         for row, (row_ids, row_logps) in enumerate(zip(rollout["ids"], rollout["logps"], strict=True)):
             n = len(row_ids)
             check(ids[row, :n].tolist() == list(row_ids), f"row {row}: scored ids differ from the sampled ids")
             check(int(mask[row].sum()) <= n, f"row {row}: mask longer than the completion")
-            expected = torch.tensor(row_logps, dtype=sampling.dtype)
-            check(torch.allclose(sampling[row, :n], expected), f"row {row}: scored sampling log-probs were reordered")
-            start = segments.prefix[row]
-            held[row, start : start + min(segments.guidance[row], min_guide_tokens)] = True
+            expected = torch.tensor([math.nan if x is None else x for x in row_logps], dtype=sampling.dtype)
+            check(
+                torch.allclose(sampling[row, :n], expected, equal_nan=True),
+                f"row {row}: scored sampling log-probs were reordered",
+            )
+            positions = held_back(rollout["segments"], row, min_guide_tokens)
+            held[row, positions.start : positions.stop] = True
         free, held = mask & ~held, mask & held
+        check(not torch.isnan(sampling[free]).any(), "unknown sampling log-probs outside the held-back tokens")
         worst = max(worst, float((old - sampling).abs()[free].max()))
-        renormalised = old - torch.log1p(-batch["stop_logp"].exp().clamp(max=1 - 1e-6))
-        if held.any():
-            held_plain = max(held_plain, float((old - sampling).abs()[held].max()))
-            held_renormalised = max(held_renormalised, float((renormalised - sampling).abs()[held].max()))
+        known = held & ~torch.isnan(sampling)
+        held_unknown += int((held & torch.isnan(sampling)).sum())
+        if known.any():
+            renormalised = old - torch.log1p(-batch["stop_logp"].exp().clamp(max=1 - 1e-6))
+            held_plain = max(held_plain, float((old - sampling).abs()[known].max()))
+            held_renormalised = max(held_renormalised, float((renormalised - sampling).abs()[known].max()))
         aligned.append(masked_mean_abs(old, sampling, free))
-        shifted.append(masked_mean_abs(old[:, 1:], sampling[:, :-1], mask[:, 1:] & mask[:, :-1]))
+        shifted.append(masked_mean_abs(old[:, 1:], sampling[:, :-1], free[:, 1:] & free[:, :-1]))
         ratio = batch["importance_sampling_ratio"]
         check(bool(torch.isfinite(ratio).all()), "non-finite importance sampling ratio")
     report = dict(
@@ -225,6 +244,7 @@ def check_scored(
         shifted_mean_logp_diff=min(shifted),
         held_max_logp_diff=held_plain,
         held_renormalised_max_logp_diff=held_renormalised,
+        held_unknown_logps=held_unknown,
         eos_held_back=held_renormalised < held_plain,
     )
     check(worst < tolerance, f"vLLM log-probs differ from the trainer's by up to {worst:.2e} (tolerance {tolerance})")

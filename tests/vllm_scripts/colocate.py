@@ -87,7 +87,7 @@ def main() -> dict[str, Any]:
     for name in ("prefix_length", "guide_length", "postfix_length", "empty_prefix_ratio"):
         common.check(all(f"guidance/{name}" in e for e in guidance[:2]), f"guidance/{name} not logged: {guidance}")
     report: dict[str, Any] = dict(steps=steps, losses=losses, init_seconds=init_seconds, train_seconds=train_seconds)
-    report.update(common.check_rollouts(recorder.rollouts, config.max_completion_length))
+    report.update(common.check_rollouts(recorder.rollouts, config.max_completion_length, config.min_guide_tokens))
     # TRL's colocate engine is built without a dtype, and vLLM's "auto" turns a float32 checkpoint into bfloat16: the
     # sampling log-probs carry bfloat16 rounding against the fp32 trainer.
     report.update(common.check_scored(recorder.scored, recorder.rollouts, BF16_TOLERANCE, config.min_guide_tokens))

@@ -200,7 +200,7 @@ def main() -> dict[str, Any]:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     common.check(len(losses) == 2 and all(math.isfinite(x) for x in losses), f"losses {losses}")
     common.check(any("guidance/guide_length" in e for e in trainer.state.log_history), "guidance metrics not logged")
-    report.update(common.check_rollouts(recorder.rollouts, config.max_completion_length))
+    report.update(common.check_rollouts(recorder.rollouts, config.max_completion_length, config.min_guide_tokens))
     report.update(common.check_scored(recorder.scored, recorder.rollouts, FP32_TOLERANCE, config.min_guide_tokens))
     n_params = len(list(trainer.model.named_parameters()))
     common.check(pushes == [n_params, n_params], f"weight pushes {pushes}, expected one per step of {n_params}")
