@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -284,6 +285,8 @@ def logged(trainer: Any, prefix: str) -> list[dict[str, float]]:
 
 def run(main: Callable[[], dict[str, Any]]) -> None:
     """Run `main`, print `REPORT {json}`; exit 1 with the failed check in the report when one fails."""
+    # SIGTERM (the test's timeout) must unwind through the `finally` blocks that stop the vLLM server.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         report = main()
     except CheckFailed as error:
