@@ -45,7 +45,7 @@ class Settings:
     task: str = "length"
     reward: str = "smooth_length"
     num_generations: int = 8
-    groups: int = 2  # prompt groups per step: per_device_train_batch_size = groups * num_generations
+    groups: int = 1  # prompt groups per step: per_device_train_batch_size = groups * G (1: as a GPU recipe's 16 rows)
     max_completion_length: int = 256
     prefix_min_tokens: int | None = None  # None: GuidedGRPOConfig's default, derived from max_completion_length
     prefix_max_tokens: int | None = None
@@ -58,6 +58,7 @@ class Settings:
     learning_rate: float = 1e-6
     gradient_checkpointing: bool = False
     dtype: str | None = None  # model weights dtype (e.g. bfloat16 on a GPU); None: TRL's default (float32)
+    threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     tiny_hidden_size: int = 32
 
     @classmethod
@@ -86,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", help="trl_guided.data task (default: length)")
     parser.add_argument("--reward", help="trl_guided.rewards reward name (default: smooth_length)")
     parser.add_argument("--num-generations", type=int, help="G (default 8)")
-    parser.add_argument("--groups", type=int, help="prompt groups per step (default 2)")
+    parser.add_argument("--groups", type=int, help="prompt groups per step (default 1)")
     parser.add_argument("--max-completion-length", type=int, help="default 256")
     parser.add_argument("--prefix-min-tokens", type=int)
     parser.add_argument("--prefix-max-tokens", type=int)
@@ -97,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
     parser.add_argument("--dtype", help="model weights dtype, e.g. bfloat16 (default: TRL's float32)")
+    parser.add_argument("--threads", type=int, help="torch threads per process (default: one per core)")
     parser.add_argument("--out", default="-", help="also write the JSON to this file ('-': stdout only)")
     parser.add_argument("--settings", help=argparse.SUPPRESS)  # JSON of a parent's Settings (child processes)
 
@@ -260,12 +262,15 @@ def guided_fields(settings: Settings) -> dict[str, Any]:
 
 def build_trainer(kind: str, settings: Settings, model_path: str, max_steps: int = 1, callbacks=None):
     """`trl.GRPOTrainer` + `GRPOConfig` ("vanilla") or `GuidedGRPOTrainer` + `GuidedGRPOConfig` ("guided")."""
+    import torch
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer
     from trl_guided.data import load_task
     from trl_guided.rewards import get_reward
 
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     common = config_fields(settings, tempfile.mkdtemp(prefix=f"bench-{kind}-"), max_steps)
     if kind == "vanilla":
         args, trainer_class = GRPOConfig(**common), GRPOTrainer
