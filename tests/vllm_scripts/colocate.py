@@ -2,6 +2,9 @@
 
 Run with the .venv-vllm python: `python tests/vllm_scripts/colocate.py WORKDIR`. Prints
 `REPORT {json}`; exits 1 when a check fails.
+
+Sleep mode (`vllm_enable_sleep_mode=True`) cannot run here: vLLM 0.31's CPU platform rejects it when the engine is
+configured ("Sleep mode is not supported on current platform").
 """
 
 from __future__ import annotations
