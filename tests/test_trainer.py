@@ -442,6 +442,12 @@ def test_colocate_sleep_mode_wakes_and_syncs_once_per_rollout(tiny_llama, tmp_pa
     assert generates == ["generate:None", "generate:2", "generate:None"]  # min_tokens only for the guidance
     assert engine.enable_sleep_mode and engine._llm_weights_sleeping and engine.generation_kwargs == {}
     assert [len(row) for row in logprobs] == [len(row) for row in completions]  # three phases' log-probs joined
+    segments = trainer._segments
+    for row, row_logps in enumerate(logprobs):
+        start = segments.prefix[row]
+        held = min(2, segments.guidance[row])  # sampled under min_tokens: not the policy's log-probs
+        assert row_logps[start : start + held] == [None] * held
+        assert None not in row_logps[:start] + row_logps[start + held :]
     engine.events.clear()
     trainer.state.global_step += 1  # next step: still exactly one sync, not one per phase
     trainer._generate_single_turn(prompts, None, {}, G)

@@ -205,8 +205,13 @@ class GuidedGRPOTrainer(GRPOTrainer):
         completions = [prefixes[g] + guides[r] + postfixes[r] for r, g in enumerate(group_of)]
         logprobs = None
         if guide_logps is not None and all(lp is not None for lp in prefix_logps):
+            # vLLM samples the first min_guide_tokens with the stop tokens masked (min_tokens) and reports log-probs of
+            # that renormalised distribution, log p - log(1 - P(stop)), not the policy's; TRL's importance-sampling
+            # ratio would shrink by (1 - P(stop)) per such token. None is "unknown" to TRL: ratio 1, left out of its
+            # mismatch metrics (as on the transformers backend, which has no sampling log-probs at all).
+            held = [min(args.min_guide_tokens, len(guide)) for guide in guides]
             logprobs = [
-                prefix_logps[g] + list(guide_logps[r][: len(guides[r])]) + postfix_logps[r]
+                prefix_logps[g] + [None] * held[r] + list(guide_logps[r][held[r] : len(guides[r])]) + postfix_logps[r]
                 for r, g in enumerate(group_of)
             ]
         self._segments = Segments(
