@@ -573,3 +573,20 @@ def test_guidance_and_postfix_split_one_sample_on_transformers(tiny_llama, tmp_p
         assert len(completion) <= 24
         assert segments.prefix[row] + segments.guidance[row] + segments.postfix[row] == len(completion)
         assert segments.guidance[row] <= 4
+
+
+def test_shared_prefix_finds_the_model_config_inside_wrappers(tiny_llama):
+    """A DeepSpeedEngine wraps the model in `.module` and has a `.config` of its own (its JSON config, a dict)."""
+    from transformers import AutoModelForCausalLM
+
+    from trl_guided.shared_prefix import _config_of
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+
+    class EngineLike(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.config = module, {"zero_optimization": {"stage": 3}}
+
+    assert _config_of(EngineLike(model)) is model.config
+    assert _config_of(model) is model.config

@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PretrainedConfig
 
 
 def shared_prefix_groups(
@@ -113,7 +113,8 @@ def shared_prefix_logps(
     return logps, entropies
 
 
-def _config_of(model: torch.nn.Module):
-    while not hasattr(model, "config") and hasattr(model, "module"):  # DDP / DeepSpeed wrappers
+def _config_of(model: torch.nn.Module) -> PretrainedConfig:
+    # DDP / DeepSpeed wrappers hold the model in `.module`; a DeepSpeedEngine's own `.config` is its JSON config.
+    while not isinstance(getattr(model, "config", None), PretrainedConfig) and hasattr(model, "module"):
         model = model.module
     return model.config
