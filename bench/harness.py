@@ -132,15 +132,14 @@ def emit(result: dict[str, Any], out: str = "-") -> None:
 
 def parse_json_output(stdout: str) -> dict[str, Any]:
     """The last JSON object a benchmark printed (libraries may print other lines before it)."""
-    decoder = json.JSONDecoder()
-    found = None
-    for index, line in enumerate(stdout.splitlines(keepends=True)):
+    decoder, found, offset = json.JSONDecoder(), None, 0
+    for line in stdout.splitlines(keepends=True):
         if line.startswith("{"):
-            offset = sum(len(x) for x in stdout.splitlines(keepends=True)[:index])
             try:
                 found, _ = decoder.raw_decode(stdout, offset)
             except json.JSONDecodeError:
-                continue
+                pass
+        offset += len(line)
     if found is None:
         raise ValueError(f"no JSON object in the output: {stdout[-500:]!r}")
     return found
