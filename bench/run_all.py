@@ -13,6 +13,7 @@ measured in this run; targets are recorded with pass/fail, not asserted. Progres
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -31,10 +32,14 @@ BENCHMARKS = ("rollout", "loss", "step", "zero3", "ot")
 OT_OVERHEAD_AT_MOST = 0.15
 
 
-def run_ot(tiny: bool) -> dict[str, Any]:
+def run_ot(tiny: bool, saved_report: str | None = None) -> dict[str, Any]:
     """bench/ot_bench.py as is: its command line at full size (JSON on stdout, bench/ot.json left alone); at tiny size
-    only its training-step benchmark, in this process (its kernel part has its own smoke test in tests/)."""
-    if tiny:
+    only its training-step benchmark, in this process (its kernel part has its own smoke test in tests/).
+    `saved_report`: fold in a report ot_bench.py wrote earlier (e.g. bench/ot.json) instead of re-running it."""
+    if saved_report:
+        report = json.loads(Path(saved_report).read_text())
+        report["folded_from"] = str(saved_report)
+    elif tiny:
         import ot_bench
 
         report = {"training_step": ot_bench.step_benchmark("tiny", steps=1, max_completion_length=16)}
@@ -50,7 +55,7 @@ def run_ot(tiny: bool) -> dict[str, Any]:
 
 def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if name == "ot":
-        return run_ot(args.tiny)
+        return run_ot(args.tiny, args.ot_report)
     if name == "zero3":
         return zero3_bench.run(zero3_bench.zero3_settings(args.tiny))
     module = {"rollout": rollout_bench, "loss": loss_bench, "step": step_bench}[name]
@@ -83,6 +88,9 @@ def main() -> None:
     add_arguments(parser)
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
+    parser.add_argument(
+        "--ot-report", help="fold in a saved bench/ot_bench.py report (e.g. bench/ot.json) instead of re-running it"
+    )
     parser.set_defaults(out=None)
     args = parser.parse_args()
     if args.out is None:
