@@ -276,7 +276,10 @@ def completion_logprobs(model: Any, batch: dict[str, Any], stop_ids: list[int] |
 
 
 def masked_mean_abs(a: Any, b: Any, mask: Any) -> float:
-    return float((a - b).abs()[mask.bool()].mean())
+    """Mean |a - b| over the mask, leaving out unknown (NaN) sampling log-probs: the guidance tokens sampled under
+    vLLM's min_tokens carry None, which TRL turns into NaN."""
+    difference = (a - b).abs()
+    return float(difference[mask.bool() & ~difference.isnan()].mean())
 
 
 def logged(trainer: Any, prefix: str) -> list[dict[str, float]]:
