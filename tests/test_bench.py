@@ -77,6 +77,13 @@ def test_run_all_tiny_smoke(tmp_path):
     assert bench["loss"]["guided"]["batch"]["trained_tokens"] <= bench["loss"]["vanilla"]["batch"]["completion_tokens"]
     assert bench["ot"]["training_step"]["seconds_per_step_ot_on"] > 0
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    import table
+
+    rendered = table.render(report)  # the README's table comes from this renderer
+    table_lines = [line for line in rendered.splitlines() if line.startswith("| ")]
+    assert len(table_lines) == 1 + 8 and "n/a" not in rendered and "Errors" not in rendered  # header + 8 rows
+
 
 def test_compare_runs_reads_two_training_runs(tmp_path):
     """bench/compare_runs.py (the GPU plan's summary) on two synthetic run directories."""
