@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,7 +53,11 @@ def test_run_all_tiny_smoke(tmp_path):
     for key in ("cpu_count", "cpu_model", "torch", "trl", "transformers"):
         assert report["machine"][key]
     assert set(report["benchmarks"]) == {"rollout", "loss", "step", "zero3", "ot"}
-    assert all(_positive(value) for value in report["ratios"].values() if value is not None)
+    # The OT overhead is a difference of two timings (on - off) / off: at tiny size it can be negative by noise.
+    ratios = dict(report["ratios"])
+    overhead = ratios.pop("ot_overhead")
+    assert isinstance(overhead, float) and math.isfinite(overhead)
+    assert all(_positive(value) for value in ratios.values() if value is not None)
     for name in ("rollout_wall", "rollout_generated_tokens", "loss_backward", "step", "peak_memory", "zero3_step"):
         assert _positive(report["ratios"][name]), name
     for name in ("rollout_wall", "loss_backward", "step", "memory", "zero3_step", "ot_overhead"):
