@@ -9,6 +9,7 @@ import pytest
 from trl import GRPOTrainer
 
 from trl_guided import GuidedGRPOTrainer
+from trl_guided.backends import decoder_of
 from trl_guided.config import GuidedGRPOConfig
 
 from .test_trainer import G, config, dataset, group_batch, losses, reward_len
@@ -95,7 +96,7 @@ def test_ot_gradient_reaches_the_policy(tiny_llama, tmp_path, monkeypatch, check
 
 def test_hooks_are_removed_after_each_step(tiny_llama, tmp_path):
     trainer = ot_trainer(tiny_llama, tmp_path, max_steps=2)
-    backbone = trainer._backbone(trainer.model)
+    backbone = decoder_of(trainer.model)
     hooks_before = dict(backbone._forward_hooks)
     trainer.train()
     assert trainer.state.global_step == 2

@@ -361,18 +361,18 @@ def test_vllm_server_phases_send_equal_lists_and_one_budget(tiny_llama, tmp_path
         return torch.cat([tensor, torch.tensor([[other_rank["rows"], other_rank["budget"]]])])
 
     monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fake_backend)
-    monkeypatch.setattr(trainer, "_phase_is_server_collective", lambda: True)
+    monkeypatch.setattr(trainer._backend, "is_server_collective", lambda: True)
     monkeypatch.setattr(trainer.accelerator, "gather", fake_gather)
-    ids, logps = trainer._generate_phase([[1, 2], [3]], 1, 4)
+    ids, logps = trainer._backend.generate([[1, 2], [3]], 1, 4)
     assert calls == [(5, 1, 30)]  # padded to the other process's 5 rows and its budget of 30 tokens
     assert len(ids) == 2 and len(logps) == 2  # only this process's rows come back
     assert trainer.generation_config.max_new_tokens == trainer.max_completion_length  # budget restored
     other_rank["rows"] = 3
-    ids, logps = trainer._generate_phase([], 1, 4)  # nothing here, but another process has rows: still call
+    ids, logps = trainer._backend.generate([], 1, 4)  # nothing here, but another process has rows: still call
     assert calls[-1] == (3, 1, 30) and ids == [] and logps == []
     other_rank.update(rows=0, budget=0)
     calls.clear()
-    assert trainer._generate_phase([], 1, 0) == ([], None) and calls == []  # nobody has rows: nobody calls
+    assert trainer._backend.generate([], 1, 0) == ([], None) and calls == []  # nobody has rows: nobody calls
 
 
 def test_minimum_guidance_length_goes_through_the_backend(tiny_llama, tmp_path, monkeypatch):
@@ -540,7 +540,7 @@ def test_branches_start_from_one_prefill_per_group(tiny_model, tmp_path, monkeyp
         )
         torch.manual_seed(3)
         try:
-            ids, _ = trainer._generate_phase(prompts, G, 6, shared_prompts=shared)
+            ids, _ = trainer._backend.generate(prompts, G, 6, shared_prompts=shared)
         finally:
             hook.remove()
         return ids, forwards

@@ -16,6 +16,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
+from .backends import unwrap
+
 
 def shared_prefix_groups(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
@@ -114,7 +116,4 @@ def shared_prefix_logps(
 
 
 def _config_of(model: torch.nn.Module) -> PretrainedConfig:
-    # DDP / DeepSpeed wrappers hold the model in `.module`; a DeepSpeedEngine's own `.config` is its JSON config.
-    while not isinstance(getattr(model, "config", None), PretrainedConfig) and hasattr(model, "module"):
-        model = model.module
-    return model.config
+    return unwrap(model).config

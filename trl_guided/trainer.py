@@ -18,21 +18,21 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import DynamicCache
 from trl import GRPOTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
+from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import (
     create_model_from_path,
     disable_dropout_in_model,
     get_config_model_id,
-    pad,
     use_adapter,
 )
 
+from .backends import RolloutBackend, decoder_of, unwrap
 from .config import GuidedGRPOConfig
-from .guidance import BRANCH_POINTS, Segments, clip_guidance, draw_lengths, loss_weights, prefix_candidate
+from .guidance import Segments, loss_weights
 from .models import resolve_model_path
 from .ot import banded_sinkhorn_with_stats
+from .sampler import GuidedRollout, GuidedSampler
 from .shared_prefix import shared_prefix_logps
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
             environment_factory,
         )
         self._guidance_rng = random.Random(args.seed + self.accelerator.process_index)
-        self._branch_cut = BRANCH_POINTS[args.branch_point]
-        self._segments: Segments | None = None
+        self._backend = RolloutBackend(self, self._plain_generate)
+        self._sampler = GuidedSampler(args, self._tokenizer, self.eos_token_ids, self._guidance_rng, self._backend)
+        self._segments: Segments | None = None  # the last rollout's segments, from generation to scoring
         self._ot_ref_model = self._build_ot_reference() if args.ot_coef > 0 else None
         if args.ot_coef > 0 and args.ot_reference == "old" and args.old_policy_is_current:
             logger.warning(
@@ -124,11 +125,15 @@ class GuidedGRPOTrainer(GRPOTrainer):
 
     # ---------------------------------------------------------------------------------------------------- generation
 
-    def _guided(self) -> bool:
+    def _samples_guided(self) -> bool:
+        """Whether this rollout is guided: training, or evaluation with `eval_guidance`."""
         return self.args.guidance and (self.model.training or self.args.eval_guidance)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if not self._guided():
+        # Override: TRL 1.16's `_generate_and_score_completions` -> `_generate` calls this once per generation batch
+        # with every prompt repeated `num_generations` times in a row (also from `_tool_call_loop`, which guidance
+        # refuses in __init__), and expects (completion ids, sampling log-probs or None) row-aligned with the prompts.
+        if not self._samples_guided():
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
@@ -137,239 +142,24 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 "Guided sampling supports text-only prompts; this batch has images or multimodal inputs. Set "
                 "guidance=False (or eval_guidance=False for evaluation) to train a vision-language model."
             )
-        with self._rollout_session():
+        with self._backend.session():
             return self._generate_guided(prompt_ids, num_generations)
 
     def _generate_guided(self, prompt_ids: list[list[int]], num_generations: int):
-        args, rng, eos = self.args, self._guidance_rng, self.eos_token_ids
-        group_prompts = [list(ids) for ids in prompt_ids[::num_generations]]
-        num_groups = len(group_prompts)
-        cut = functools.partial(self._branch_cut, tokenizer=self._tokenizer, punctuation=args.punctuation)
+        """The three phases for every group of the batch; the segments wait in `self._segments` for scoring."""
+        rollout = self._sampler.sample(prompt_ids, num_generations)
+        # Hand-off to `_generate_and_score_completions` (below), which TRL calls around this and which has no other way
+        # to learn where each completion's segments are: TRL passes only ids and log-probs between the two.
+        self._segments = rollout.segments
+        self._log_guidance(rollout)
+        return rollout.completions, rollout.logprobs
 
-        # Phase 1: one prefix per group, resampled when EOS came inside the drawn length.
-        drawn = draw_lengths(rng, num_groups, args.prefix_min_tokens, args.prefix_max_tokens)
-        prefixes: list[list[int]] = [[] for _ in range(num_groups)]
-        prefix_logps: list[list[float] | None] = [None] * num_groups
-        pending, retries = list(range(num_groups)), 0
-        for attempt in range(args.prefix_eos_retries + 1):
-            samples, logps = self._generate_phase(
-                [group_prompts[i] for i in pending], 1, max((drawn[i] for i in pending), default=1)
-            )
-            retry = []
-            for sample, sample_logps, group in zip(samples, _rows(logps, len(samples)), pending, strict=True):
-                prefix, hit_eos = prefix_candidate(sample, drawn[group], eos, cut)
-                if hit_eos and attempt < args.prefix_eos_retries:
-                    retry.append(group)
-                    continue
-                prefixes[group] = prefix
-                prefix_logps[group] = None if sample_logps is None else list(sample_logps[: len(prefix)])
-            retries += len(retry)
-            pending = retry
-            if not self._any_process(bool(pending)):
-                break
+    def _plain_generate(self, prompt_ids: list[list[int]], num_generations: int):
+        """TRL's own single-turn generation, which every guided phase goes through (see `trl_guided.backends`)."""
+        return super()._generate_single_turn(prompt_ids, None, {}, num_generations)
 
-        # Phase 2: G guidance continuations of each group's prompt + prefix. Phase 3: every chain that has not ended
-        # is completed within what is left of max_completion_length.
-        guide_lengths = draw_lengths(rng, num_groups, args.min_guide_tokens, args.max_guide_tokens)
-        rows = range(num_groups * num_generations)
-        group_of = [row // num_generations for row in rows]
-        branch_prompts = [group_prompts[g] + prefixes[g] for g in group_of]
-        budgets = [self.max_completion_length - len(prefixes[g]) for g in group_of]
-        postfixes: list[list[int]] = [[] for _ in rows]
-        postfix_logps: list[list[float]] = [[] for _ in rows]
-        if self._branches_in_one_call():
-            # transformers: a chain goes on in the same generate call with its KV cache, so the guidance and postfix
-            # of a branch are one sample split at the drawn guidance length (the same distribution as two calls).
-            samples, guide_logps = self._generate_phase(
-                branch_prompts, num_generations, max(budgets), args.min_guide_tokens, shared_prompts=True
-            )
-            guides, ended = _clip_all(samples, [guide_lengths[g] for g in group_of], eos)
-            for row in rows:
-                if not ended[row]:
-                    postfixes[row] = list(samples[row][len(guides[row]) : budgets[row]])
-        else:
-            samples, guide_logps = self._generate_phase(
-                branch_prompts, num_generations, max(guide_lengths), args.min_guide_tokens
-            )
-            guides, ended = _clip_all(samples, [guide_lengths[g] for g in group_of], eos)
-            budgets = [budgets[r] - len(guides[r]) for r in rows]
-            todo = [r for r in rows if not ended[r]]
-            samples, post_logps = self._generate_phase(
-                [branch_prompts[r] + guides[r] for r in todo], 1, max((budgets[r] for r in todo), default=1)
-            )
-            for row, sample, sample_logps in zip(todo, samples, _rows(post_logps, len(samples)), strict=True):
-                postfixes[row] = list(sample[: budgets[row]])
-                if sample_logps is not None:
-                    postfix_logps[row] = list(sample_logps[: budgets[row]])
-
-        completions = [prefixes[g] + guides[r] + postfixes[r] for r, g in enumerate(group_of)]
-        logprobs = None
-        if guide_logps is not None and all(lp is not None for lp in prefix_logps):
-            # vLLM samples the first min_guide_tokens with the stop tokens masked (min_tokens) and reports log-probs of
-            # that renormalised distribution, log p - log(1 - P(stop)), not the policy's; TRL's importance-sampling
-            # ratio would shrink by (1 - P(stop)) per such token. None is "unknown" to TRL: ratio 1, left out of its
-            # mismatch metrics (as on the transformers backend, which has no sampling log-probs at all).
-            held = [min(args.min_guide_tokens, len(guide)) for guide in guides]
-            logprobs = [
-                prefix_logps[g] + [None] * held[r] + list(guide_logps[r][held[r] : len(guides[r])]) + postfix_logps[r]
-                for r, g in enumerate(group_of)
-            ]
-        self._segments = Segments(
-            prefix=[len(prefixes[g]) for g in group_of],
-            guidance=[len(guide) for guide in guides],
-            postfix=[len(postfix) for postfix in postfixes],
-        )
-        self._log_guidance(self._segments, [len(p) == 0 for p in prefixes], retries, completions)
-        return completions, logprobs
-
-    def _generate_phase(
-        self,
-        prompts: list[list[int]],
-        num_generations: int,
-        max_new_tokens: int,
-        min_new_tokens: int = 0,
-        shared_prompts: bool = False,
-    ):
-        """One batched call of the parent's backend with `max_new_tokens` (and EOS held back for `min_new_tokens`).
-
-        `shared_prompts` (transformers backend): the prompts come in runs of `num_generations` identical ones, whose
-        key/value cache is computed once per run and repeated, instead of once per row.
-
-        Every process makes every call, because a call may be a collective: a ZeRO-3 parameter gather (a process with
-        nothing to do sends a throw-away 1-token row), or a vLLM server request, which needs equal-sized lists and one
-        token budget on all processes (short lists are padded, the budget is the largest; rows are cut to their own
-        budget afterwards).
-        """
-        count = len(prompts)
-        if self._phase_is_server_collective():
-            sizes = self.accelerator.gather(torch.tensor([[count, max_new_tokens]], device=self.accelerator.device))
-            target, max_new_tokens = int(sizes[:, 0].max()), int(sizes[:, 1].max())
-            if target == 0:
-                return [], None
-            filler = prompts[:num_generations] if prompts else [[self._tokenizer.eos_token_id]] * num_generations
-            prompts = prompts + filler * ((target - count) // num_generations)
-        elif not prompts:
-            prompts, num_generations, max_new_tokens = [[self._tokenizer.eos_token_id]], 1, 1
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self._token_budget(max_new_tokens, min(min_new_tokens, max_new_tokens)))
-            if shared_prompts and count and num_generations > 1 and self._branches_in_one_call():
-                stack.enter_context(self._generate_from_shared_cache(prompts, num_generations))
-            ids, logps = super()._generate_single_turn(prompts, None, {}, num_generations)
-        return ids[:count], None if logps is None else logps[:count]
-
-    def _branches_in_one_call(self) -> bool:
-        """The transformers backend (no cache survives between generate calls; vLLM has prefix caching)."""
-        return not self.use_vllm and not self.use_transformers_continuous_batching
-
-    @contextlib.contextmanager
-    def _generate_from_shared_cache(self, prompts: list[list[int]], num_generations: int):
-        """Prefill each run of `num_generations` identical prompts once; the next generate call starts from it.
-
-        The cache is laid out exactly as the parent pads the prompts (left padding, `pad_to_multiple_of`, positions
-        from the attention mask), covers all but the last prompt column, and is repeated `num_generations` times.
-        """
-        unique = [torch.tensor(ids) for ids in prompts[::num_generations]]
-        padding = dict(padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of)
-        input_ids = pad(unique, padding_value=self._tokenizer.pad_token_id, **padding).to(self.accelerator.device)
-        mask = pad([torch.ones_like(ids) for ids in unique], padding_value=0, **padding).to(self.accelerator.device)
-        if input_ids.size(1) < 2:
-            yield
-            return
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as model,
-            torch.no_grad(),
-        ):
-            cache = DynamicCache(config=model.config)
-            model(
-                input_ids=input_ids[:, :-1],
-                attention_mask=mask[:, :-1],
-                position_ids=positions[:, :-1],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        cache.batch_repeat_interleave(num_generations)
-        generate = model.generate
-
-        def generate_from_cache(*args, **kwargs):
-            kwargs.setdefault("past_key_values", cache)
-            return generate(*args, **kwargs)
-
-        model.generate = generate_from_cache  # an instance attribute: the parent's next generate call takes it
-        try:
-            yield
-        finally:
-            del model.generate
-
-    def _phase_is_server_collective(self) -> bool:
-        return bool(self.use_vllm and self.vllm_mode == "server" and self.accelerator.num_processes > 1)
-
-    @contextlib.contextmanager
-    def _token_budget(self, max_new_tokens: int, min_new_tokens: int = 0):
-        """Temporarily set the token budget of whichever generation backend is active.
-
-        The minimum goes through each backend's own parameter (vLLM `min_tokens`, transformers `min_new_tokens`), so
-        EOS is held back inside the sampler rather than resampled afterwards.
-        """
-        vllm_generation = getattr(self, "vllm_generation", None) if self.use_vllm else None
-        settings = []
-        if vllm_generation is not None:
-            settings.append((vllm_generation, "max_completion_length", max_new_tokens))
-            settings.append((vllm_generation.generation_kwargs, "min_tokens", min_new_tokens or None))
-        if getattr(self, "generation_config", None) is not None:
-            settings.append((self.generation_config, "max_new_tokens", max_new_tokens))
-            settings.append((self.generation_config, "min_new_tokens", min_new_tokens or None))
-        if isinstance(getattr(self, "generation_kwargs", None), dict):
-            settings.append((self.generation_kwargs, "max_new_tokens", max_new_tokens))
-        with contextlib.ExitStack() as stack:
-            for target, name, value in settings:
-                stack.enter_context(_temporarily(target, name, value))
-            yield
-
-    @contextlib.contextmanager
-    def _rollout_session(self):
-        """Keep the generation backend ready across the three phases of one rollout.
-
-        - ZeRO-3 on the transformers backend: TRL gathers the sharded parameters around each generate call; here they
-          are gathered once for the rollout and the phase calls are told not to gather again.
-        - vLLM colocate with sleep mode: TRL's engine sleeps (level 2, weights dropped) after every generate call and
-          reloads the weights on the next one; here it wakes and syncs once, stays awake for the three phases, then
-          sleeps.
-        """
-        vllm_generation = getattr(self, "vllm_generation", None) if self.use_vllm else None
-        with contextlib.ExitStack() as stack:
-            if vllm_generation is not None and self.vllm_mode == "colocate" and vllm_generation.enable_sleep_mode:
-                if vllm_generation._llm_weights_sleeping:
-                    vllm_generation.sync_weights()  # wakes the weights and pushes the current policy
-                    self._last_loaded_step = self.state.global_step
-                vllm_generation.llm.wake_up(tags=["kv_cache"])
-                stack.callback(_put_to_sleep, vllm_generation)
-                stack.enter_context(_temporarily(vllm_generation, "enable_sleep_mode", False))
-            elif not self.use_vllm and self._dist.is_zero3 and self.args.ds3_gather_for_generation:
-                stack.enter_context(
-                    unwrap_model_for_generation(
-                        self.model_wrapped,
-                        self.accelerator,
-                        gather_deepspeed3_params=True,
-                        gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-                    )
-                )
-                stack.enter_context(_temporarily(self.args, "ds3_gather_for_generation", False))
-            yield
-
-    def _any_process(self, flag: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return flag
-        flags = self.accelerator.gather(torch.tensor([int(flag)], device=self.accelerator.device))
-        return bool(flags.any().item())
-
-    def _log_guidance(self, segments: Segments, empty_prefix: list[bool], retries: int, completions: list) -> None:
+    def _log_guidance(self, rollout: GuidedRollout) -> None:
+        segments, empty_prefix, completions = rollout.segments, rollout.empty_prefix, rollout.completions
         mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
         local = torch.tensor(
@@ -378,7 +168,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 sum(segments.guidance) / len(segments),
                 sum(segments.postfix) / len(segments),
                 sum(empty_prefix) / len(empty_prefix),
-                retries / len(empty_prefix),
+                rollout.prefix_retries / len(empty_prefix),
             ],
             device=device,
         )
@@ -477,7 +267,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
             return False
         if any(value is not None for value in multimodal_inputs.values()):
             return False
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = unwrap(model)
         checkpointing = getattr(unwrapped, "is_activation_checkpointing", None)  # transformers >= 5.x name
         if checkpointing is None:
             checkpointing = getattr(unwrapped, "is_gradient_checkpointing", False)
@@ -505,15 +295,6 @@ class GuidedGRPOTrainer(GRPOTrainer):
             return prepare_fsdp(reference, self.accelerator)
         return self.accelerator.prepare_model(reference, evaluation_mode=True)
 
-    @staticmethod
-    def _backbone(model):
-        """The decoder stack whose output is the last hidden state (LoRA layers, if any, live inside it)."""
-        while hasattr(model, "module") and not hasattr(model, "get_decoder"):  # DDP / DeepSpeed wrappers
-            model = model.module
-        if is_peft_model(model):
-            model = model.get_base_model()
-        return model.get_decoder()
-
     def _ot_reference_states(self, output: dict[str, Any]) -> torch.Tensor:
         """(B, C, H) reference hidden states of the completion tokens, without gradient."""
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
@@ -525,7 +306,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         elif frozen is not None:
             model, context = frozen, contextlib.nullcontext()
         else:  # PEFT: the base model with the adapter disabled (or TRL's "ref" adapter when re-training one)
-            unwrapped = self.accelerator.unwrap_model(self.model)
+            unwrapped = unwrap(self.model)
             model = self.model
             context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         batch_size = (
@@ -533,7 +314,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         )
         chunks = []
         with torch.no_grad(), context:
-            backbone = self._backbone(model)
+            backbone = decoder_of(model)
             for start in range(0, input_ids.size(0), batch_size):
                 out = backbone(
                     input_ids=input_ids[start : start + batch_size],
@@ -557,7 +338,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         def hook(module, args, output):
             captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-        handle = self._backbone(model).register_forward_hook(hook)
+        handle = decoder_of(model).register_forward_hook(hook)
         try:
             yield captured
         finally:
@@ -601,44 +382,3 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["ot/penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
         self._metrics[mode]["ot/marginal_error"].append(rows_mean(result.marginal_error))
         return loss
-
-
-@contextlib.contextmanager
-def _temporarily(target: Any, name: str, value: Any):
-    """Set an attribute (or a dict key) for the duration of the block; restore it (or remove it) afterwards."""
-    is_dict = isinstance(target, dict)
-    missing = object()
-    saved = target.get(name, missing) if is_dict else getattr(target, name, missing)
-    if is_dict:
-        if value is None:
-            target.pop(name, None)
-        else:
-            target[name] = value
-    else:
-        setattr(target, name, value)
-    try:
-        yield
-    finally:
-        if is_dict:
-            target.pop(name, None)
-            if saved is not missing:
-                target[name] = saved
-        elif saved is missing:
-            delattr(target, name)
-        else:
-            setattr(target, name, saved)
-
-
-def _put_to_sleep(vllm_generation) -> None:
-    vllm_generation.llm.sleep(level=2)
-    vllm_generation._llm_weights_sleeping = True
-
-
-def _clip_all(samples: list, lengths: list[int], eos: list[int]) -> tuple[list[list[int]], list[bool]]:
-    clipped = [clip_guidance(sample, length, eos) for sample, length in zip(samples, lengths, strict=True)]
-    return [ids for ids, _ in clipped], [ended for _, ended in clipped]
-
-
-def _rows(logps: list | None, count: int) -> list:
-    """Per-row log-probs, or a None per row when the backend returns none (the transformers path)."""
-    return [None] * count if logps is None else logps
