@@ -346,6 +346,32 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
     assert "self.max_completion_length" in inspect.getsource(VLLMGeneration.generate)
 
 
+def test_trl_private_attributes_the_rollout_backend_uses_exist(tiny_llama, tmp_path):
+    """trl_guided/backends.py reads and sets private attributes of TRL 1.16; fail loudly when an upgrade moves one."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    trainer = trainer_for(tiny_llama, tmp_path)
+    for name in (
+        "use_vllm",
+        "vllm_mode",
+        "use_transformers_continuous_batching",
+        "generation_config",
+        "generation_kwargs",
+        "model_wrapped",
+        "pad_to_multiple_of",
+        "_tokenizer",
+        "eos_token_ids",
+        "_metrics",
+    ):
+        assert hasattr(trainer, name), f"GRPOTrainer no longer has .{name}"
+    assert isinstance(trainer._dist.is_zero3, bool), "GRPOTrainer._dist.is_zero3 moved"
+    assert hasattr(trainer.args, "ds3_gather_for_generation")
+    vllm_source = inspect.getsource(VLLMGeneration)
+    for name in ("_llm_weights_sleeping", "enable_sleep_mode", "def sync_weights", "generation_kwargs", "self.llm"):
+        assert name in vllm_source, f"VLLMGeneration no longer has {name}"
+    assert "_last_loaded_step" in inspect.getsource(GRPOTrainer), "GRPOTrainer no longer tracks _last_loaded_step"
+
+
 def test_vllm_server_phases_send_equal_lists_and_one_budget(tiny_llama, tmp_path, monkeypatch):
     """In vLLM server mode each phase call is a collective: pad to the largest list, use the largest budget."""
     trainer = trainer_for(tiny_llama, tmp_path)

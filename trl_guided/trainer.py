@@ -1,11 +1,7 @@
 """GuidedGRPOTrainer: TRL's GRPOTrainer with three-phase guided sampling and a guidance-focused loss.
 
-Two narrow overrides, both calling the parent:
-- `_generate_single_turn` samples prefix -> guidance -> postfix through the parent's own backend dispatch
-  (transformers, vLLM colocate, vLLM server) and hands TRL the whole completion, so rewards see the full text;
-- `_generate_and_score_completions` post-processes TRL's scored batch: the trained tokens travel in TRL's `tool_mask`
-  slot (fractional weights as (B, T) advantages), and in the `guidance` scope every column after the last guidance
-  token is dropped, so the loss forward and backward never see the postfix.
+The algorithm lives here; the three phases are `trl_guided.sampler.GuidedSampler`, and everything that touches TRL's,
+vLLM's or DeepSpeed's generation internals is `trl_guided.backends.RolloutBackend`.
 """
 
 from __future__ import annotations
@@ -52,7 +48,42 @@ _SEQUENCE_COLUMNS = ("token_type_ids", "mm_token_type_ids")
 
 
 class GuidedGRPOTrainer(GRPOTrainer):
-    """`trl.GRPOTrainer` whose rollouts branch from a shared prefix per prompt group (see `GuidedGRPOConfig`)."""
+    """
+    Trainer for Guided GRPO: `trl.GRPOTrainer` whose rollouts of a prompt group branch from one shared prefix, with a
+    loss that focuses on the few guidance tokens where the branches diverge (see `GuidedGRPOConfig`).
+
+    Example:
+
+    ```python
+    from datasets import Dataset
+    from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer
+
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "Describe the moon."}]] * 64})
+    trainer = GuidedGRPOTrainer(
+        model="embedded:smollm2-135m-instruct",
+        reward_funcs=lambda completions, **kw: [-abs(100 - len(c[0]["content"])) / 100 for c in completions],
+        args=GuidedGRPOConfig(output_dir="runs/demo", num_generations=4, max_completion_length=64),
+        train_dataset=dataset,
+    )
+    trainer.train()
+    ```
+
+    Overridden methods of `GRPOTrainer`, each calling the parent and post-processing. Maintenance notes: the TRL 1.16
+    behaviour each relies on, checked by the `test_trl_private_*` tests in `tests/test_trainer.py`:
+
+    - `_generate_single_turn`: samples prefix -> guidance -> postfix, every phase through the parent's own backend
+      dispatch, and returns the whole completion, so reward functions see the full text. Relies on: TRL calls it once
+      per generation batch with each prompt repeated `num_generations` times in a row, and reads the generation budget
+      from `generation_config` / `generation_kwargs` / `vllm_generation.max_completion_length` at call time.
+    - `_generate_and_score_completions`: restricts TRL's scored batch to the trained tokens of `guidance_loss_scope`
+      (binary mask in the `tool_mask` slot, fractional weights as (B, T) advantages, postfix columns dropped in the
+      `guidance` scope) and attaches OT reference states. Relies on: `_compute_loss` multiplying `tool_mask` into the
+      loss, its normaliser, KL and entropy, and accepting 2-D advantages.
+    - `_get_per_token_logps_and_entropies`: the shared-prefix forward (each group's prompt + prefix encoded once).
+      Relies on: the fused LM head (`fused_lm_head=True`, `shift_labels`) that TRL 1.15+ patches into scored models.
+    - `compute_loss`: adds the OT penalty on the backbone's last hidden states captured during the parent's forward.
+      Relies on: `_compute_loss` running exactly one policy forward per micro-batch.
+    """
 
     _tag_names = ["trl", "grpo", "trl-guided", "guided-grpo"]
     _name = "Guided GRPO"
@@ -191,6 +222,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         self._segments = None
         output = super()._generate_and_score_completions(inputs)
+        # Set by `_generate_guided` while the parent generated (None: this batch was sampled plain).
         segments, self._segments = self._segments, None
         if segments is not None:
             output = self._focus_loss(output, segments)
