@@ -212,7 +212,8 @@ def machine_info() -> dict[str, Any]:
 
 def resolve_model(settings: Settings) -> str:
     """A local model directory: 'tiny' is built (deterministic by seed), 'embedded:*' converted once."""
-    from trl_guided.models import build_tiny_model, resolve_model_path
+    from trl_guided.models import resolve_model_path
+    from trl_guided.tiny_models import build_tiny_model
 
     if settings.model == "tiny":
         folder = tempfile.mkdtemp(prefix="bench-tiny-")

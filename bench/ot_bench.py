@@ -103,8 +103,8 @@ def step_benchmark(model: str, steps: int, max_completion_length: int) -> dict:
 
     from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer
     from trl_guided.data import load_task
-    from trl_guided.models import build_tiny_model
     from trl_guided.rewards import get_reward
+    from trl_guided.tiny_models import build_tiny_model
 
     if model == "tiny":
         model = build_tiny_model(tempfile.mkdtemp(prefix="tiny-"))

@@ -1,4 +1,4 @@
-"""Run every guided-vs-vanilla benchmark and write one JSON report (issue 7).
+"""Run every guided-vs-vanilla benchmark and write one JSON report.
 
     python bench/run_all.py                    # full sizes, writes bench/results.json (tens of minutes on 2 cores)
     python bench/run_all.py --tiny             # tiny model, few tokens, 1 repeat: a smoke run, JSON on stdout only

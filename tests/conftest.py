@@ -38,7 +38,7 @@ def force_cpu_offline(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     """Path of a 2-layer Llama with a locally trained BPE tokenizer and ChatML template (seed 0)."""
-    from trl_guided.models import build_tiny_model
+    from trl_guided.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=0)
 
@@ -46,7 +46,7 @@ def tiny_llama(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> str:
     """Path of a 2-layer Qwen2 with the same tokenizer (seed 0)."""
-    from trl_guided.models import build_tiny_model
+    from trl_guided.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2", seed=0)
 

@@ -36,7 +36,7 @@ def _positive(value) -> bool:
 
 @pytest.mark.slow
 def test_run_all_tiny_smoke(tmp_path):
-    """The single command of issue 7 at tiny size: every benchmark runs and reports guided vs vanilla."""
+    """`bench/run_all.py` at tiny size: every benchmark runs and reports guided vs vanilla."""
     out = tmp_path / "results.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run_all.py"), "--tiny", "--out", str(out)],

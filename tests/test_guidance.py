@@ -19,7 +19,7 @@ from trl_guided.guidance import (
     loss_weights,
     prefix_candidate,
 )
-from trl_guided.models import build_tiny_tokenizer
+from trl_guided.tiny_models import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_guided.models import build_tiny_model
+from trl_guided.tiny_models import build_tiny_model
 
 
 def test_tiny_models_are_deterministic_by_seed(tmp_path):

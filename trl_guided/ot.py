@@ -152,7 +152,7 @@ def banded_sinkhorn(
 ) -> torch.Tensor:
     """(B,) banded entropic OT cost between `x` and `y` (B, T, H) over the valid tokens of `mask` (B, T).
 
-    The cost is the GRPO-mini definition: transport plan x cost summed and divided by the number of valid tokens (a
+    The cost is the transport plan x cost summed and divided by the number of valid tokens (a
     plan with unit mass per token; identical to the plan with uniform probability marginals used here). With
     `debiased=True` it is the Sinkhorn divergence OT(x, y) - OT(x, x) / 2 - OT(y, y) / 2, which is 0 when x == y.
     """

@@ -58,7 +58,7 @@ def build_model(path: Path, sharpen: float = 10.0) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trl_guided.models import build_tiny_model
+    from trl_guided.tiny_models import build_tiny_model
 
     build_tiny_model(path, arch="llama", seed=0, hidden_size=128)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
