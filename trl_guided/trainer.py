@@ -69,7 +69,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
     ```
 
     Overridden methods of `GRPOTrainer`, each calling the parent and post-processing. Maintenance notes: the TRL 1.16
-    behaviour each relies on, checked by the `test_trl_private_*` tests in `tests/test_trainer.py`:
+    behaviour each relies on, checked by `tests/unit/test_trl_contract.py`:
 
     - `_generate_single_turn`: samples prefix -> guidance -> postfix, every phase through the parent's own backend
       dispatch, and returns the whole completion, so reward functions see the full text. Relies on: TRL calls it once

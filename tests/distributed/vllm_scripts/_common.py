@@ -1,4 +1,4 @@
-"""Shared pieces of the vLLM harness scripts (run with the .venv-vllm python, see tests/test_vllm.py).
+"""Shared pieces of the vLLM harness scripts (run with the .venv-vllm python, see tests/distributed/test_vllm.py).
 
 Each script prints one line `REPORT {json}` with what it measured and exits non-zero when a check fails, so the
 main suite only has to run it and read that line.
@@ -34,7 +34,7 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 # The tiny models rarely sample real punctuation; frequent letters stand in as marks so prefixes get cut (as in
-# tests/test_trainer.py, with more letters: most of the tiny vocabulary is single bytes, few of them letters).
+# tests/unit/common.py, with more letters: most of the tiny vocabulary is single bytes, few of them letters).
 TEST_MARKS = list("etaoinshrdlu")
 G = 4
 

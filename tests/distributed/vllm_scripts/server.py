@@ -1,6 +1,6 @@
 """Guided GRPO with a real vLLM server on CPU: the three phases go through TRL's VLLMClient to vLLM's OpenAI server.
 
-Run with the .venv-vllm python: `python tests/vllm_scripts/server.py WORKDIR`. Starts the server with the tiny model
+Run with the .venv-vllm python: `python server.py WORKDIR`. Starts the server with the tiny model
 on 127.0.0.1 (a free port), waits for /health, runs two guided training steps with `vllm_mode="server"`, and stops
 the server's whole session (API server + engine core) on every exit path. Prints `REPORT {json}`; exits 1 when a
 check fails.

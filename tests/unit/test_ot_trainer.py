@@ -12,7 +12,7 @@ from trl_guided import GuidedGRPOTrainer
 from trl_guided.backends import decoder_of
 from trl_guided.config import GuidedGRPOConfig
 
-from .test_trainer import G, config, dataset, group_batch, losses, reward_len
+from .common import G, config, dataset, group_batch, losses, reward_len
 
 
 def ot_trainer(model, tmp_path, peft_config=None, **overrides):

@@ -1,6 +1,6 @@
 """Guided GRPO with vLLM colocate on CPU: two real training steps of a tiny model through the real vLLM engine.
 
-Run with the .venv-vllm python: `python tests/vllm_scripts/colocate.py WORKDIR`. Prints
+Run with the .venv-vllm python: `python colocate.py WORKDIR`. Prints
 `REPORT {json}`; exits 1 when a check fails.
 
 Sleep mode (`vllm_enable_sleep_mode=True`) cannot run here: vLLM 0.31's CPU platform rejects it when the engine is

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "slurm" / "train.slurm"
 RECIPE = ROOT / "recipes" / "qwen2.5-1.5b-instruct" / "gsm8k_guided.yaml"
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"VENV": sys.prefix}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launch_train.sh"
 GPU_RECIPE = ROOT / "recipes" / "qwen2.5-1.5b-instruct" / "gsm8k_guided.yaml"
 ENV = {**os.environ, "VENV": sys.prefix}

@@ -18,7 +18,7 @@ from trl_guided.data import load_task
 from trl_guided.rewards import get_reward, length, smooth_length
 from trl_guided.train import _check_recipe_types, make_parser, run, summarize, validate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Training recipes; recipes/accelerate/ holds accelerate launcher configs, not recipes.
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.relative_to(ROOT).parts)
 DEMO = ROOT / "recipes" / "smollm2-135m-instruct" / "length_cpu.yaml"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -27,7 +27,11 @@ def test_zero3_two_processes_guided_with_ot(tiny_llama, tmp_path):
     out = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "zero3_cpu.yaml")]
-    command += ["--main_process_port", str(free_port()), str(ROOT / "tests" / "scripts" / "zero3_guided_ot.py")]
+    command += [
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "tests" / "distributed" / "scripts" / "zero3_guided_ot.py"),
+    ]
     command += [tiny_llama, str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)

@@ -1,0 +1,40 @@
+"""GuidedGRPOConfig validation: every bad combination is refused with a message that says what to change."""
+
+from __future__ import annotations
+
+import pytest
+
+from trl_guided import GuidedGRPOConfig
+
+from .common import config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(min_guide_tokens=5, max_guide_tokens=3), "min_guide_tokens=5 > max_guide_tokens=3"),
+        (dict(prefix_min_tokens=9, prefix_max_tokens=4), "prefix_min_tokens=9"),
+        (dict(prefix_max_tokens=20, max_guide_tokens=4), "leave room for a postfix"),
+        (dict(guidance_loss_scope="prefix"), "guidance_loss_scope='prefix'"),
+        (dict(branch_point="entropy"), "branch_point='entropy'"),
+        (dict(punctuation=[]), "punctuation"),
+        (dict(postfix_decay=0.0, guidance_loss_scope="guidance_postfix"), "postfix_decay"),
+    ],
+)
+def test_config_validation(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        config(tmp_path, **overrides)
+
+
+def test_groups_straddling_processes_are_refused(tmp_path, monkeypatch):
+    # 2 processes x 2 rows: the global batch of 4 holds whole groups of 4, but each process holds half a group.
+    monkeypatch.setattr(GuidedGRPOConfig, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="would straddle two processes"):
+        config(tmp_path, per_device_train_batch_size=2, num_generations=4, steps_per_generation=1)
+    assert config(tmp_path, per_device_train_batch_size=2, num_generations=4, steps_per_generation=2)
+
+
+def test_default_prefix_range_leaves_room(tmp_path):
+    args = GuidedGRPOConfig(output_dir=str(tmp_path), max_completion_length=256)
+    assert args.prefix_max_tokens == (256 - 8) // 2 and 1 <= args.prefix_min_tokens <= args.prefix_max_tokens
+    assert GuidedGRPOConfig(output_dir=str(tmp_path), guidance=False, min_guide_tokens=9).guidance is False
