@@ -1,4 +1,4 @@
-"""Render a bench/run_all.py report as the Markdown table of the README (so the README never hand-copies numbers).
+"""Render a bench/run_all.py report as the Markdown table of docs/performance.md (never hand-copied numbers).
 
 python bench/table.py                      # bench/results.json
 python bench/table.py /tmp/results.json

@@ -85,7 +85,7 @@ def test_run_all_tiny_smoke(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import table
 
-    rendered = table.render(report)  # the README's table comes from this renderer
+    rendered = table.render(report)  # docs/performance.md takes its table from this renderer
     table_lines = [line for line in rendered.splitlines() if line.startswith("| ")]
     assert len(table_lines) == 1 + 8 and "n/a" not in rendered and "Errors" not in rendered  # header + 8 rows
 

@@ -1,0 +1,50 @@
+"""The docs cannot drift: generated reference parts match the code, the README stays short and links every page."""
+
+from __future__ import annotations
+
+import re
+import runpy
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+reference = runpy.run_path(str(ROOT / "scripts" / "docs_reference.py"))
+
+
+def test_generated_reference_parts_match_the_code():
+    for path, content in reference["generated_files"]().items():
+        assert path.read_text() == content, f"{path.relative_to(ROOT)} is stale: run python scripts/docs_reference.py"
+
+
+def test_configuration_reference_lists_every_added_field_with_its_default():
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from trl_guided import GuidedGRPOConfig
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    inherited = {field.name for field in dataclasses.fields(GRPOConfig)}
+    for field in dataclasses.fields(GuidedGRPOConfig):
+        if field.name not in inherited:
+            assert re.search(rf"^\| `{field.name}` \|", page, re.M), f"{field.name} missing from docs/configuration.md"
+    assert "| `min_guide_tokens` | `int` | `2` |" in page
+
+
+def test_recipe_and_reward_tables_cover_the_registry_and_the_recipes():
+    from trl_guided.rewards import REWARD_FUNCS
+
+    page = (ROOT / "docs" / "recipes.md").read_text()
+    for name in REWARD_FUNCS:
+        assert f"| `{name}` |" in page
+    for recipe in (ROOT / "recipes").glob("*/*.yaml"):
+        if recipe.parent.name != "accelerate":
+            assert f"`{recipe.relative_to(ROOT / 'recipes')}`" in page
+
+
+def test_readme_fits_on_a_couple_of_screens_and_links_every_docs_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 200
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"(docs/{page.name})" in readme, f"README.md does not link docs/{page.name}"
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert (ROOT / link).exists(), f"README.md links {link}, which does not exist"
