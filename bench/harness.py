@@ -260,8 +260,12 @@ def guided_fields(settings: Settings) -> dict[str, Any]:
     return fields
 
 
-def build_trainer(kind: str, settings: Settings, model_path: str, max_steps: int = 1, callbacks=None):
-    """`trl.GRPOTrainer` + `GRPOConfig` ("vanilla") or `GuidedGRPOTrainer` + `GuidedGRPOConfig` ("guided")."""
+def build_trainer(
+    kind: str, settings: Settings, model_path: str, max_steps: int = 1, callbacks=None, overrides: dict | None = None
+):
+    """`trl.GRPOTrainer` + `GRPOConfig` ("vanilla") or `GuidedGRPOTrainer` + `GuidedGRPOConfig` ("guided").
+
+    `overrides`: config fields set on top of the shared ones (e.g. OT settings for the guided trainer)."""
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
@@ -272,10 +276,11 @@ def build_trainer(kind: str, settings: Settings, model_path: str, max_steps: int
     if settings.threads:
         torch.set_num_threads(settings.threads)
     common = config_fields(settings, tempfile.mkdtemp(prefix=f"bench-{kind}-"), max_steps)
+    common.update(overrides or {})
     if kind == "vanilla":
         args, trainer_class = GRPOConfig(**common), GRPOTrainer
     elif kind == "guided":
-        args, trainer_class = GuidedGRPOConfig(**common, **guided_fields(settings)), GuidedGRPOTrainer
+        args, trainer_class = GuidedGRPOConfig(**{**guided_fields(settings), **common}), GuidedGRPOTrainer
     else:
         raise ValueError(f"unknown trainer kind {kind!r}; choose one of {KINDS}")
     trainer = trainer_class(

@@ -6,29 +6,24 @@ shuffles and splits exactly as in training); that batch is then fixed and the tr
 column; the guided batch (scope `guidance`) stops after the last guidance token, and whatever the trainer does in its
 loss forward (e.g. sharing the prompt+prefix per group) is what gets timed.
 
-    python bench/loss_bench.py            # embedded SmolLM2-135M, G=8, 256 completion tokens, 3 repeats
-    python bench/loss_bench.py --tiny     # seconds-long smoke run
+Run through `python bench/run_all.py --only loss` (embedded SmolLM2-135M, G=8, 256 completion tokens, 3 repeats).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 from harness import (
     KINDS,
-    add_arguments,
     benchmark_inputs,
     build_trainer,
     describe,
-    emit,
     guided_settings_used,
     machine_info,
     progress,
     ratio,
     resolve_model,
-    settings_from,
     summary,
     synchronize,
     target,
@@ -109,14 +104,3 @@ def run(settings) -> dict[str, Any]:
         "ratios": ratios,
         "targets": {"loss_backward": target(ratios["seconds_ratio"], LOSS_BACKWARD_RATIO_AT_MOST)},
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args()
-    emit(run(settings_from(args)), args.out)
-
-
-if __name__ == "__main__":
-    main()

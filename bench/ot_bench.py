@@ -1,26 +1,24 @@
-"""OT benchmarks, printed as JSON.
+"""The OT benchmark (`python bench/run_all.py --only ot`).
 
 1. Kernel: the banded log-domain Sinkhorn (trl_guided.ot) against a dense (B, T, T) log-domain implementation of the
-   same OT, forward + backward, each in a fresh subprocess so peak RSS is its own.
-2. Training step: a guided GRPO step on the embedded SmolLM2-135M with OT off vs on (same run, same seed).
-
-    python bench/ot_bench.py                      # full sizes (T=1024, H=896, window 16, B=8), writes bench/ot.json
-    python bench/ot_bench.py --tiny --out -       # seconds-long smoke run (CI)
+   same OT, forward + backward, each in a fresh subprocess (this file with `--kernel`) so peak RSS is its own.
+2. Training step: a guided GRPO step with OT off vs on (same seed, learning rate 0, so the same rollouts), built by
+   the shared harness.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from typing import Any
 
 import torch
+from harness import Settings, build_trainer, emit, peak_rss_mb, progress, resolve_model, rss_mb
 
 from trl_guided.ot import banded_sinkhorn
 
@@ -47,9 +45,18 @@ def dense_sinkhorn(x, y, mask, window, epsilon, iterations):
     return (plan * cost.masked_fill(~valid, 0.0)).sum(dim=(1, 2))
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+@dataclasses.dataclass
+class KernelShape:
+    batch: int = 8
+    length: int = 1024
+    hidden: int = 896
+    window: int = 16
+    iterations: int = 50
+    repeats: int = 2
+
+    @classmethod
+    def tiny(cls) -> KernelShape:
+        return cls(batch=2, length=64, hidden=16, window=4, iterations=5, repeats=1)
 
 
 def run_kernel(kind: str, batch: int, length: int, hidden: int, window: int, iterations: int, repeats: int) -> dict:
@@ -69,18 +76,18 @@ def run_kernel(kind: str, batch: int, length: int, hidden: int, window: int, ite
         times.append(time.perf_counter() - start)
         value = cost.detach().tolist()
         x.grad = None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    peak = peak_rss_mb()
     return {"seconds": min(times), "peak_extra_mb": max(peak - baseline, 0.0), "cost": value}
 
 
-def kernel_benchmark(batch, length, hidden, window, iterations, repeats) -> dict:
+def kernel_benchmark(shape: KernelShape) -> dict:
+    batch, length, hidden, window, iterations = shape.batch, shape.length, shape.hidden, shape.window, shape.iterations
     results = {}
     for kind in ("banded", "dense"):
-        command = [sys.executable, __file__, "--kernel", kind, "--batch", str(batch), "--length", str(length)]
-        command += ["--hidden", str(hidden), "--window", str(window), "--iterations", str(iterations)]
-        command += ["--repeats", str(repeats)]
-        out = subprocess.run(command, capture_output=True, text=True, check=True)
-        results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        progress("ot", f"{kind} kernel, B={batch} T={length} H={hidden} window={window}, in a child process")
+        command = [sys.executable, __file__, "--kernel", kind, "--shape", json.dumps(dataclasses.asdict(shape))]
+        out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        results[kind] = json.loads(out.stdout)
     banded, dense = results["banded"], results["dense"]
     agree = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(banded["cost"], dense["cost"], strict=True))
     return {
@@ -96,50 +103,23 @@ def kernel_benchmark(batch, length, hidden, window, iterations, repeats) -> dict
     }
 
 
-def step_benchmark(model: str, steps: int, max_completion_length: int) -> dict:
+def step_benchmark(settings: Settings) -> dict:
     """Median seconds per guided GRPO step with OT off and on, same seed, data and rollouts, in this process."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import tempfile
-
-    from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer
-    from trl_guided.data import load_task
-    from trl_guided.rewards import get_reward
-    from trl_guided.tiny_models import build_tiny_model
-
-    if model == "tiny":
-        model = build_tiny_model(tempfile.mkdtemp(prefix="tiny-"))
+    model_path = resolve_model(settings)
     results = {}
     for label, ot_coef in (("ot_off", 0.0), ("ot_on", 0.1)):
-        args = GuidedGRPOConfig(
-            output_dir=tempfile.mkdtemp(prefix="ot-bench-"),
-            per_device_train_batch_size=8,
-            num_generations=4,
-            max_completion_length=max_completion_length,
-            max_steps=steps + 1,
-            logging_steps=1,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            bf16=False,
-            gradient_checkpointing=False,
-            seed=0,
-            learning_rate=0.0,  # identical rollouts in both runs: the timing difference is the OT work alone
-            ot_coef=ot_coef,
-            ot_window=16,
-        )
-        trainer = GuidedGRPOTrainer(
-            model=model,
-            reward_funcs=get_reward("smooth_length", target=120),
-            args=args,
-            train_dataset=load_task("length"),
-        )
+        progress("ot", f"guided training, {label}: {settings.warmup} warm-up + {settings.repeats} timed steps")
+        steps = settings.warmup + settings.repeats
+        # Learning rate 0: identical rollouts in both runs, so the timing difference is the OT work alone.
+        overrides = dict(learning_rate=0.0, ot_coef=ot_coef, ot_window=16)
+        trainer = build_trainer("guided", settings, model_path, max_steps=steps, overrides=overrides)
         trainer.train()
-        history = [e for e in trainer.state.log_history if "step_time" in e][1:]  # drop the warm-up step
+        history = [e for e in trainer.state.log_history if "step_time" in e][settings.warmup :]
         results[label] = statistics.median(e["step_time"] for e in history)
         results[f"{label}_lengths"] = [e["completions/mean_length"] for e in history]
     return {
-        "model": model if not model.startswith("/") else "tiny",
-        "steps_timed": steps,
+        "model": settings.model,
+        "steps_timed": settings.repeats,
         "seconds_per_step_ot_off": results["ot_off"],
         "seconds_per_step_ot_on": results["ot_on"],
         "overhead": results["ot_on"] / results["ot_off"] - 1.0,
@@ -148,41 +128,29 @@ def step_benchmark(model: str, steps: int, max_completion_length: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernel", choices=["banded", "dense"], help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--hidden", type=int, default=896)
-    parser.add_argument("--window", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--max-completion-length", type=int, default=48)
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke run that checks the benchmark runs")
-    parser.add_argument("--kernel-only", action="store_true", help="skip the training-step benchmark")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("ot.json")), help="JSON file, or - for stdout")
-    args = parser.parse_args()
-    if args.kernel:
-        result = run_kernel(
-            args.kernel, args.batch, args.length, args.hidden, args.window, args.iterations, args.repeats
-        )
-        print(json.dumps(result))
-        return
-    if args.tiny:
-        args.batch, args.length, args.hidden, args.window, args.iterations, args.repeats = 2, 64, 16, 4, 5, 1
-        args.model, args.steps, args.max_completion_length = "tiny", 1, 16
-    report = {
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "kernel": kernel_benchmark(args.batch, args.length, args.hidden, args.window, args.iterations, args.repeats),
+def step_settings(tiny: bool) -> Settings:
+    """The embedded SmolLM2-135M, G=4, 8 rows, 48 completion tokens, 1 + 6 steps (tiny: the tiny model, 1 + 1)."""
+    if tiny:
+        settings = Settings.tiny()
+        settings.max_completion_length, settings.prefix_min_tokens, settings.prefix_max_tokens = 16, 2, 6
+        return settings
+    return Settings(num_generations=4, groups=2, max_completion_length=48, repeats=6, learning_rate=0.0)
+
+
+def run(tiny: bool) -> dict[str, Any]:
+    return {
+        "kernel": kernel_benchmark(KernelShape.tiny() if tiny else KernelShape()),
+        "training_step": step_benchmark(step_settings(tiny)),
     }
-    if not args.kernel_only:
-        report["training_step"] = step_benchmark(args.model, args.steps, args.max_completion_length)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out != "-":
-        Path(args.out).write_text(text + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one kernel in this process (run by kernel_benchmark)")
+    parser.add_argument("--kernel", choices=["banded", "dense"], required=True)
+    parser.add_argument("--shape", required=True, help="JSON of a KernelShape")
+    args = parser.parse_args()
+    shape = KernelShape(**json.loads(args.shape))
+    emit(run_kernel(args.kernel, **dataclasses.asdict(shape)))
 
 
 if __name__ == "__main__":

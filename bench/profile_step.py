@@ -3,22 +3,21 @@
 Both trainers train warm-up + 1 steps in this process (same settings as the other benchmarks); only the last step is
 profiled. Prints one JSON object: per trainer, the step time and the top entries by cumulative time (cProfile,
 restricted to TRL / trl_guided / transformers / torch.autograd frames so the list names the phases) and by self CPU
-time (torch operators). Not part of run_all.py: it is a tool for optimising, not a measurement.
+time (torch operators). A tool for optimising, not a measurement: it is not part of the report.
 
-    python bench/profile_step.py                  # embedded SmolLM2-135M, G=8, 256 completion tokens
-    python bench/profile_step.py --tiny --top 15
+    python bench/run_all.py --profile                  # embedded SmolLM2-135M, G=8, 256 completion tokens
+    python bench/run_all.py --profile --tiny --top 15
 """
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
 import time
 from typing import Any
 
-from harness import KINDS, add_arguments, build_trainer, describe, emit, progress, resolve_model, settings_from
+from harness import build_trainer, progress
 from transformers import TrainerCallback
 
 INTERESTING = ("trl/", "trl_guided/", "transformers/generation", "transformers/trainer.py", "torch/autograd", "bench/")
@@ -82,20 +81,3 @@ def profile(kind: str, settings, model_path: str, top: int) -> dict[str, Any]:
         "python_cumulative": python_top(callback.python, top, callback.seconds),
         "torch_self_cpu": torch_top(callback.torch, top),
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.add_argument("--top", type=int, default=25, help="entries per table")
-    args = parser.parse_args()
-    settings = settings_from(args)
-    model_path = resolve_model(settings)
-    report = {"settings": describe(settings, model_path)}
-    for kind in KINDS:
-        report[kind] = profile(kind, settings, model_path, args.top)
-    emit(report, args.out)
-
-
-if __name__ == "__main__":
-    main()

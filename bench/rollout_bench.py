@@ -8,31 +8,26 @@ guidance + postfix samples, of which the tokens cut away (prefix after its last 
 and postfix beyond their drawn budgets) are reported as `discarded_tokens`. Decode steps (sum over transformers
 `generate` calls of the new columns) are the sequential work of the transformers backend.
 
-    python bench/rollout_bench.py            # embedded SmolLM2-135M, G=8, 256 completion tokens, 3 repeats
-    python bench/rollout_bench.py --tiny     # seconds-long smoke run
+Run through `python bench/run_all.py --only rollout` (embedded SmolLM2-135M, G=8, 256 completion tokens, 3 repeats).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 from harness import (
     KINDS,
     GenerationCounter,
-    add_arguments,
     benchmark_inputs,
     build_trainer,
     describe,
-    emit,
     guided_settings_used,
     last_metric,
     machine_info,
     progress,
     ratio,
     resolve_model,
-    settings_from,
     summary,
     synchronize,
     target,
@@ -111,14 +106,3 @@ def run(settings) -> dict[str, Any]:
         "ratios": ratios,
         "targets": {"rollout_wall": target(ratios["wall_seconds_ratio"], WALL_RATIO_AT_MOST)},
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args()
-    emit(run(settings_from(args)), args.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,20 +1,23 @@
-"""Run every guided-vs-vanilla benchmark and write one JSON report.
+"""The one entry point of the guided-vs-vanilla benchmarks: runs them and writes one JSON report.
 
-    python bench/run_all.py                    # full sizes, writes bench/results.json (tens of minutes on 2 cores)
-    python bench/run_all.py --tiny             # tiny model, few tokens, 1 repeat: a smoke run, JSON on stdout only
-    python bench/run_all.py --only rollout,loss --out /tmp/r.json
+    python bench/run_all.py                          # everything, full sizes -> bench/results.json (about an hour)
+    python bench/run_all.py --tiny                   # tiny model, few tokens, 1 repeat: a smoke run, JSON on stdout
+    python bench/run_all.py --only zero3 --update    # re-run some benchmarks and replace them in bench/results.json
+    python bench/run_all.py --markdown               # print bench/results.json as the table of docs/performance.md
+    python bench/run_all.py --profile                # where one step's time goes (cProfile + torch.profiler), JSON
 
-Benchmarks: rollout (1), loss (2: loss + backward, guidance scope), step (3: whole step + peak RSS, one child process
-per trainer), zero3 (4: 2-process ZeRO-3 on CPU, tiny model), ot (5: bench/ot_bench.py, called as is). The model and
-size flags (see --help) apply to rollout, loss and step; zero3 always uses the tiny model. Ratios are guided / vanilla,
-measured in this run; targets are recorded with pass/fail, not asserted. Progress goes to stderr.
+Benchmarks, one module each: rollout (rollout_bench.py: one generation batch), loss (loss_bench.py: loss + backward,
+guidance scope), step (step_bench.py: whole step + peak RSS, one child process per trainer), zero3 (step_bench.py
+under 2-process ZeRO-3 on CPU, embedded model), ot (ot_bench.py: the Sinkhorn kernel banded vs dense, and the OT
+overhead on a guided step). The model and size flags (see --help) apply to rollout, loss, step and --profile; zero3
+and ot have fixed sizes. Ratios are guided / vanilla, measured in the same run; targets are recorded with pass/fail,
+not asserted. Progress goes to stderr, the JSON to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import traceback
@@ -22,33 +25,26 @@ from pathlib import Path
 from typing import Any
 
 import loss_bench
+import ot_bench
+import profile_step
 import rollout_bench
 import step_bench
-import zero3_bench
-from harness import add_arguments, emit, machine_info, parse_json_output, progress, settings_from, target
+import table
+from harness import KINDS, add_arguments, describe, emit, machine_info, progress, resolve_model, settings_from, target
 
 BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results.json"
 BENCHMARKS = ("rollout", "loss", "step", "zero3", "ot")
 OT_OVERHEAD_AT_MOST = 0.15
 
 
 def run_ot(tiny: bool, saved_report: str | None = None) -> dict[str, Any]:
-    """bench/ot_bench.py as is: its command line at full size (JSON on stdout, bench/ot.json left alone); at tiny size
-    only its training-step benchmark, in this process (its kernel part has its own smoke test in tests/).
-    `saved_report`: fold in a report ot_bench.py wrote earlier (e.g. bench/ot.json) instead of re-running it."""
+    """The OT benchmark; `saved_report`: fold in an earlier report (e.g. bench/ot.json) instead of re-running it."""
     if saved_report:
         report = json.loads(Path(saved_report).read_text())
         report["folded_from"] = str(saved_report)
-    elif tiny:
-        import ot_bench
-
-        report = {"training_step": ot_bench.step_benchmark("tiny", steps=1, max_completion_length=16)}
     else:
-        command = [sys.executable, str(BENCH / "ot_bench.py"), "--out", "-"]
-        result = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=BENCH)
-        if result.returncode != 0:
-            raise RuntimeError(f"ot_bench.py exited with {result.returncode}")
-        report = parse_json_output(result.stdout)
+        report = ot_bench.run(tiny)
     report["targets"] = {"ot_overhead": target(report["training_step"]["overhead"], OT_OVERHEAD_AT_MOST)}
     return report
 
@@ -57,13 +53,22 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if name == "ot":
         return run_ot(args.tiny, args.ot_report)
     if name == "zero3":
-        return zero3_bench.run(zero3_bench.zero3_settings(args.tiny))
+        return step_bench.run_zero3(step_bench.zero3_settings(args.tiny))
     module = {"rollout": rollout_bench, "loss": loss_bench, "step": step_bench}[name]
     return module.run(settings_from(args))
 
 
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+    settings = settings_from(args)
+    model_path = resolve_model(settings)
+    report = {"settings": describe(settings, model_path)}
+    for kind in KINDS:
+        report[kind] = profile_step.profile(kind, settings, model_path, args.top)
+    return report
+
+
 def headline(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """The ratios of the issue's table, guided / vanilla."""
+    """The headline ratios, guided / vanilla (the rows of docs/performance.md's table)."""
 
     def get(bench: str, *keys: str) -> float | None:
         value: Any = results.get(bench, {})
@@ -88,20 +93,33 @@ def main() -> None:
     add_arguments(parser)
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
-    parser.add_argument(
-        "--ot-report", help="fold in a saved bench/ot_bench.py report (e.g. bench/ot.json) instead of re-running it"
-    )
+    parser.add_argument("--update", action="store_true", help="replace the chosen benchmarks in the existing --out")
+    parser.add_argument("--ot-report", help="fold in a saved OT report (e.g. bench/ot.json) instead of re-running it")
+    parser.add_argument("--markdown", nargs="?", const=str(RESULTS), metavar="REPORT", help="print REPORT as a table")
+    parser.add_argument("--profile", action="store_true", help="profile one step of each trainer instead")
+    parser.add_argument("--top", type=int, default=25, help="--profile: entries per table")
     parser.set_defaults(out=None)
     args = parser.parse_args()
+    if args.markdown:
+        print(table.render(json.loads(Path(args.markdown).read_text())))
+        return
+    if args.profile:
+        emit(profile(args), args.out or "-")
+        return
     if args.out is None:
-        args.out = "-" if args.tiny else str(BENCH / "results.json")
+        args.out = "-" if args.tiny else str(RESULTS)
     chosen = args.only.split(",") if args.only else list(BENCHMARKS)
     chosen = [name for name in chosen if name not in args.skip.split(",")]
     unknown = sorted(set(chosen) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmarks {unknown}; choose from {','.join(BENCHMARKS)}")
+    if args.update and not Path(args.out).is_file():
+        parser.error(f"--update needs an existing report at --out ({args.out})")
 
-    results, durations, errors = {}, {}, {}
+    previous = json.loads(Path(args.out).read_text()) if args.update else {}
+    results = dict(previous.get("benchmarks", {}))
+    durations = dict(previous.get("durations_seconds", {}))
+    errors = {name: error for name, error in previous.get("errors", {}).items() if name not in chosen}
     start = time.perf_counter()
     for name in chosen:
         progress("all", f"--- {name} ---")
@@ -111,19 +129,23 @@ def main() -> None:
         except Exception as error:  # keep the other benchmarks; the failure is in the report and the exit code
             traceback.print_exc()
             errors[name] = f"{type(error).__name__}: {error}"
+            results.pop(name, None)
         durations[name] = time.perf_counter() - began
         progress("all", f"{name} took {durations[name]:.1f} s")
     for result in results.values():
         result.pop("machine", None)  # the same machine for all: reported once
+    durations["total"] = sum(seconds for name, seconds in durations.items() if name != "total")
     report = {
         "machine": machine_info(),
         "mode": "tiny" if args.tiny else "full",
         "ratios": headline(results),
         "targets": {key: value for r in results.values() for key, value in r.get("targets", {}).items()},
-        "durations_seconds": {**durations, "total": time.perf_counter() - start},
+        "durations_seconds": durations,
         "errors": errors,
         "benchmarks": results,
     }
+    if args.update:
+        report["updated"] = {"benchmarks": chosen, "seconds": time.perf_counter() - start}
     emit(report, args.out)
     sys.exit(1 if errors else 0)
 

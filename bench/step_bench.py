@@ -7,10 +7,13 @@ step from `on_step_begin` to `on_step_end` (rollout, loss, backward, optimizer s
 outside); the warm-up steps are dropped and the median reported. TRL's own `step_time` metric (its `training_step`,
 without the optimizer step) is reported next to it. On a GPU the CUDA peak allocation is recorded too.
 
-The same worker runs under `accelerate launch` for the ZeRO-3 benchmark (bench/zero3_bench.py).
+ZeRO-3 (`run_zero3`): the same worker under `accelerate launch --config_file recipes/accelerate/zero3_cpu.yaml
+--num_processes 2` (DeepSpeed ZeRO-3 over gloo, one thread per process): one launch, the vanilla trainer then the
+guided one in the same two processes, each with its own warm-up steps. Every generation call of a sharded model
+gathers the parameters, so this is where the number of gathers per rollout shows. Peak RSS is reported per trainer
+but is cumulative (the guided trainer runs second in the same processes): the memory target belongs to `run`.
 
-    python bench/step_bench.py            # embedded SmolLM2-135M, G=8, 256 completion tokens, 1 + 3 steps
-    python bench/step_bench.py --tiny     # seconds-long smoke run
+Run through `python bench/run_all.py --only step,zero3`; this file's command line is the child process only.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import gc
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +31,8 @@ from typing import Any
 
 from harness import (
     KINDS,
+    ROOT,
+    Settings,
     add_arguments,
     build_trainer,
     describe,
@@ -154,20 +160,56 @@ def run(settings) -> dict[str, Any]:
     }
 
 
+ACCELERATE_CONFIG = ROOT / "recipes" / "accelerate" / "zero3_cpu.yaml"
+ZERO3_PROCESSES = 2
+
+
+def zero3_settings(tiny: bool) -> Settings:
+    """The embedded SmolLM2-135M, G=4, 64 completion tokens, 1 + 2 steps (tiny: the tiny model, 1 + 1 steps)."""
+    if tiny:
+        return Settings.tiny()
+    return Settings(num_generations=4, groups=1, max_completion_length=64, repeats=2, threads=1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_zero3(settings: Settings) -> dict[str, Any]:
+    model_path = resolve_model(settings)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    progress("zero3", f"{ZERO3_PROCESSES} ZeRO-3 processes, vanilla then guided, {settings.warmup}+{settings.repeats}")
+    command = [accelerate, "launch", "--config_file", str(ACCELERATE_CONFIG), "--num_processes", str(ZERO3_PROCESSES)]
+    command += ["--main_process_port", str(free_port()), __file__]
+    command += ["--worker", ",".join(KINDS), "--model-path", model_path, "--bench-name", "zero3"]
+    reports = run_child(command + ["--settings", json.dumps(vars(settings))], env=env)
+    ratios = step_ratios(reports)
+    return {
+        "benchmark": "zero3",
+        "machine": machine_info(),
+        "settings": describe(settings, model_path),
+        "accelerate_config": str(ACCELERATE_CONFIG.relative_to(ROOT)),
+        "processes": ZERO3_PROCESSES,
+        **reports,
+        "ratios": ratios,
+        "targets": {"zero3_step": target(ratios["step_seconds_ratio"], STEP_RATIO_AT_MOST)},
+    }
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The child process: `--worker KINDS --model-path PATH --settings JSON` measures those trainers here."""
+    parser = argparse.ArgumentParser(description="benchmark child process (see bench/run_all.py)")
     add_arguments(parser)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # comma-separated trainer kinds to measure here
-    parser.add_argument("--model-path", help=argparse.SUPPRESS)
-    parser.add_argument("--bench-name", default="step", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", required=True, help="comma-separated trainer kinds to measure here")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--bench-name", default="step")
     args = parser.parse_args()
-    settings = settings_from(args)
-    if args.worker:
-        report = worker(args.worker.split(","), settings, args.model_path, args.bench_name)
-        if report is not None:
-            emit(report)
-        return
-    emit(run(settings), args.out)
+    report = worker(args.worker.split(","), settings_from(args), args.model_path, args.bench_name)
+    if report is not None:
+        emit(report)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,12 @@
 """Render a bench/run_all.py report as the Markdown table of docs/performance.md (never hand-copied numbers).
 
-python bench/table.py                      # bench/results.json
-python bench/table.py /tmp/results.json
+python bench/run_all.py --markdown                     # the table of bench/results.json
+python bench/run_all.py --markdown /tmp/results.json
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Any
-
-RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
 def median(entry: dict[str, Any], key: str) -> float | None:
@@ -119,7 +114,3 @@ def render(report: dict[str, Any]) -> str:
     if report.get("errors"):
         lines += ["", f"Errors in this run: {report['errors']}"]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(render(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else RESULTS).read_text())))

@@ -14,22 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_ot_benchmark_smoke():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ot_bench.py"), "--tiny", "--out", "-"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(result.stdout[result.stdout.index("{\n") :])
-    kernel, step = report["kernel"], report["training_step"]
-    assert kernel["max_relative_difference"] < 1e-3  # the dense reference computes the same OT
-    for key in ("speedup", "memory_ratio", "banded_seconds", "dense_seconds"):
-        assert kernel[key] > 0
-    assert step["seconds_per_step_ot_off"] > 0 and step["seconds_per_step_ot_on"] > 0
-
-
 def _positive(value) -> bool:
     return isinstance(value, int | float) and value > 0
 
@@ -80,14 +64,26 @@ def test_run_all_tiny_smoke(tmp_path):
     assert guided["discarded_tokens"] >= 0 and guided["guidance_tokens"] > 0
     # The trained tokens of the guidance scope are a subset of the completion tokens.
     assert bench["loss"]["guided"]["batch"]["trained_tokens"] <= bench["loss"]["vanilla"]["batch"]["completion_tokens"]
-    assert bench["ot"]["training_step"]["seconds_per_step_ot_on"] > 0
+    kernel, step = bench["ot"]["kernel"], bench["ot"]["training_step"]
+    assert kernel["max_relative_difference"] < 1e-3  # the dense reference computes the same OT
+    for key in ("speedup", "memory_ratio", "banded_seconds", "dense_seconds"):
+        assert kernel[key] > 0
+    assert step["seconds_per_step_ot_off"] > 0 and step["seconds_per_step_ot_on"] > 0 and step["same_rollouts"]
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    import table
-
-    rendered = table.render(report)  # docs/performance.md takes its table from this renderer
+    # docs/performance.md takes its table from `run_all.py --markdown`.
+    command = [sys.executable, str(ROOT / "bench" / "run_all.py"), "--markdown", str(out)]
+    rendered = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
     table_lines = [line for line in rendered.splitlines() if line.startswith("| ")]
     assert len(table_lines) == 1 + 8 and "n/a" not in rendered and "Errors" not in rendered  # header + 8 rows
+
+    # --update re-runs one benchmark and keeps the others.
+    command = [sys.executable, str(ROOT / "bench" / "run_all.py"), "--tiny", "--only", "loss", "--update"]
+    result = subprocess.run(command + ["--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    updated = json.loads(out.read_text())
+    assert updated["updated"]["benchmarks"] == ["loss"]
+    assert updated["benchmarks"]["zero3"] == bench["zero3"] and updated["benchmarks"]["loss"] != bench["loss"]
+    assert set(updated["ratios"]) == set(report["ratios"])
 
 
 def test_compare_runs_reads_two_training_runs(tmp_path):
