@@ -119,6 +119,48 @@ def arithmetic_accuracy(completions, answer, **kwargs) -> list[float | None]:
     return rewards
 
 
+# ------------------------------------------------------------------------------------------------ exact arithmetic
+
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def exact_value(
+    node: ast.AST,
+    x: Fraction | None = None,
+    polynomial: bool = False,
+    max_constant: int = 10**9,
+    numbers: list[int] | None = None,
+) -> Fraction:
+    """The exact value of a parsed arithmetic expression; model text is parsed with `ast`, never `eval`-ed.
+
+    Always allowed: + - * / on integer constants below `max_constant` (each one appended to `numbers`). With
+    `polynomial`: also the name `x` (bound to `x`), unary signs, float constants and constant powers 0..5. Anything
+    else raises ValueError.
+    """
+
+    def value(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.Constant) and type(node.value) is int and abs(node.value) < max_constant:
+            if numbers is not None:
+                numbers.append(node.value)
+            return Fraction(node.value)
+        if polynomial:
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+                power = node.right
+                if isinstance(power, ast.Constant) and type(power.value) is int and 0 <= power.value <= 5:
+                    return value(node.left) ** power.value
+            if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+                return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+            if isinstance(node, ast.Name) and node.id == "x" and x is not None:
+                return x
+            if isinstance(node, ast.Constant) and type(node.value) is float and abs(node.value) < max_constant:
+                return Fraction(node.value)
+        raise ValueError(f"not allowed in this expression: {ast.dump(node)[:40]}")
+
+    return value(node)
+
+
 _POLYNOMIAL_CHARS = re.compile(r"^[0-9x\s+\-*/^().]+$")
 _SAMPLE_POINTS = (-3, -1, 0, 2, 5, 11)  # more points than any degree <= 5 polynomial can share by chance
 
@@ -131,26 +173,9 @@ def _polynomial_values(expression: str) -> tuple[Fraction, ...] | None:
     expression = re.sub(r"(\d|\))\s*(?=[x(])", r"\1*", expression)  # implicit products: 6x, 2(x+1), (x+1)(x-1)
     expression = re.sub(r"x\s*(?=[(\d])", "x*", expression)
 
-    def value(node, x: Fraction) -> Fraction:
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            return _OPERATORS[type(node.op)](value(node.left, x), value(node.right, x))
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-            exponent = node.right
-            if not (isinstance(exponent, ast.Constant) and type(exponent.value) is int and 0 <= exponent.value <= 5):
-                raise ValueError("only small constant powers")
-            return value(node.left, x) ** exponent.value
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-            inner = value(node.operand, x)
-            return -inner if isinstance(node.op, ast.USub) else inner
-        if isinstance(node, ast.Name) and node.id == "x":
-            return x
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float) and abs(node.value) < 10**9:
-            return Fraction(node.value)
-        raise ValueError("not a polynomial")
-
     try:
         tree = ast.parse(expression, mode="eval").body
-        return tuple(value(tree, Fraction(point)) for point in _SAMPLE_POINTS)
+        return tuple(exact_value(tree, x=Fraction(point), polynomial=True) for point in _SAMPLE_POINTS)
     except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, MemoryError, OverflowError):
         return None
 
@@ -176,7 +201,6 @@ def math_accuracy(completions, solution, **kwargs) -> list[float | None]:
 
 # ------------------------------------------------------------------------------------------------------- countdown
 
-_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _EQUATION_CHARS = re.compile(r"^[0-9\s+\-*/().]+$")
 
 
@@ -189,17 +213,8 @@ def evaluate_equation(expression: str) -> tuple[Fraction, list[int]] | None:
     if not expression or len(expression) > 200 or not _EQUATION_CHARS.match(expression):
         return None
     numbers: list[int] = []
-
-    def value(node) -> Fraction:
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
-        if isinstance(node, ast.Constant) and type(node.value) is int and node.value < 10**6:
-            numbers.append(node.value)
-            return Fraction(node.value)
-        raise ValueError(f"not allowed in a countdown equation: {ast.dump(node)[:40]}")
-
     try:
-        return value(ast.parse(expression, mode="eval").body), numbers
+        return exact_value(ast.parse(expression, mode="eval").body, max_constant=10**6, numbers=numbers), numbers
     except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, MemoryError):
         return None
 
