@@ -272,12 +272,12 @@ def xml_count(completions, **kwargs) -> list[float]:
 
 
 def length(completions, target: int = 200, **kwargs) -> list[float]:
-    """The TL;DR seed's simple length reward: `-|target - characters|` (best 0 at the target)."""
+    """Length reward of TRL's GRPO example: `-|target - characters|` (best 0 at the target)."""
     return [-float(abs(target - len(_text(c)))) for c in completions]
 
 
 def smooth_length(completions, target: int = 300, tolerance: int = 30, scale: float = 0.05, **kwargs) -> list[float]:
-    """The TL;DR seed's smooth length reward: 0 within `target ± tolerance` characters, else
+    """Smooth length reward: 0 within `target ± tolerance` characters, else
     `-scale * sqrt(|target - characters| - tolerance)`."""
     return [-scale * math.sqrt(max(abs(target - len(_text(c))) - tolerance, 0)) for c in completions]
 
