@@ -123,9 +123,14 @@ def progress(bench: str, message: str) -> None:
     print(f"[bench {bench} +{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def emit_text(text: str) -> None:
+    """A report that is not JSON (e.g. a Markdown table), on the real stdout."""
+    print(text, file=_REPORT_STREAM, flush=True)
+
+
 def emit(result: dict[str, Any], out: str = "-") -> None:
     text = json.dumps(result, indent=2)
-    print(text, file=_REPORT_STREAM, flush=True)
+    emit_text(text)
     if out and out != "-":
         Path(out).write_text(text + "\n")
 

@@ -30,7 +30,18 @@ import profile_step
 import rollout_bench
 import step_bench
 import table
-from harness import KINDS, add_arguments, describe, emit, machine_info, progress, resolve_model, settings_from, target
+from harness import (
+    KINDS,
+    add_arguments,
+    describe,
+    emit,
+    emit_text,
+    machine_info,
+    progress,
+    resolve_model,
+    settings_from,
+    target,
+)
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results.json"
@@ -101,7 +112,7 @@ def main() -> None:
     parser.set_defaults(out=None)
     args = parser.parse_args()
     if args.markdown:
-        print(table.render(json.loads(Path(args.markdown).read_text())))
+        emit_text(table.render(json.loads(Path(args.markdown).read_text())))
         return
     if args.profile:
         emit(profile(args), args.out or "-")
