@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,6 +155,40 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 "For a real constraint use ot_reference='ref' or num_iterations > 1; ot_debiased=True at least "
                 "turns the blur into an exact 0."
             )
+
+    # --------------------------------------------------------------------------------------------------- checkpoints
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # Override: Trainer saves python/numpy/torch RNG states per process; what else decides the next steps of a
+        # guided run must travel in the checkpoint too, so that resuming continues the same run (TRL 1.16 keeps
+        # neither): the sampler's own generator (segment lengths), and TRL's generation buffer when the checkpoint
+        # falls inside it (`steps_per_generation` or `num_iterations` > 1: the next steps train on rows generated
+        # before the checkpoint, which TRL would otherwise regenerate).
+        super()._save_rng_state(output_dir)
+        rank = self.args.process_index
+        version, state, gauss = self._guidance_rng.getstate()
+        state_file = Path(output_dir) / f"guidance_rng_state_{rank}.json"
+        state_file.write_text(json.dumps({"version": version, "state": list(state), "gauss": gauss}))
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._buffered_inputs is not None and self._step % generate_every:
+            buffer = {"step": self._step, "inputs": self._buffered_inputs}
+            torch.save(buffer, Path(output_dir) / f"generation_buffer_{rank}.pt")
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        rank = self.args.process_index
+        state_file = Path(checkpoint) / f"guidance_rng_state_{rank}.json"
+        if state_file.is_file():
+            saved = json.loads(state_file.read_text())
+            self._guidance_rng.setstate((saved["version"], tuple(saved["state"]), saved["gauss"]))
+        else:
+            logger.warning("%s is missing (a checkpoint of an older version): segment lengths will differ", state_file)
+        buffer_file = Path(checkpoint) / f"generation_buffer_{rank}.pt"
+        if buffer_file.is_file():
+            buffer = torch.load(buffer_file, map_location=self.accelerator.device, weights_only=True)
+            self._step, self._buffered_inputs = buffer["step"], buffer["inputs"]
 
     # ---------------------------------------------------------------------------------------------------- generation
 
