@@ -147,7 +147,7 @@ def main() -> None:
         result.pop("machine", None)  # the same machine for all: reported once
     durations["total"] = sum(seconds for name, seconds in durations.items() if name != "total")
     report = {
-        "machine": machine_info(),
+        "machine": previous.get("machine") or machine_info(),
         "mode": "tiny" if args.tiny else "full",
         "ratios": headline(results),
         "targets": {key: value for r in results.values() for key, value in r.get("targets", {}).items()},
@@ -155,8 +155,8 @@ def main() -> None:
         "errors": errors,
         "benchmarks": results,
     }
-    if args.update:
-        report["updated"] = {"benchmarks": chosen, "seconds": time.perf_counter() - start}
+    if args.update:  # the machine line above stays the original run's; these benchmarks ran here, later
+        report["updated"] = {"benchmarks": chosen, "machine": machine_info(), "seconds": time.perf_counter() - start}
     emit(report, args.out)
     sys.exit(1 if errors else 0)
 

@@ -112,6 +112,13 @@ def render(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {' | '.join(row)} |" for row in rows(report)]
+    if report.get("updated"):
+        later = report["updated"]["machine"]
+        lines += [
+            "",
+            f"Re-run later on its own (`--update`): {', '.join(report['updated']['benchmarks'])}, with torch "
+            f"{later['torch']}, transformers {later['transformers']}, trl {later['trl']}.",
+        ]
     if report.get("errors"):
         lines += ["", f"Errors in this run: {report['errors']}"]
     return "\n".join(lines)
