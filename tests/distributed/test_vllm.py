@@ -49,7 +49,9 @@ def processes_mentioning(text: str) -> list[int]:
 def run_script(python: Path, name: str, workdir: Path) -> dict:
     """Run a harness script in its own session; on timeout SIGTERM it (its `finally` stops the vLLM server)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("PYTHONPATH", None)  # nothing from the main venv may leak into the vLLM venv
+    # Nothing from the main venv may leak into the vLLM venv; the package under test is this checkout's (the vLLM
+    # venv's own editable install may point at another one).
+    env["PYTHONPATH"] = str(ROOT)
     log = workdir / f"{name}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
