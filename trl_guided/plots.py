@@ -75,9 +75,15 @@ def series(history: list[dict], group: CurveGroup) -> dict[str, list[tuple[float
             for e in history
             if isinstance(e.get(key), (int, float)) and not isinstance(e.get(key), bool) and "step" in e
         ]
-        # With one reward function, rewards/<name>/mean repeats the total reward: keep one line, not two on top.
-        if points and points not in out.values():
+        if not points:
+            continue
+        # Identical curves (one reward function's mean and the total reward; OT penalty and cost at target 0) are one
+        # line labelled with both names, not two lines drawn on top of each other.
+        same = next((name for name, values in out.items() if values == points), None)
+        if same is None:
             out[key] = points
+        else:
+            out[f"{same} = {key}"] = out.pop(same)
     return out
 
 
@@ -132,7 +138,8 @@ def svg(fig) -> str:
         fig.savefig(buffer, format="svg")
     plt.close(fig)
     text = buffer.getvalue()
-    return text[text.index("<svg") :]
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg") :], flags=re.DOTALL)
+    return text
 
 
 def save_pngs(history: list[dict], out_dir: Path, dpi: int = 120) -> list[Path]:

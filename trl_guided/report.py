@@ -352,13 +352,20 @@ def plan_svg(dense, tokens: list[str], window: int, title: str) -> str:
     plt = plots._pyplot()
     size = max(4.0, min(9.0, 0.16 * len(tokens) + 2))
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
-    image = ax.imshow(dense * len(tokens), cmap="viridis", interpolation="nearest")
+    import numpy as np
+
+    rows, cols = np.indices(dense.shape)
+    # Cells outside the band cannot carry mass: grey, so the band itself is what the eye sees.
+    banded = np.ma.masked_where(np.abs(rows - cols) > window, dense * len(tokens))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("#e6e6e6")
+    image = ax.imshow(banded, cmap=cmap, interpolation="nearest", vmin=0.0)
     labels = [_visible(t, limit=10) for t in tokens]
     ax.set_xticks(range(len(tokens)), labels, rotation=90, fontsize=6)
     ax.set_yticks(range(len(tokens)), labels, fontsize=6)
     ax.set_xlabel("reference tokens")
     ax.set_ylabel("final-model tokens")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="plan x tokens (1 = all mass on one cell)")
     fig.tight_layout()
     return plots.svg(fig)
@@ -637,7 +644,8 @@ def build_report(run_dir: str | Path, groups: int = 8, ot_plan: bool = True) -> 
                 notes.append(f"{path.relative_to(run.path)} holds no rows.")
                 continue
             # Spread the shown groups over the batch, so a step's groups are not all from its first prompts.
-            picks = sorted({round(i * (len(found) - 1) / max(count - 1, 1)) for i in range(min(count, len(found)))})
+            shown = min(count, len(found))
+            picks = sorted({round(i * (len(found) - 1) / max(shown - 1, 1)) for i in range(shown)})
             names = reward_names or list(found[0].branches[0].rewards)
             for group in (found[i] for i in picks):
                 parts.append(_group_html(group, names))
