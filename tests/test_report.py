@@ -243,3 +243,61 @@ def test_cli_report_error_has_no_traceback(tmp_path):
         f"{tmp_path} has no trainer_state.json (nor a checkpoint-*/trainer_state.json): it is not the output_dir of a "
         "training run, or the run stopped before its first save."
     ]
+
+
+# ------------------------------------------------------------------------------------------------- trackio dashboard
+
+
+def test_trackio_stores_guidance_and_ot_metrics_locally(tmp_path, tiny_llama):
+    """`report_to: trackio` on a 2-step CPU run: the guidance/* and ot/* metrics land in the local SQLite store.
+
+    A subprocess, because trackio fixes its storage folder (TRACKIO_DIR) when it is imported; the proxy variables point
+    at a closed local port, so any network access would fail.
+    """
+    pytest.importorskip("trackio", reason="trackio is an extra: pip install 'trl-guided[trackio]'")
+    import sqlite3
+
+    recipe = yaml.safe_load(DEMO.read_text())
+    recipe.update(
+        model_name_or_path=tiny_llama,
+        max_steps=2,
+        max_completion_length=16,
+        prefix_min_tokens=2,
+        prefix_max_tokens=6,
+        max_guide_tokens=4,
+        output_dir=str(tmp_path / "run"),
+        save_strategy="no",
+        ot_coef=0.1,
+        ot_window=4,
+        ot_iterations=10,
+        report_to="trackio",
+        project="trl-guided-test",
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    closed = "http://127.0.0.1:9"
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "HTTP_PROXY": closed, "HTTPS_PROXY": closed}
+    env.update(http_proxy=closed, https_proxy=closed, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_guided.cli", "train", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    database = tmp_path / "trackio" / "trl-guided-test.db"
+    assert database.exists(), sorted(p.name for p in (tmp_path / "trackio").iterdir())
+    with sqlite3.connect(database) as connection:
+        logged = [json.loads(m) for (m,) in connection.execute("SELECT metrics FROM metrics ORDER BY id")]
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    for name in (
+        "guidance/guide_length",
+        "guidance/trained_tokens",
+        "guidance/empty_prefix_ratio",
+        "ot/cost",
+        "reward",
+    ):
+        stored = [entry[f"train/{name}"] for entry in logged if f"train/{name}" in entry]
+        assert stored == pytest.approx([e[name] for e in history if name in e]), name

@@ -658,6 +658,8 @@ def build_report(run_dir: str | Path, groups: int = 8, ot_plan: bool = True) -> 
         parts.append(f"<figure id='curve-ot'>{plots.svg(fig)}</figure>" if fig else "<p>No ot/* metric logged.</p>")
         if ot_plan:
             parts.append(_plan_html(run, chosen_groups, notes))
+        else:
+            notes.append(f"OT transport plan not drawn (skipped); `trl-guided report {run.path}` draws it.")
         parts.append("</div>")
 
     if notes:

@@ -87,12 +87,18 @@ def write_run_config(output_dir: Path, task_args, training_args, model_args) -> 
     return path
 
 
+END_OF_RUN_PLAN_MAX_BYTES = 2 * 1024**3
+
+
 def end_of_run_report(output_dir: Path) -> Path | None:
     """Write report.html into the run directory, print its path, attach it to an active wandb run."""
     from .report import log_to_wandb, write_report
 
+    # The OT picture loads the final and the reference model on CPU: at the end of a large model's run, leave it to
+    # an explicit `trl-guided report` (the page says so).
+    weights = sum(p.stat().st_size for p in output_dir.glob("*.safetensors"))
     try:
-        path = write_report(output_dir)
+        path = write_report(output_dir, ot_plan=weights < END_OF_RUN_PLAN_MAX_BYTES)
     except Exception as error:  # noqa: BLE001 - the trained model is saved; a report problem must not fail the run
         logger.warning(
             "No report.html written (%s: %s); try `trl-guided report %s`.", type(error).__name__, error, output_dir
