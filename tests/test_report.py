@@ -301,3 +301,20 @@ def test_trackio_stores_guidance_and_ot_metrics_locally(tmp_path, tiny_llama):
     ):
         stored = [entry[f"train/{name}"] for entry in logged if f"train/{name}" in entry]
         assert stored == pytest.approx([e[name] for e in history if name in e]), name
+
+
+def test_report_is_logged_to_an_active_wandb_run(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from trl_guided.report import log_to_wandb
+
+    report = tmp_path / "report.html"
+    report.write_text("<!DOCTYPE html><html><body><h1>run</h1></body></html>")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    assert not log_to_wandb(report)  # no active run: nothing to do
+    wandb.init(project="trl-guided-test", dir=str(tmp_path))
+    try:
+        assert log_to_wandb(report)
+    finally:
+        wandb.finish()
+    assert list(tmp_path.rglob("media/html/report_*.html")), "the report is in the run's files"
