@@ -106,7 +106,8 @@ def figure(history: list[dict], group: CurveGroup):
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    # Constrained layout with the legend below the axes: a legend never hides a curve.
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
     for key, points in data.items():
         steps, values = zip(*points, strict=True)
         evaluation = key.startswith("eval_")
@@ -125,8 +126,9 @@ def figure(history: list[dict], group: CurveGroup):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if group.name == "learning_rate":
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    # About 100 characters fit in one legend row at this size; long names get a row each instead of being cut.
+    columns = max(1, min(3, len(data), 100 // (max(len(key) for key in data) + 8)))
+    fig.legend(loc="outside lower center", ncols=columns, fontsize=8, frameon=False)
     return fig
 
 

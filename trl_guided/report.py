@@ -222,7 +222,7 @@ def read_groups(
         weights = [1.0] * len(reward_names)
     segmented = {"prefix", "guidance", "postfix"} <= set(table.columns)
     keys = [
-        (str(list(_text(m) for m in p)) if not isinstance(p, str) else p, table["prefix"].iat[i] if segmented else "")
+        (p if isinstance(p, str) else repr(list(p)), table["prefix"].iat[i] if segmented else "")
         for i, p in enumerate(table["prompt"])
     ]
     if (
@@ -398,7 +398,7 @@ table { border-collapse: collapse; }
 .seg-prefix { background: var(--prefix); border-radius: 3px; }
 .seg-guidance { background: var(--guidance); font-weight: 600; border-radius: 3px; outline: 1px solid #d9b000; }
 .seg-postfix { color: var(--postfix-ink); }
-.ctl { color: #b00020; font-size: 80%; }
+.ctl { color: #b00020; font-size: 80%; } .nl { color: #8a6d00; font-weight: 400; }
 .group { border: 1px solid #d5d9de; border-radius: 6px; margin: 14px 0; padding: 10px 14px; page-break-inside: avoid; }
 .group .meta { color: var(--muted); font-size: 13px; }
 .group .prompt { margin: 4px 0 8px; font-weight: 600; }
@@ -434,13 +434,19 @@ def _visible(text: str, limit: int | None = None) -> str:
     return out if limit is None or len(out) <= limit else out[: limit - 1] + "…"
 
 
-def _segment(text: str, css: str) -> str:
-    """A segment span; control characters shown as \\xNN in a muted style (they are what the model sampled)."""
+def _segment(text: str, css: str, mark_newlines: bool = False) -> str:
+    """A segment span; control characters shown as \\xNN in a muted style (they are what the model sampled).
+
+    `mark_newlines`: a newline inside a highlighted segment is drawn as a ↵ before the line break; otherwise a
+    guidance segment that starts with a newline is only a thin coloured sliver at the end of an empty line.
+    """
     parts = []
-    for piece in re.split(r"([\x00-\x08\x0b-\x1f\x7f])", text):
+    for piece in re.split(r"([\x00-\x08\x0b-\x1f\x7f]|\n)", text):
         if not piece:
             continue
-        if len(piece) == 1 and (ord(piece) < 32 or ord(piece) == 127) and piece not in "\n\t":
+        if piece == "\n":
+            parts.append('<span class="nl">↵</span>\n' if mark_newlines else "\n")
+        elif len(piece) == 1 and (ord(piece) < 32 or ord(piece) == 127) and piece != "\t":
             parts.append(f'<span class="ctl">\\x{ord(piece):02x}</span>')
         else:
             parts.append(html.escape(piece))
@@ -465,7 +471,9 @@ def _group_html(group: Group, reward_names: list[str]) -> str:
     out.append(f'<div class="meta">step {group.step} · group {group.index + 1} · {spread_text} {badges}</div>')
     out.append(f'<div class="prompt">{html.escape(_visible(group.prompt))}</div>')
     if group.prefix:
-        out.append(f'<div class="shared text">shared prefix: {_segment(group.prefix, "seg-prefix")}</div>')
+        out.append(
+            f'<div class="shared text">shared prefix: {_segment(group.prefix, "seg-prefix", mark_newlines=True)}</div>'
+        )
     multi = len(reward_names) > 1
     header = "<th>#</th><th>reward</th>"
     header += "".join(f"<th>{html.escape(n)}</th>" for n in reward_names) if multi else ""
@@ -479,7 +487,9 @@ def _group_html(group: Group, reward_names: list[str]) -> str:
         if group.prefix is None:
             body = _segment(branch.completion, "seg-postfix")
         else:
-            body = _segment(branch.guidance, "seg-guidance") + _segment(branch.postfix, "seg-postfix")
+            body = _segment(branch.guidance, "seg-guidance", mark_newlines=True) + _segment(
+                branch.postfix, "seg-postfix"
+            )
         cells.append(f'<td class="text">{body}</td>')
         top = ' class="top"' if rank == 1 and size > 1 else ""
         out.append(f"<tr{top}>{''.join(cells)}</tr>")
@@ -633,7 +643,7 @@ def build_report(run_dir: str | Path, groups: int = 8, ot_plan: bool = True) -> 
             + ", ".join(html.escape(f.stem.removeprefix("completions_").lstrip("0") or "0") for f in chosen)
             + f". Up to {groups} groups in total.</p>"
         )
-        parts.append(LEGEND)
+        legend_at = len(parts)
         for path, count in zip(chosen, spread(groups, len(chosen)), strict=True):
             try:
                 found = read_groups(path, reward_names, weights, run.training.get("num_generations"))
@@ -650,6 +660,12 @@ def build_report(run_dir: str | Path, groups: int = 8, ot_plan: bool = True) -> 
             for group in (found[i] for i in picks):
                 parts.append(_group_html(group, names))
                 chosen_groups.append(group)
+        if any(group.prefix is not None for group in chosen_groups):
+            parts.insert(legend_at, LEGEND)
+        elif chosen_groups:
+            parts.insert(
+                legend_at, "<p class='sub'>No segment columns (guidance was off): whole completions shown.</p>"
+            )
 
     # OT.
     if ot_on:
