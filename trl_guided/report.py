@@ -360,12 +360,13 @@ def plan_svg(dense, tokens: list[str], window: int, title: str) -> str:
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("#e6e6e6")
     image = ax.imshow(banded, cmap=cmap, interpolation="nearest", vmin=0.0)
-    labels = [_visible(t, limit=10) for t in tokens]
-    ax.set_xticks(range(len(tokens)), labels, rotation=90, fontsize=6)
-    ax.set_yticks(range(len(tokens)), labels, fontsize=6)
+    # Whitespace made visible (a token that is a newline or a space would otherwise be a blank tick label).
+    labels = [_visible(t.replace("\n", "\\n").replace(" ", "·"), limit=10) for t in tokens]
+    ax.set_xticks(range(len(tokens)), labels, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(tokens)), labels, fontsize=8)
     ax.set_xlabel("reference tokens")
     ax.set_ylabel("final-model tokens")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=12)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="plan x tokens (1 = all mass on one cell)")
     fig.tight_layout()
     return plots.svg(fig)
@@ -384,14 +385,14 @@ h1 { font-size: 24px; margin: 4px 0 2px; } h2 { font-size: 19px; margin: 30px 0 
 .sub { color: var(--muted); margin: 0 0 14px; }
 table { border-collapse: collapse; }
 .facts { display: grid; align-items: start; grid-template-columns: repeat(auto-fit, minmax(330px, 1fr)); gap: 0 28px; }
-.facts table td { padding: 3px 10px 3px 0; vertical-align: top; }
+.facts table td { padding: 3px 10px 3px 0; vertical-align: baseline; }
 .facts table td:first-child { color: var(--muted); white-space: nowrap; }
 .big { font-size: 20px; font-weight: 600; }
 .notes { background: #fff4e5; border-left: 4px solid #f0a030; padding: 8px 12px; margin: 12px 0; }
 .notes li { margin: 2px 0; }
-.curves { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 12px; }
+.curves { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }
 .curves figure { margin: 0; } .curves svg { width: 100%; height: auto; }
-.ot svg { max-width: 760px; width: 100%; height: auto; }
+#ot-plan svg { max-width: 900px; width: 100%; height: auto; }
 .legend { display: flex; flex-wrap: wrap; gap: 18px; align-items: center; padding: 10px 14px;
           border: 1px solid #d5d9de; border-radius: 6px; background: #fafbfc; margin: 10px 0 14px; font-size: 14px; }
 .legend .swatch { padding: 1px 8px; border-radius: 3px; font-family: ui-monospace, Menlo, Consolas, monospace; }
@@ -514,6 +515,11 @@ def _settings_rows(run: Run) -> list[tuple[str, str]]:
     if task:
         rows.append(("task", html.escape(str(task.get("task")))))
         rows.append(("reward functions", html.escape(", ".join(task.get("reward_funcs") or []))))
+        if any("length" in name for name in task.get("reward_funcs") or []) and "length_target" in task:
+            target = f"{task['length_target']} characters"
+            if "smooth_length" in (task.get("reward_funcs") or []):
+                target += f" (no penalty within ± {task.get('length_tolerance')})"
+            rows.append(("length target", html.escape(target)))
     if args.get("guidance", True):
         rows += [
             ("guided sampling", "on"),
@@ -671,7 +677,11 @@ def build_report(run_dir: str | Path, groups: int = 8, ot_plan: bool = True) -> 
     if ot_on:
         parts.append("<h2 id='ot'>Optimal transport</h2><div class='ot'>")
         fig = plots.figure(run.history, next(g for g in plots.CURVE_GROUPS if g.name == "ot"))
-        parts.append(f"<figure id='curve-ot'>{plots.svg(fig)}</figure>" if fig else "<p>No ot/* metric logged.</p>")
+        parts.append(
+            f"<div class='curves'><figure id='curve-ot'>{plots.svg(fig)}</figure></div>"
+            if fig
+            else "<p>No ot/* metric logged.</p>"
+        )
         if ot_plan:
             parts.append(_plan_html(run, chosen_groups, notes))
         else:
