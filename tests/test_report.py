@@ -200,6 +200,41 @@ def test_report_opens_in_headless_chromium(run_dir, tmp_path):
     assert legend_rows, "no line shows the prefix and guidance swatches of the legend side by side"
 
 
+def test_report_shows_the_before_after_evaluation(run_dir, tmp_path):
+    """comparison.json as `trl-guided eval` writes it (a hand-made one here); an unknown layout is shown raw."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoint-*", "*.safetensors", "completions"))
+    comparison = {
+        "before": {"model": {"name": "embedded:smollm2-135m-instruct"}, "settings": {}},
+        "after": {"model": {"name": str(copy)}, "settings": {}},
+        "problems": 32,
+        "forced": False,
+        "metrics": {
+            "arithmetic_accuracy/mean": {
+                "before": 0.125,
+                "after": 0.21875,
+                "diff": 0.09375,
+                "diff_ci95": [0.03125, 0.15625],
+                "problems": 32,
+                "wins": 5,
+                "losses": 2,
+                "ties": 25,
+                "mcnemar_p": 0.453,
+            }
+        },
+    }
+    (copy / "comparison.json").write_text(json.dumps(comparison))
+    assert cli.main(["report", str(copy), "--no-ot-plan"]) == 0
+    page = (copy / "report.html").read_text()
+    row = re.search(r"<tr><td>arithmetic_accuracy/mean</td>(.*?)</tr>", page).group(1)
+    cells = re.findall(r"<td>([^<]*)</td>", row)
+    assert cells == ["0.125", "0.219", "0.094", "0.031 .. 0.156", "wins 5, losses 2, ties 25, p 0.453"]
+    assert "32 problems matched" in page and "embedded:smollm2-135m-instruct" in page
+    (copy / "comparison.json").write_text('{"something": "else"}')
+    assert cli.main(["report", str(copy), "--no-ot-plan"]) == 0
+    assert "no per-metric table this report knows" in (copy / "report.html").read_text()
+
+
 # ---------------------------------------------------------------------------------------- missing or broken runs
 
 

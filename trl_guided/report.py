@@ -544,6 +544,11 @@ def _settings_rows(run: Run) -> list[tuple[str, str]]:
     return rows
 
 
+def _model_name(side: Any) -> str:
+    model = side.get("model") if isinstance(side, dict) else None
+    return str(model.get("name", "?")) if isinstance(model, dict) else str(model or "?")
+
+
 def _comparison_html(run: Run) -> str:
     """The before/after evaluation from comparison.json (written by `trl-guided eval`), read defensively."""
     path = run.path / "comparison.json"
@@ -562,17 +567,26 @@ def _comparison_html(run: Run) -> str:
             before = entry.get("before", entry.get("baseline"))
             after = entry.get("after", entry.get("model"))
             diff = entry.get("difference", entry.get("diff", entry.get("delta")))
-            ci = entry.get("ci", entry.get("ci95", entry.get("difference_ci")))
+            ci = entry.get("diff_ci95", entry.get("ci", entry.get("ci95", entry.get("difference_ci"))))
             if ci is None and "ci_low" in entry:
                 ci = [entry.get("ci_low"), entry.get("ci_high")]
             ci_text = f"{_number(ci[0])} .. {_number(ci[1])}" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
             extra = ", ".join(
-                f"{key} {_number(entry[key])}" for key in ("wins", "losses", "ties", "p_value") if key in entry
+                f"{key.removeprefix('mcnemar_')} {_number(entry[key])}"
+                for key in ("wins", "losses", "ties", "mcnemar_p", "p_value")
+                if key in entry
             )
             rows.append(
                 f"<tr><td>{html.escape(str(name))}</td><td>{_number(before)}</td><td>{_number(after)}</td>"
                 f"<td>{_number(diff)}</td><td>{ci_text}</td><td>{extra}</td></tr>"
             )
+    models = ""
+    if isinstance(data, dict):
+        names = [_model_name(data.get(side)) for side in ("before", "after")]
+        models = f"<p class='sub'>before: {html.escape(names[0])} · after: {html.escape(names[1])}"
+        models += f" · {_number(data['problems'])} problems matched" if "problems" in data else ""
+        models += " (forced)" if data.get("forced") else ""
+        models += " (trl-guided eval)</p>"
     raw = html.escape(json.dumps(data, indent=2)[:20000])
     table = (
         "<table class='branches'><thead><tr><th>metric</th><th>before</th><th>after</th><th>difference</th>"
@@ -581,7 +595,7 @@ def _comparison_html(run: Run) -> str:
         else "<p>comparison.json has no per-metric table this report knows; the file is shown below.</p>"
     )
     return (
-        f"<h2 id='evaluation'>Before / after evaluation</h2>{table}"
+        f"<h2 id='evaluation'>Before / after evaluation</h2>{models}{table}"
         f"<details><summary>comparison.json</summary><pre class='text'>{raw}</pre></details>"
     )
 
