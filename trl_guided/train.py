@@ -12,7 +12,7 @@ import logging
 import sys
 import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import UnionType
 
@@ -22,6 +22,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from .config import GuidedGRPOConfig
 from .data import TASKS, load_task
 from .models import resolve_model_path
+from .plots import reward_curve
 from .rewards import REWARD_FUNCS, get_reward
 from .trainer import GuidedGRPOTrainer
 
@@ -74,30 +75,37 @@ def summarize(log_history: list[dict], window: int) -> dict:
     return {"steps": len(rewards), "window": window, "reward_first": first, "reward_last": last}
 
 
-def plot_rewards(log_history: list[dict], path: Path) -> Path | None:
-    try:
-        import matplotlib
+def write_run_config(output_dir: Path, task_args, training_args, model_args) -> Path:
+    """run_config.json: the run's task, training and model settings, which `trl-guided report` shows."""
+    config = {
+        "task": asdict(task_args),
+        "training": json.loads(training_args.to_json_string()),
+        "model": asdict(model_args),
+    }
+    path = output_dir / "run_config.json"
+    path.write_text(json.dumps(config, indent=2, default=str))
+    return path
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+
+END_OF_RUN_PLAN_MAX_BYTES = 2 * 1024**3
+
+
+def end_of_run_report(output_dir: Path) -> Path | None:
+    """Write report.html into the run directory, print its path, attach it to an active wandb run."""
+    from .report import log_to_wandb, write_report
+
+    # The OT picture loads the final and the reference model on CPU: at the end of a large model's run, leave it to
+    # an explicit `trl-guided report` (the page says so).
+    weights = sum(p.stat().st_size for p in output_dir.glob("*.safetensors"))
+    try:
+        path = write_report(output_dir, ot_plan=weights < END_OF_RUN_PLAN_MAX_BYTES)
+    except Exception as error:  # noqa: BLE001 - the trained model is saved; a report problem must not fail the run
+        logger.warning(
+            "No report.html written (%s: %s); try `trl-guided report %s`.", type(error).__name__, error, output_dir
+        )
         return None
-    points = [(e["step"], e["reward"]) for e in log_history if "reward" in e and "loss" in e]
-    if not points:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*points, strict=True), marker=".", label="reward")
-    lengths = [(e["step"], e["completions/mean_length"]) for e in log_history if "completions/mean_length" in e]
-    if lengths:
-        twin = ax.twinx()
-        twin.plot(*zip(*lengths, strict=True), color="tab:orange", alpha=0.6, label="completion tokens")
-        twin.set_ylabel("mean completion tokens")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    ax.set_title("Guided GRPO training reward")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    print(f"Report: {path}")
+    log_to_wandb(path)
     return path
 
 
@@ -126,6 +134,9 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )
+    if trainer.accelerator.is_main_process:
+        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+        write_run_config(Path(training_args.output_dir), task_args, training_args, model_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json (the log history) at the top of the run directory
@@ -133,7 +144,7 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
     summary = summarize(trainer.state.log_history, task_args.summary_window)
     if trainer.accelerator.is_main_process:
         output_dir = Path(training_args.output_dir)
-        plot = plot_rewards(trainer.state.log_history, output_dir / "reward_curve.png")
+        plot = reward_curve(trainer.state.log_history, output_dir / "reward_curve.png")
         summary.update(output_dir=str(output_dir), reward_curve=str(plot) if plot else None)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if "reward_first" in summary:
@@ -142,6 +153,7 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
                 f"last {summary['window']} steps {summary['reward_last']:.3f} ({summary['steps']} steps)."
             )
         print(f"Run saved in {output_dir} (model, checkpoints, trainer_state.json, completions/, summary.json).")
+        end_of_run_report(output_dir)
     trainer.accelerator.wait_for_everyone()
     return summary
 
