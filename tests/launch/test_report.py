@@ -19,7 +19,7 @@ from trl_guided import cli
 from trl_guided.plots import CURVE_GROUPS
 from trl_guided.train import run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "recipes" / "smollm2-135m-instruct" / "length_cpu.yaml"
 G = 4
 
