@@ -26,6 +26,7 @@ from trl.trainer.utils import (
 )
 
 from .backends import RolloutBackend, decoder_of, unwrap
+from .checkpoints import last_complete_checkpoint
 from .config import GuidedGRPOConfig
 from .guidance import Segments, loss_weights
 from .models import resolve_model_path
@@ -157,6 +158,21 @@ class GuidedGRPOTrainer(GRPOTrainer):
             )
 
     # --------------------------------------------------------------------------------------------------- checkpoints
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # Override: `resume_from_checkpoint=True` takes Trainer's highest-numbered checkpoint even when a killed save
+        # left it incomplete; resolve it to the last complete one here and let Trainer resume from that path.
+        if resume_from_checkpoint is True:
+            checkpoint, skipped = last_complete_checkpoint(self.args.output_dir)
+            for path in skipped:
+                logger.warning("Skipping %s: its save did not finish (no readable trainer_state.json)", path)
+            if checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True, but {self.args.output_dir} has no complete checkpoint-N folder. "
+                    "Start without resume_from_checkpoint, or pass the path of a checkpoint."
+                )
+            resume_from_checkpoint = checkpoint
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _save_rng_state(self, output_dir: str) -> None:
         # Override: Trainer saves python/numpy/torch RNG states per process; what else decides the next steps of a

@@ -61,3 +61,23 @@ def test_resume_needs_the_guided_state_in_the_checkpoint(tiny_llama, tmp_path):
     (checkpoint / "guidance_rng_state_0.json").unlink()
     resumed, _ = train(tiny_llama, tmp_path / "part", 2, {}, resume=str(checkpoint))
     assert resumed[2:] != full[2:]
+
+
+def test_a_checkpoint_whose_save_was_killed_is_never_resumed(tiny_llama, tmp_path):
+    """A save killed before `trainer_state.json` (written last) leaves an incomplete folder: resume takes the one
+    before it, and a run with nothing complete says so in one line."""
+    from trl_guided.checkpoints import last_complete_checkpoint
+
+    train(tiny_llama, tmp_path / "run", 2, {}, stop_after=4)
+    (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").write_text('{"truncated": ')  # killed mid-write
+    (tmp_path / "run" / "checkpoint-6").mkdir()  # killed right after creating the folder
+    assert last_complete_checkpoint(tmp_path / "run") == (
+        str(tmp_path / "run" / "checkpoint-2"),
+        [str(tmp_path / "run" / "checkpoint-6"), str(tmp_path / "run" / "checkpoint-4")],
+    )
+    full, _ = train(tiny_llama, tmp_path / "full", 2, {})
+    resumed, _ = train(tiny_llama, tmp_path / "run", 2, {}, resume=True)
+    assert resumed[2:] == full[2:]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no complete checkpoint-N folder"):
+        train(tiny_llama, tmp_path / "empty", 2, {}, resume=True)

@@ -1,0 +1,38 @@
+"""Which checkpoint a resumed run starts from: the last *complete* one.
+
+Trainer writes a checkpoint folder in place (model, optimizer, scheduler, RNG states, then `trainer_state.json`
+last), and `resume_from_checkpoint=True` takes the highest-numbered folder, complete or not. A run killed while saving
+leaves a folder without a readable `trainer_state.json`; resuming from it would fail or, worse, start from a
+half-written model. This picks the newest folder whose `trainer_state.json` parses instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    """Whether `checkpoint` finished saving: its `trainer_state.json` (written last) exists and parses."""
+    try:
+        json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str]]:
+    """(the highest-numbered complete `checkpoint-N` folder or None, the newer incomplete folders it skipped)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None, []
+    numbered = [(int(m.group(1)), path) for path in folder.iterdir() if (m := _CHECKPOINT.match(path.name))]
+    skipped = []
+    for _, path in sorted((n, p) for n, p in numbered if p.is_dir())[::-1]:
+        if is_complete(path):
+            return str(path), skipped
+        skipped.append(str(path))
+    return None, skipped
