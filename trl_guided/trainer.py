@@ -602,6 +602,17 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["ot/marginal_error"].append(rows_mean(result.marginal_error))
         return loss
 
+    # ------------------------------------------------------------------------------------------------ evaluation seam
+
+    def sample(self, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
+        """Completion ids of `num_generations` chains per prompt, drawn by the same sampler as a training step (the
+        three-phase guided one when `guidance` is on; in eval mode when `eval_guidance` is on). `trl-guided eval
+        --sampling guided` calls this outside any training step."""
+        repeated = [list(ids) for ids in prompt_ids for _ in range(num_generations)]
+        completion_ids, _ = self._generate_single_turn(repeated, None, {}, num_generations)
+        self._segments = None  # no scoring step follows to consume them
+        return completion_ids
+
 
 @contextlib.contextmanager
 def _temporarily(target: Any, name: str, value: Any):
