@@ -49,7 +49,8 @@ def load_length(
     `eval_size` prompts form the `test` split.
     """
     prompts = _length_prompts(dataset_path)
-    chosen = prompts[-eval_size:] if split == "test" else prompts[:-eval_size] if eval_size else prompts
+    cut = max(0, len(prompts) - eval_size)  # eval_size=0: no test prompts (a slice [-0:] would take them all)
+    chosen = prompts[cut:] if split == "test" else prompts[:cut]
     return Dataset.from_dict(
         {"prompt": [[{"role": "system", "content": system_prompt}, {"role": "user", "content": p}] for p in chosen]}
     )

@@ -332,6 +332,11 @@ class EvalSettings:
 
     def check(self) -> None:
         """One-line errors for settings that cannot work (before anything is loaded or written)."""
+        from .data import TASKS
+        from .rewards import get_reward
+
+        if self.task not in TASKS:
+            raise EvalError(f"unknown task {self.task!r}; known tasks: {', '.join(sorted(TASKS))}")
         if self.limit is not None and self.limit < 1:
             raise EvalError(f"--limit must be at least 1 (got {self.limit}); leave it out to use the whole split")
         if self.num_samples < 1:
@@ -360,11 +365,6 @@ class EvalSettings:
             raise EvalError(f"--backend must be 'auto', 'transformers' or 'vllm' (got {self.backend!r})")
         if not self.reward_funcs:
             raise EvalError("no reward function: give --reward-funcs (or a recipe with reward_funcs)")
-        from .data import TASKS
-        from .rewards import get_reward
-
-        if self.task not in TASKS:
-            raise EvalError(f"unknown task {self.task!r}; known tasks: {', '.join(sorted(TASKS))}")
         for name in self.reward_funcs:
             try:
                 get_reward(name)
