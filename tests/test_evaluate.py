@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import test_vllm
 from trl_guided import cli
 from trl_guided.data import load_task
 from trl_guided.evaluate import (
@@ -32,6 +34,7 @@ from trl_guided.evaluate import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+vllm_python = test_vllm.vllm_python  # the fixture that bootstraps the vLLM venv
 
 # ------------------------------------------------------------------------------------------------ statistics
 
@@ -288,3 +291,46 @@ def test_eval_before_after_in_a_two_step_run(tiny_llama, tmp_path, capsys):
         summary["eval"]["summary"].startswith("smooth_length: ") and "smooth_length/mean" in summary["eval"]["metrics"]
     )
     assert "Held-out evaluation (3 test problems): smooth_length: " in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------- vLLM
+
+EVEN_LENGTH_REWARD = '''
+def even_length(completions, **kwargs):
+    """1 when the completion has an even number of characters: an accuracy-like 0/1 score of the exact text."""
+    return [float(len(c[0]["content"] if isinstance(c, list) else c) % 2 == 0) for c in completions]
+'''
+
+
+def backends_agree(python: Path, workdir: Path) -> tuple[dict, dict]:
+    """Greedy on a sharpened tiny Llama (vLLM's CPU attention needs head size >= 32): transformers in this process,
+    vLLM's offline engine in the vLLM venv (float32 there too); returns both results."""
+    from tests.vllm_scripts._common import build_model
+
+    model = build_model(workdir / "model")
+    (workdir / "parity.py").write_text(EVEN_LENGTH_REWARD)
+    argv = ["eval", "--model", model, "--task", "length", "--eval-size", "8", "--max-new-tokens", "16"]
+    argv += ["--reward-funcs", "parity.even_length", "--quality-model", "none", "--no-progress"]
+    subprocess.run(
+        [str(python), "-m", "trl_guided.cli", *argv, "--backend", "vllm", "--output", str(workdir / "vllm.json")],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TRL_GUIDED_VLLM_DTYPE": "float32", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        check=True,
+        timeout=900,
+    )
+    here = os.getcwd()
+    os.chdir(workdir)  # the reward module is imported from the working directory, as with recipes
+    try:
+        assert cli.main([*argv, "--backend", "transformers", "--output", str(workdir / "transformers.json")]) == 0
+    finally:
+        os.chdir(here)
+    return tuple(json.loads((workdir / f"{name}.json").read_text()) for name in ("transformers", "vllm"))
+
+
+@pytest.mark.slow
+def test_transformers_and_vllm_backends_agree_on_greedy(vllm_python, tmp_path):
+    transformers_result, vllm_result = backends_agree(vllm_python, tmp_path)
+    accuracy = "even_length/mean"
+    assert transformers_result["metrics"][accuracy]["value"] == vllm_result["metrics"][accuracy]["value"]
+    assert transformers_result["problems"] == vllm_result["problems"]  # per problem: same scores, same lengths
+    assert vllm_result["settings"]["backend"] == "vllm" and "vllm" in vllm_result["versions"]

@@ -696,14 +696,15 @@ def _as_completion(text: str, conversational: bool):
     return [{"role": "assistant", "content": text}] if conversational else text
 
 
-def score(rows: list[dict], columns: dict[str, list], rewards: list, conversational: bool) -> list[dict[str, Any]]:
-    """Each reward on every row, called as TRL calls it: completions plus the dataset's other columns."""
+def score(rows: list[dict], columns: dict[str, list], rewards: dict, conversational: bool) -> list[dict[str, Any]]:
+    """Each reward (name -> function) on every row, called as TRL calls it: completions plus the dataset's other
+    columns."""
     completions = [_as_completion(r["completion"], conversational) for r in rows]
     kwargs = {name: [values[r["problem_index"]] for r in rows] for name, values in columns.items()}
     kwargs["prompts"] = [r["prompt"] for r in rows]
     kwargs["completion_ids"] = [r["completion_ids"] for r in rows]
     kwargs["trainer_state"] = None
-    by_reward = {reward.__name__: reward(completions, **kwargs) for reward in rewards}
+    by_reward = {name: reward(completions, **kwargs) for name, reward in rewards.items()}
     return [{name: (None if v[i] is None else float(v[i])) for name, v in by_reward.items()} for i in range(len(rows))]
 
 
@@ -714,8 +715,11 @@ def load_problems(settings: EvalSettings):
     """The task's split, cut to `limit`, with a stable id per problem (its index and a hash of its prompt)."""
     from .data import load_task
 
+    options = dict(settings.task_options)
+    if settings.limit is not None and "size" in options:
+        options["size"] = min(options["size"], settings.limit)  # generated splits: the first N rows of any size
     try:
-        dataset = load_task(settings.task, settings.split, **settings.task_options)
+        dataset = load_task(settings.task, settings.split, **options)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as error:
         raise EvalError(f"cannot load task {settings.task!r} ({settings.split}): {error}") from None
     if settings.limit is not None:
@@ -802,7 +806,8 @@ def evaluate(
         )
     columns = {name: dataset[name] for name in dataset.column_names if name != "prompt"}
     conversational = isinstance(dataset[0]["prompt"], list)
-    for row, values in zip(rows, score(rows, columns, rewards, conversational), strict=True):
+    by_name = dict(zip(settings.reward_funcs, rewards, strict=True))
+    for row, values in zip(rows, score(rows, columns, by_name, conversational), strict=True):
         row["rewards"] = values
     if settings.quality_model:
         scorer, scorer_tokenizer = load_model(locate_model(settings.quality_model))
