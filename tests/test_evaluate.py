@@ -216,6 +216,26 @@ def test_checkpoint_and_lora_adapter_folders_load(tiny_llama, tmp_path):
     assert results["adapter"]["metrics"]["smooth_length/mean"] != results["base"]["metrics"]["smooth_length/mean"]
 
 
+def test_guided_sampling_uses_the_trainers_sampler(tiny_llama, tmp_path):
+    """--sampling guided: the K samples of a problem branch from one shared prefix, cut at a recipe's punctuation."""
+    recipe = dict(task="length", punctuation=list("etaoinshrdlu"), prefix_min_tokens=4, prefix_max_tokens=8)
+    recipe.update(min_guide_tokens=1, max_guide_tokens=2)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    argv = _eval_argv(tiny_llama, tmp_path, "guided", "--config", str(tmp_path / "recipe.yaml"))
+    argv[argv.index("--num-samples") + 1] = "4"
+    argv[argv.index("--max-new-tokens") + 1] = "16"
+    assert cli.main([*argv, "--sampling", "guided"]) == 0
+    records = read_records(tmp_path / "guided.jsonl")
+    shared = 0
+    for start in range(0, len(records), 4):
+        texts = [r["completion"] for r in records[start : start + 4]]
+        assert len({r["problem_id"] for r in records[start : start + 4]}) == 1
+        shared += len(os.path.commonprefix(texts)) >= 2 and len(set(texts)) > 1
+    # A group whose drawn prefix holds no mark gets an empty one (plain sampling); most groups here get a prefix.
+    assert shared >= 2, [r["completion"] for r in records]
+    assert json.loads((tmp_path / "guided.json").read_text())["settings"]["guidance"]["prefix_max_tokens"] == 8
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -295,11 +315,11 @@ def test_eval_before_after_in_a_two_step_run(tiny_llama, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------------------- vLLM
 
-EVEN_LENGTH_REWARD = '''
-def even_length(completions, **kwargs):
-    """1 when the completion has an even number of characters: an accuracy-like 0/1 score of the exact text."""
-    return [float(len(c[0]["content"] if isinstance(c, list) else c) % 2 == 0) for c in completions]
-'''
+# A 0/1 score of the exact text: the sharpened tiny model writes 16 characters for most prompts, more for some.
+LENGTH_REWARD = """
+def over_16_chars(completions, **kwargs):
+    return [float(len(c[0]["content"] if isinstance(c, list) else c) > 16) for c in completions]
+"""
 
 
 def backends_agree(python: Path, workdir: Path) -> tuple[dict, dict]:
@@ -308,9 +328,9 @@ def backends_agree(python: Path, workdir: Path) -> tuple[dict, dict]:
     from tests.vllm_scripts._common import build_model
 
     model = build_model(workdir / "model")
-    (workdir / "parity.py").write_text(EVEN_LENGTH_REWARD)
+    (workdir / "parity.py").write_text(LENGTH_REWARD)
     argv = ["eval", "--model", model, "--task", "length", "--eval-size", "8", "--max-new-tokens", "16"]
-    argv += ["--reward-funcs", "parity.even_length", "--quality-model", "none", "--no-progress"]
+    argv += ["--reward-funcs", "parity.over_16_chars", "--quality-model", "none", "--no-progress"]
     subprocess.run(
         [str(python), "-m", "trl_guided.cli", *argv, "--backend", "vllm", "--output", str(workdir / "vllm.json")],
         cwd=workdir,
@@ -330,7 +350,7 @@ def backends_agree(python: Path, workdir: Path) -> tuple[dict, dict]:
 @pytest.mark.slow
 def test_transformers_and_vllm_backends_agree_on_greedy(vllm_python, tmp_path):
     transformers_result, vllm_result = backends_agree(vllm_python, tmp_path)
-    accuracy = "even_length/mean"
+    accuracy = "parity.over_16_chars/mean"
     assert transformers_result["metrics"][accuracy]["value"] == vllm_result["metrics"][accuracy]["value"]
     assert transformers_result["problems"] == vllm_result["problems"]  # per problem: same scores, same lengths
     assert vllm_result["settings"]["backend"] == "vllm" and "vllm" in vllm_result["versions"]

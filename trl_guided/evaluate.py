@@ -619,26 +619,27 @@ def generate_guided(model, tokenizer, prompts: list[list[int]], settings: EvalSe
     results = []
     with tempfile.TemporaryDirectory(prefix="trl-guided-eval-") as scratch:
         on_cpu = not torch.cuda.is_available()
-        config = GuidedGRPOConfig(
-            output_dir=scratch,
-            **{
-                **settings.guidance,
-                "guidance": True,
-                "eval_guidance": True,
-                "num_generations": settings.num_samples,
-                "per_device_train_batch_size": settings.num_samples,
-                "max_completion_length": settings.max_new_tokens,
-                "temperature": settings.temperature,
-                "top_p": settings.top_p,
-                "seed": settings.seed,
-                "beta": 0.0,
-                "report_to": "none",
-                "use_cpu": on_cpu,
-                "bf16": not on_cpu and torch.cuda.is_bf16_supported(),
-                "use_vllm": settings.backend == "vllm",
-                "vllm_mode": "colocate",
-            },
-        )
+        options = {
+            **settings.guidance,
+            "guidance": True,
+            "eval_guidance": True,
+            "num_generations": settings.num_samples,
+            "per_device_train_batch_size": settings.num_samples,
+            "max_completion_length": settings.max_new_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "seed": settings.seed,
+            "beta": 0.0,
+            "report_to": "none",
+            "use_cpu": on_cpu,
+            "bf16": not on_cpu and torch.cuda.is_bf16_supported(),
+            "use_vllm": settings.backend == "vllm",
+            "vllm_mode": "colocate",
+        }
+        try:
+            config = GuidedGRPOConfig(output_dir=scratch, **options)
+        except (ValueError, TypeError) as error:
+            raise EvalError(f"--sampling guided: {' '.join(str(error).split())}") from None
         trainer = GuidedGRPOTrainer(
             model=model,
             reward_funcs=rewards,
