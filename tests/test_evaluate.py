@@ -268,9 +268,10 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(tiny_llama, tmp_path, 
 
 def test_generated_test_splits_are_disjoint_from_training_and_large_enough():
     train = load_task("arithmetic", "train", size=1000, terms=2, max_number=20)
-    test = load_task("arithmetic", "test", size=1000, terms=2, max_number=20)
+    test = load_task("arithmetic", "test", size=200, terms=2, max_number=20)
     assert not set(train["expression"]) & set(test["expression"])
-    assert len(test) >= 200 and len(set(test["expression"])) == len(test)
+    assert len(test) == 200 and len(set(test["expression"])) == len(test)
+    assert test["answer"][:5] == load_task("arithmetic", "test", size=5, terms=2, max_number=20)["answer"]
     small_train = load_task("arithmetic", "train", size=200, terms=2, max_number=9)
     small_test = load_task("arithmetic", "test", size=200, terms=2, max_number=9)
     assert not set(small_train["expression"]) & set(small_test["expression"]) and 20 < len(small_test) < 200

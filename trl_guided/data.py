@@ -172,10 +172,11 @@ def load_arithmetic(
         for _ in range(terms - 1):
             expression = f"({expression} {rng.choice('+-*')} {rng.randint(1, max_number)})"
         expression = expression[1:-1] if expression.startswith("(") else expression
-        answer = str(_evaluate_integer(expression))
-        return expression, answer, f"Evaluate {expression}. Put the final number in <answer> </answer> tags."
+        return expression, None, f"Evaluate {expression}. Put the final number in <answer> </answer> tags."
 
     rows = _draw_split(random.Random(_split_seed(seed, split)), draw, lambda row: row[0], split, size)
+    # Evaluated once a problem is kept (a small problem space makes the split draw many more than it keeps).
+    rows = [(e, str(_evaluate_integer(e)) if a is None else a, p) for e, a, p in rows]
     return Dataset.from_dict(
         {
             "prompt": [_chat(system_prompt, prompt) for _, _, prompt in rows],
