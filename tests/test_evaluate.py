@@ -355,3 +355,17 @@ def test_transformers_and_vllm_backends_agree_on_greedy(vllm_python, tmp_path):
     assert transformers_result["metrics"][accuracy]["value"] == vllm_result["metrics"][accuracy]["value"]
     assert transformers_result["problems"] == vllm_result["problems"]  # per problem: same scores, same lengths
     assert vllm_result["settings"]["backend"] == "vllm" and "vllm" in vllm_result["versions"]
+
+
+def test_before_after_numbers_go_to_the_wandb_run_summary(monkeypatch):
+    import sys
+    import types
+
+    from trl_guided.train import _log_to_trackers
+
+    run = types.SimpleNamespace(summary={})
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=run))
+    before = _result({"p1": 0.0, "p2": 1.0})
+    after = _result({"p1": 1.0, "p2": 1.0})
+    _log_to_trackers(compare(before, after))
+    assert run.summary == {"eval_before/acc/mean": 0.5, "eval_after/acc/mean": 1.0, "eval_diff/acc/mean": 0.5}
