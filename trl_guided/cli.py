@@ -87,11 +87,14 @@ def _add_eval_command(commands) -> None:
     evaluation = commands.add_parser(
         "eval",
         help="evaluate a model on a task's test split, or compare two results (docs/evaluation.md)",
-        description="Evaluate a model on held-out problems (pass@k, avg@k, 95%% CIs), or compare two results.\n"
+        description="Evaluate a model on held-out problems (pass@k, avg@k, 95% CIs), or compare two results.\n"
         "  trl-guided eval --model M --task T [--limit N] [--output F.json]\n"
         "  trl-guided eval --config RECIPE --model runs/x\n"
         "  trl-guided eval --compare BEFORE.json AFTER.json [--output comparison.json]\n"
         "  trl-guided eval --model M --baseline B --task T",
+        epilog="Task fields, as in recipes: "
+        + ", ".join("--" + n.replace("_", "-") for n in EVAL_TASK_FIELDS)
+        + ". Details: docs/evaluation.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluation.add_argument("--model", help="Hub name, model/run/checkpoint-N/LoRA-adapter folder, or embedded:NAME")
