@@ -174,6 +174,13 @@ def test_tiny_eval_is_deterministic_and_recomputable_from_records(tiny_llama, tm
     recomputed = metrics_from_records(records, ["smooth_length"], num_samples=2, seed=result["settings"]["seed"])
     assert recomputed == {"metrics": result["metrics"], "problems": result["problems"]}
     assert {"smooth_length/mean", "completion_tokens", "truncated", "nll_per_token"} <= set(result["metrics"])
+    # --baseline: both evaluated the same way, then compared (the same model against itself: all ties).
+    argv = _eval_argv(tiny_llama, tmp_path, "both")
+    del argv[argv.index("--records") : argv.index("--records") + 2]
+    assert cli.main([*argv, "--baseline", tiny_llama]) == 0
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert both["after"]["metrics"] == result["metrics"] == both["before"]["metrics"]
+    assert {e["diff"] for e in both["comparison"]["metrics"].values()} == {0.0}
     # Sampling is seeded: another seed samples other completions.
     assert cli.main(_eval_argv(tiny_llama, tmp_path, "three", "--seed", "1")) == 0
     assert read_records(tmp_path / "three.jsonl") != records
