@@ -29,6 +29,7 @@ from trl_guided.evaluate import (
     paired_bootstrap_ci,
     pass_at_k,
     read_records,
+    repetition,
     summary_line,
     wins_losses_ties,
 )
@@ -105,6 +106,9 @@ def test_metrics_from_records_hand_computed():
     assert metric["truncated"] == pytest.approx((1 / 3 + 1 / 3) / 2)
     assert metric["nll_per_token"] == pytest.approx((6 / 12 + 12 / 24) / 2)
     assert result["problems"]["a"]["acc/mean"] == pytest.approx(2 / 3)
+    assert metric["repetition"] == 0.0  # every completion here is shorter than one 10-gram
+    assert repetition("abababab", n=2) == pytest.approx(1 - 2 / 7) and repetition("abcdef", n=2) == 0.0
+    assert repetition("1." * 20) == pytest.approx(1 - 2 / 31)  # 31 10-grams, 2 distinct
 
 
 def _result(scores: dict[str, float], model="m", **settings) -> dict:

@@ -98,6 +98,13 @@ def wins_losses_ties(before, after) -> tuple[int, int, int]:
     return wins, losses, len(before) - wins - losses
 
 
+def repetition(text: str, n: int = 10) -> float:
+    """Fraction of the text's character n-grams that repeat an earlier one: ~0 for prose, near 1 for degenerate loops
+    such as `1.1.1.1.` or a sentence said over and over (which a language model finds likely, so NLL misses them)."""
+    grams = [text[i : i + n] for i in range(len(text) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def is_binary(values) -> bool:
     """True for 0/1 (accuracy-like) reward values."""
     values = [v for v in values if v is not None]
@@ -121,8 +128,8 @@ def per_problem_values(records: list[dict], reward_names: list[str], num_samples
     (K = num_samples; avg@K is the mean accuracy of the K samples, which is also the unbiased pass@1). Samples whose
     reward is None (gold answer unparseable) are left out; a problem without any scored sample is left out of that
     reward's metrics. Then `completion_tokens`, `completion_chars`, `truncated` (fraction of samples that hit
-    max_new_tokens) and, with a quality model, `nll_per_token` (its NLL summed over the problem's completion tokens,
-    divided by their number).
+    max_new_tokens), `repetition` (see `repetition`) and, with a quality model, `nll_per_token` (its NLL summed over
+    the problem's completion tokens, divided by their number).
     """
     by_problem: dict[str, list[dict]] = {}
     for record in records:
@@ -148,6 +155,9 @@ def per_problem_values(records: list[dict], reward_names: list[str], num_samples
         pid: float(np.mean([len(r["completion"]) for r in rows])) for pid, rows in by_problem.items()
     }
     values["truncated"] = {pid: float(np.mean([r["truncated"] for r in rows])) for pid, rows in by_problem.items()}
+    values["repetition"] = {
+        pid: float(np.mean([repetition(r["completion"]) for r in rows])) for pid, rows in by_problem.items()
+    }
     if any(r.get("nll") is not None for r in records):
         nll = {}
         for pid, rows in by_problem.items():
