@@ -80,7 +80,7 @@ GUIDED_SAMPLER_FIELDS = (
 
 
 def _add_eval_command(commands) -> None:
-    from dataclasses import fields
+    import typing
 
     from .train import TaskArguments
 
@@ -124,9 +124,9 @@ def _add_eval_command(commands) -> None:
     evaluation.add_argument("--output", help="write the result (or comparison) JSON here")
     evaluation.add_argument("--records", help="write the per-sample records (JSONL) here")
     evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
-    kinds = {f.name: f.type for f in fields(TaskArguments)}
+    kinds = typing.get_type_hints(TaskArguments)
     for name in EVAL_TASK_FIELDS:
-        kind = {"int": int, "float": float}.get(str(kinds[name]).split(" ")[0], str)
+        kind = kinds[name] if kinds[name] in (int, float) else str
         evaluation.add_argument(
             "--" + name.replace("_", "-"), "--" + name, dest=name, type=kind, help=argparse.SUPPRESS
         )
