@@ -47,7 +47,7 @@ vllm_setup=$!
 trap 'kill -- "-$vllm_setup" 2>/dev/null || true; rm -f "$VLLM_SETUP_LOG"' EXIT
 
 lint
-LAST=(tests/launch/test_setup.py tests/distributed/test_vllm.py)
+LAST=(tests/launch/test_setup.py tests/distributed/test_vllm.py tests/distributed/test_eval_vllm.py)
 echo "[test] pytest (all but ${LAST[*]})"
 status=0
 "$VENV/bin/python" -m pytest "${LAST[@]/#/--ignore=}" || status=$?

@@ -134,8 +134,211 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     # `train` hands every flag to its own TrlParser (see main), this entry only lists it in --help.
+    _add_eval_command(commands)
     _add_look_commands(commands)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------------------- eval
+# `trl-guided eval`: held-out evaluation, comparison of two results (trl_guided/evaluate.py, docs/evaluation.md).
+
+# Task fields a recipe or a flag may set (TaskArguments fields, spelled --dataset-size or --dataset_size).
+EVAL_TASK_FIELDS = (
+    "dataset_path",
+    "eval_size",
+    "dataset_size",
+    "dataset_seed",
+    "system_prompt",
+    "arithmetic_mode",
+    "arithmetic_terms",
+    "arithmetic_max_number",
+    "length_target",
+    "length_tolerance",
+    "length_scale",
+)
+# Recipe fields that shape the guided sampler (--sampling guided).
+GUIDED_SAMPLER_FIELDS = (
+    "prefix_min_tokens",
+    "prefix_max_tokens",
+    "punctuation",
+    "branch_point",
+    "min_guide_tokens",
+    "max_guide_tokens",
+    "prefix_eos_retries",
+)
+
+
+def _add_eval_command(commands) -> None:
+    import typing
+
+    from .train import TaskArguments
+
+    evaluation = commands.add_parser(
+        "eval",
+        help="evaluate a model on a task's test split, or compare two results (docs/evaluation.md)",
+        description="Evaluate a model on held-out problems (pass@k, avg@k, 95% CIs), or compare two results.\n"
+        "  trl-guided eval --model M --task T [--limit N] [--output F.json]\n"
+        "  trl-guided eval --config RECIPE --model runs/x\n"
+        "  trl-guided eval --compare BEFORE.json AFTER.json [--output comparison.json]\n"
+        "  trl-guided eval --model M --baseline B --task T",
+        epilog="Task fields, as in recipes: "
+        + ", ".join("--" + n.replace("_", "-") for n in EVAL_TASK_FIELDS)
+        + ". Details: docs/evaluation.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluation.add_argument("--model", help="Hub name, model/run/checkpoint-N/LoRA-adapter folder, or embedded:NAME")
+    evaluation.add_argument("--baseline", help="a second model, evaluated the same way and compared with --model")
+    evaluation.add_argument("--compare", nargs=2, metavar=("BEFORE.json", "AFTER.json"), help="compare two results")
+    evaluation.add_argument("--force", action="store_true", help="compare results of different problems/settings")
+    evaluation.add_argument("--config", help="a training recipe: its task fields (and model) are the defaults")
+    evaluation.add_argument("--task", help="task name (default: the recipe's)")
+    evaluation.add_argument("--split", default="test", help="dataset split (default: test)")
+    evaluation.add_argument("--limit", type=int, help="first N problems (recipe: eval_limit; default: all)")
+    evaluation.add_argument("--num-samples", type=int, help="samples per problem, K of pass@K (default 1)")
+    evaluation.add_argument("--temperature", type=float, help="0 = greedy (default 0)")
+    evaluation.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
+    evaluation.add_argument("--max-new-tokens", type=int, help="completion budget (default: recipe's, else 128)")
+    evaluation.add_argument("--batch-size", type=int, default=16, help="rows per generate call (default 16)")
+    evaluation.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    evaluation.add_argument("--sampling", default="plain", choices=("plain", "guided"), help="default: plain")
+    evaluation.add_argument("--reward-funcs", nargs="+", help="reward names (default: the recipe's or the task's)")
+    evaluation.add_argument(
+        "--backend", default="auto", help="auto (vLLM if importable and a GPU), transformers, vllm"
+    )
+    evaluation.add_argument(
+        "--quality-model",
+        default=None,
+        help="model scoring completion fluency (NLL/token); 'none' to skip (default embedded:smollm2-135m-instruct)",
+    )
+    evaluation.add_argument("--output", help="write the result (or comparison) JSON here")
+    evaluation.add_argument("--records", help="write the per-sample records (JSONL) here")
+    evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
+    kinds = typing.get_type_hints(TaskArguments)
+    for name in EVAL_TASK_FIELDS:
+        kind = kinds[name] if kinds[name] in (int, float) else str
+        evaluation.add_argument(
+            "--" + name.replace("_", "-"), "--" + name, dest=name, type=kind, help=argparse.SUPPRESS
+        )
+    evaluation.set_defaults(func=_eval)
+
+
+# The reward each task is scored with when neither a flag nor a recipe names one.
+DEFAULT_TASK_REWARDS = {
+    "arithmetic": ["arithmetic_accuracy"],
+    "countdown": ["countdown"],
+    "gsm8k": ["gsm8k_accuracy"],
+    "math": ["math_accuracy"],
+    "length": ["smooth_length"],
+    "tldr": ["length"],
+}
+
+
+def _eval_settings(args: argparse.Namespace):
+    """EvalSettings from the flags, then the recipe (--config), then the defaults; and the model name."""
+    from pathlib import Path
+
+    import yaml
+
+    from .evaluate import DEFAULT_QUALITY_MODEL, EvalError, EvalSettings, default_backend
+    from .train import TaskArguments, reward_options, task_options
+
+    recipe: dict = {}
+    if args.config:
+        if not Path(args.config).is_file():
+            raise EvalError(f"recipe file not found: {args.config}")
+        recipe = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(recipe, dict):
+            raise EvalError(f"{args.config}: a recipe must be a YAML mapping of field: value")
+    task_fields = {k: recipe[k] for k in EVAL_TASK_FIELDS if k in recipe}
+    task_fields.update({k: getattr(args, k) for k in EVAL_TASK_FIELDS if getattr(args, k) is not None})
+    task = args.task or recipe.get("task")
+    if not task:
+        raise EvalError("no task: give --task (e.g. --task arithmetic) or --config RECIPE")
+    rewards = args.reward_funcs or (recipe.get("reward_funcs") if recipe.get("task", task) == task else None)
+    rewards = rewards or DEFAULT_TASK_REWARDS.get(task, [])
+    task_args = TaskArguments(task=task, reward_funcs=list(rewards), **task_fields)
+
+    def pick(flag, recipe_key, default):
+        if flag is not None:
+            return flag
+        return recipe.get(recipe_key, default) if recipe.get(recipe_key) is not None else default
+
+    quality = args.quality_model or DEFAULT_QUALITY_MODEL
+    settings = EvalSettings(
+        task=task,
+        split=args.split,
+        limit=pick(args.limit, "eval_limit", None),
+        num_samples=pick(args.num_samples, "eval_num_samples", 1),
+        temperature=pick(args.temperature, "eval_temperature", 0.0),
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens
+        or recipe.get("eval_max_new_tokens")
+        or recipe.get("max_completion_length")
+        or 128,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        sampling=args.sampling,
+        backend=default_backend() if args.backend == "auto" else args.backend,
+        reward_funcs=list(rewards),
+        task_options=task_options(task_args),
+        reward_options={k: v for k, v in reward_options(task_args).items() if k in rewards},
+        quality_model=None if quality.lower() == "none" else quality,
+        guidance={k: recipe[k] for k in GUIDED_SAMPLER_FIELDS if k in recipe} if args.sampling == "guided" else {},
+    )
+    settings.check()
+    return settings, args.model or recipe.get("model_name_or_path")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import time
+
+    from .evaluate import (
+        EvalError,
+        compare,
+        evaluate,
+        format_comparison,
+        format_result,
+        locate_model,
+        read_result,
+        write_json,
+    )
+
+    try:
+        if args.compare:
+            if args.model or args.baseline:
+                raise EvalError("--compare takes two result files; leave out --model/--baseline")
+            comparison = compare(read_result(args.compare[0]), read_result(args.compare[1]), force=args.force)
+            print(format_comparison(comparison))
+            if args.output:
+                write_json(comparison, args.output)
+            return 0
+        settings, model = _eval_settings(args)
+        if not model:
+            raise EvalError("no model: give --model (or --config with a recipe that names model_name_or_path)")
+        if args.baseline and args.records:
+            raise EvalError("--records keeps one model's samples; leave it out with --baseline")
+        # Resolve every model before generating anything, so a typo fails in a second, not after an evaluation.
+        source = locate_model(model)
+        baseline = locate_model(args.baseline) if args.baseline else None
+        results = []
+        for each in [baseline, source] if baseline else [source]:
+            started = time.perf_counter()
+            records = args.records if each is source else None
+            result = evaluate(each, settings, records, progress=not args.no_progress, log=lambda _: None)
+            print(format_result(result))
+            print(f"({time.perf_counter() - started:.1f} s)\n")
+            results.append(result)
+        if baseline:
+            output = compare(results[0], results[1], force=args.force)
+            print(format_comparison(output))
+            output = {"comparison": output, "before": results[0], "after": results[1]}
+        else:
+            output = results[0]
+        if args.output:
+            write_json(output, args.output)
+        return 0
+    except EvalError as error:
+        raise SystemExit(f"trl-guided eval: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

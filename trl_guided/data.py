@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections.abc import Callable
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
@@ -47,7 +49,8 @@ def load_length(
     `eval_size` prompts form the `test` split.
     """
     prompts = _length_prompts(dataset_path)
-    chosen = prompts[-eval_size:] if split == "test" else prompts[:-eval_size] if eval_size else prompts
+    cut = max(0, len(prompts) - eval_size)  # eval_size=0: no test prompts (a slice [-0:] would take them all)
+    chosen = prompts[cut:] if split == "test" else prompts[:cut]
     return Dataset.from_dict(
         {"prompt": [[{"role": "system", "content": system_prompt}, {"role": "user", "content": p}] for p in chosen]}
     )
@@ -55,6 +58,33 @@ def load_length(
 
 def _split_seed(seed: int, split: str) -> int:
     return seed * 1_000_003 + {"train": 0, "test": 1, "validation": 2}.get(split, 3)
+
+
+# Generated tasks: a problem belongs to the test split when a hash of its text falls in one of TEST_SHARE buckets, and
+# to train/validation otherwise, so the splits never share a problem however large either is drawn. Test problems are
+# also unique, so that each counts once in an evaluation.
+TEST_SHARE = 5
+
+
+def _in_test_partition(key: str) -> bool:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % TEST_SHARE == 0
+
+
+def _draw_split(rng: random.Random, draw: Callable[[random.Random], tuple], key, split: str, size: int) -> list:
+    """`size` problems drawn with `draw` whose `key` puts them in `split`'s partition (unique ones for test). A small
+    problem space may hold fewer test problems than asked: then all of them are returned."""
+    test = split == "test"
+    rows, seen = [], set()
+    for _ in range(50 * size + 1000):
+        if len(rows) == size:
+            break
+        row = draw(rng)
+        name = key(row)
+        if _in_test_partition(name) != test or (test and name in seen):
+            continue
+        seen.add(name)
+        rows.append(row)
+    return rows
 
 
 def _chat(system_prompt: str, user: str) -> list[dict[str, str]]:
@@ -86,10 +116,17 @@ def load_countdown(
     system_prompt: str = THINK_ANSWER_SYSTEM_PROMPT,
     **_,
 ) -> Dataset:
-    """Countdown (TinyZero / GRPO-mini): reach `target` with each of `nums` once and + - * /. Generated locally,
-    deterministic by seed and split; every instance is solvable (built from a solution, kept in `solution`)."""
+    """Countdown (TinyZero): reach `target` with each of `nums` once and + - * /. Generated locally, deterministic by
+    seed and split; every instance is solvable (built from a solution, kept in `solution`). The test split shares no
+    problem (numbers and target) with train."""
     rng = random.Random(_split_seed(seed, split))
-    rows = [_countdown_instance(rng, numbers, max_number) for _ in range(size)]
+    rows = _draw_split(
+        rng,
+        lambda r: _countdown_instance(r, numbers, max_number),
+        lambda row: f"{sorted(row[0])}->{row[1]}",
+        split,
+        size,
+    )
     return Dataset.from_dict(
         {
             "prompt": [
@@ -120,28 +157,33 @@ def load_arithmetic(
 ) -> Dataset:
     """Synthetic arithmetic (Minimal-GRPO style), generated locally, deterministic by seed and split, exact answers in
     `answer`. `mode="evaluate"`: an integer expression with + - * and parentheses. `mode="expand"`: a product
-    `(a x + b)(c x + d)` to expand into `p x^2 + q x + r`."""
+    `(a x + b)(c x + d)` to expand into `p x^2 + q x + r`. The test split shares no expression with train; a small
+    problem space (e.g. 2 terms up to 9: 243 expressions) holds about a fifth of it as test problems."""
     if mode not in ("evaluate", "expand"):
         raise ValueError(f"arithmetic mode={mode!r} is unknown; choose 'evaluate' or 'expand'.")
-    rng = random.Random(_split_seed(seed, split))
-    expressions, answers, prompts = [], [], []
-    for _ in range(size):
+
+    def draw(rng: random.Random) -> tuple[str, str, str]:
         if mode == "expand":
             a, b, c, d = (rng.randint(1, max_number // 2) * rng.choice((1, -1)) for _ in range(4))
             expression = f"({a}x {'+' if b > 0 else '-'} {abs(b)})({c}x {'+' if d > 0 else '-'} {abs(d)})"
             answer = _polynomial(a * c, a * d + b * c, b * d)
-            prompt = f"Expand {expression}. Put the expanded polynomial in <answer> </answer> tags."
-        else:
-            expression = str(rng.randint(1, max_number))
-            for _ in range(terms - 1):
-                expression = f"({expression} {rng.choice('+-*')} {rng.randint(1, max_number)})"
-            expression = expression[1:-1] if expression.startswith("(") else expression
-            answer = str(_evaluate_integer(expression))
-            prompt = f"Evaluate {expression}. Put the final number in <answer> </answer> tags."
-        expressions.append(expression)
-        answers.append(answer)
-        prompts.append(_chat(system_prompt, prompt))
-    return Dataset.from_dict({"prompt": prompts, "expression": expressions, "answer": answers})
+            return expression, answer, f"Expand {expression}. Put the expanded polynomial in <answer> </answer> tags."
+        expression = str(rng.randint(1, max_number))
+        for _ in range(terms - 1):
+            expression = f"({expression} {rng.choice('+-*')} {rng.randint(1, max_number)})"
+        expression = expression[1:-1] if expression.startswith("(") else expression
+        return expression, None, f"Evaluate {expression}. Put the final number in <answer> </answer> tags."
+
+    rows = _draw_split(random.Random(_split_seed(seed, split)), draw, lambda row: row[0], split, size)
+    # Evaluated once a problem is kept (a small problem space makes the split draw many more than it keeps).
+    rows = [(e, str(_evaluate_integer(e)) if a is None else a, p) for e, a, p in rows]
+    return Dataset.from_dict(
+        {
+            "prompt": [_chat(system_prompt, prompt) for _, _, prompt in rows],
+            "expression": [expression for expression, _, _ in rows],
+            "answer": [answer for _, answer, _ in rows],
+        }
+    )
 
 
 def _polynomial(square: int, linear: int, constant: int) -> str:

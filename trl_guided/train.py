@@ -50,10 +50,40 @@ class TaskArguments:
     length_tolerance: int = field(default=30, metadata={"help": "smooth_length: no penalty within ± this."})
     length_scale: float = field(default=0.05, metadata={"help": "smooth_length: penalty scale."})
     summary_window: int = field(default=10, metadata={"help": "Steps averaged for the first/last reward summary."})
+    eval_before_after: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate the starting and the final model on the task's test split (plain sampling) and write "
+            "eval_before.json, eval_after.json and comparison.json into output_dir (docs/evaluation.md)."
+        },
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "Test problems evaluated (None: the whole split)."})
+    eval_num_samples: int = field(default=1, metadata={"help": "Samples per test problem (K of pass@K)."})
+    eval_temperature: float = field(default=0.0, metadata={"help": "Evaluation temperature (0: greedy)."})
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Evaluation completion budget (None: max_completion_length)."}
+    )
 
 
-def reward_functions(task_args: TaskArguments) -> list:
-    options = {
+def task_options(task_args: TaskArguments) -> dict:
+    """The keyword options of `load_task` that the task fields set."""
+    options = dict(
+        dataset_path=task_args.dataset_path,
+        eval_size=task_args.eval_size,
+        size=task_args.dataset_size,
+        seed=task_args.dataset_seed,
+        mode=task_args.arithmetic_mode,
+        terms=task_args.arithmetic_terms,
+        max_number=task_args.arithmetic_max_number,
+    )
+    if task_args.system_prompt is not None:
+        options["system_prompt"] = task_args.system_prompt
+    return options
+
+
+def reward_options(task_args: TaskArguments) -> dict[str, dict]:
+    """Per reward name, the options the task fields bind (e.g. the length target)."""
+    return {
         "length": {"target": task_args.length_target},
         "smooth_length": {
             "target": task_args.length_target,
@@ -61,7 +91,14 @@ def reward_functions(task_args: TaskArguments) -> list:
             "scale": task_args.length_scale,
         },
     }
-    return [get_reward(name, **options.get(name, {})) for name in task_args.reward_funcs]
+
+
+def reward_functions_by_name(names: list[str], options: dict[str, dict]) -> list:
+    return [get_reward(name, **options.get(name, {})) for name in names]
+
+
+def reward_functions(task_args: TaskArguments) -> list:
+    return reward_functions_by_name(task_args.reward_funcs, reward_options(task_args))
 
 
 def summarize(log_history: list[dict], window: int) -> dict:
@@ -113,17 +150,8 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
     model_path = resolve_model_path(model_args.model_name_or_path)
     init_kwargs = {"dtype": model_args.dtype} if model_args.dtype not in (None, "auto") else {}
     training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
-    options = dict(
-        dataset_path=task_args.dataset_path,
-        eval_size=task_args.eval_size,
-        size=task_args.dataset_size,
-        seed=task_args.dataset_seed,
-        mode=task_args.arithmetic_mode,
-        terms=task_args.arithmetic_terms,
-        max_number=task_args.arithmetic_max_number,
-    )
-    if task_args.system_prompt is not None:
-        options["system_prompt"] = task_args.system_prompt
+    options = task_options(task_args)
+    eval_before = evaluate_start(task_args, training_args, model_args.model_name_or_path)
     train_dataset = load_task(task_args.task, "train", **options)
     eval_dataset = load_task(task_args.task, "test", **options) if training_args.eval_strategy != "no" else None
     trainer = GuidedGRPOTrainer(
@@ -155,7 +183,108 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
         print(f"Run saved in {output_dir} (model, checkpoints, trainer_state.json, completions/, summary.json).")
         end_of_run_report(output_dir)
     trainer.accelerator.wait_for_everyone()
+    if eval_before is not None:
+        summary = evaluate_final(task_args, training_args, eval_before, summary)
     return summary
+
+
+# ------------------------------------------------------------------------------------- before/after evaluation
+# Runs on the main process only: the other processes wait at a barrier (the wait is bounded by ddp_timeout, 1800 s by
+# default; keep eval_limit small enough). The final model is read back from output_dir, where save_model wrote it in
+# full (also under ZeRO-3), so no sharded parameter has to be gathered during generation.
+
+
+def eval_settings(task_args: TaskArguments, training_args: GuidedGRPOConfig):
+    from .evaluate import EvalSettings
+
+    return EvalSettings(
+        task=task_args.task,
+        split="test",
+        limit=task_args.eval_limit,
+        num_samples=task_args.eval_num_samples,
+        temperature=task_args.eval_temperature,
+        top_p=training_args.top_p if task_args.eval_temperature > 0 else 1.0,
+        max_new_tokens=task_args.eval_max_new_tokens or training_args.max_completion_length,
+        batch_size=32,
+        seed=training_args.seed,
+        backend="transformers",  # the trainer (and maybe a vLLM engine) holds the GPU memory already
+        reward_funcs=list(task_args.reward_funcs),
+        task_options=task_options(task_args),
+        reward_options=reward_options(task_args),
+    )
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _barrier() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def evaluate_start(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_name: str) -> dict | None:
+    """With eval_before_after, the starting model's result (main process; None elsewhere and when off)."""
+    if not task_args.eval_before_after:
+        return None
+    from .evaluate import EvalError, evaluate, write_json
+
+    settings = eval_settings(task_args, training_args)
+    try:
+        settings.check()
+    except EvalError as error:
+        raise SystemExit(f"eval_before_after: {error}") from None
+    result = {}
+    if _is_main_process():
+        output_dir = Path(training_args.output_dir)
+        print(f"Evaluating the starting model {model_name} on the {task_args.task} test split ...")
+        result = evaluate(model_name, settings, output_dir / "eval_before.jsonl", progress=False)
+        write_json(result, output_dir / "eval_before.json")
+    _barrier()
+    return result
+
+
+def evaluate_final(task_args: TaskArguments, training_args: GuidedGRPOConfig, before: dict, summary: dict) -> dict:
+    """Evaluate the saved final model, compare it with the start, add the numbers to summary.json and the tracker."""
+    from .evaluate import compare, evaluate, headline_metric, summary_line, write_json
+
+    if _is_main_process():
+        output_dir = Path(training_args.output_dir)
+        settings = eval_settings(task_args, training_args)
+        print(f"Evaluating the final model in {output_dir} on the {task_args.task} test split ...")
+        after = evaluate(str(output_dir), settings, output_dir / "eval_after.jsonl", progress=False)
+        write_json(after, output_dir / "eval_after.json")
+        comparison = compare(before, after)
+        write_json(comparison, output_dir / "comparison.json")
+        line = summary_line(comparison)
+        print(f"Held-out evaluation ({after['settings']['problems']} test problems): {line}")
+        headline = headline_metric(after)
+        summary["eval"] = {
+            "summary": line,
+            "problems": after["settings"]["problems"],
+            "metrics": comparison["metrics"],
+            "headline": headline,
+        }
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _log_to_trackers(comparison)
+    _barrier()
+    return summary
+
+
+def _log_to_trackers(comparison: dict) -> None:
+    """Before/after values into the run summary of an active wandb run."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if getattr(wandb, "run", None) is None:
+        return
+    for name, entry in comparison["metrics"].items():
+        for key in ("before", "after", "diff"):
+            wandb.run.summary[f"eval_{key}/{name}"] = entry[key]
 
 
 def make_parser() -> TrlParser:

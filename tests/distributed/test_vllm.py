@@ -21,21 +21,6 @@ SCRIPTS = ROOT / "tests" / "distributed" / "vllm_scripts"
 SCRIPT_TIMEOUT = 900
 
 
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    """The .venv-vllm interpreter, bootstrapped (or checked in about a second) by scripts/setup_vllm_env.sh."""
-    venv = Path(os.environ.get("VLLM_VENV") or ROOT / ".venv-vllm")
-    result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "setup_vllm_env.sh")],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        env={**os.environ, "VLLM_VENV": str(venv)},
-    )
-    assert result.returncode == 0, f"setup_vllm_env.sh failed:\n{result.stderr[-4000:]}"
-    return venv / "bin" / "python"
-
-
 def processes_mentioning(text: str) -> list[int]:
     """Processes whose command line contains `text` (a test's unique tmp path), from /proc."""
     pids = []

@@ -1,0 +1,336 @@
+"""Evaluation: statistics on hand-computed cases, records -> metrics, comparisons, model folders, bad input, the
+before/after evaluation of a training run (the vLLM backend: tests/distributed/test_eval_vllm.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_guided import cli
+from trl_guided.data import load_task
+from trl_guided.evaluate import (
+    EvalError,
+    EvalSettings,
+    bootstrap_ci,
+    compare,
+    evaluate,
+    format_comparison,
+    locate_model,
+    mcnemar_exact,
+    metrics_from_records,
+    paired_bootstrap_ci,
+    pass_at_k,
+    read_records,
+    repetition,
+    summary_line,
+    wins_losses_ties,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def test_pass_at_k_hand_computed():
+    assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert pass_at_k(5, 0, 3) == 0.0
+    assert pass_at_k(5, 4, 2) == 1.0  # fewer wrong samples than k: a correct one is always drawn
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_bootstrap_intervals():
+    assert bootstrap_ci([0.5] * 7) == (0.5, 0.5)
+    half = [0.0] * 20 + [1.0] * 20
+    low, high = bootstrap_ci(half, seed=3)
+    assert (low, high) == bootstrap_ci(half, seed=3)  # seeded
+    spread = [float(i % 7) ** 2 for i in range(40)]
+    assert bootstrap_ci(spread, seed=3) != bootstrap_ci(spread, seed=4)
+    # Normal approximation: 0.5 +- 1.96 * sqrt(0.25 / 40) = 0.5 +- 0.155.
+    assert low == pytest.approx(0.345, abs=0.04) and high == pytest.approx(0.655, abs=0.04)
+    before = [0.0, 1.0, 0.5, 0.25, 1.0]
+    assert paired_bootstrap_ci(before, [b + 0.25 for b in before]) == pytest.approx((0.25, 0.25))
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_mcnemar_and_wins_losses_ties():
+    assert mcnemar_exact(1, 5) == pytest.approx(2 * 7 / 64)  # 2 * (C(6,0) + C(6,1)) / 2^6
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(10, 0) == pytest.approx(2 / 1024)
+    assert wins_losses_ties([0, 1, 1, 0, 0.5], [1, 1, 0, 0, 1]) == (2, 1, 2)
+
+
+def _record(pid, sample, reward, tokens=4, truncated=False, nll=None):
+    return dict(
+        problem_id=pid,
+        sample=sample,
+        prompt="p",
+        completion="x" * tokens,
+        rewards={"acc": reward},
+        tokens=tokens,
+        truncated=truncated,
+        nll=nll,
+        nll_tokens=tokens if nll is not None else 0,
+    )
+
+
+def test_metrics_from_records_hand_computed():
+    records = [
+        _record("a", 0, 1.0, tokens=2, nll=1.0),
+        _record("a", 1, 0.0, tokens=4, truncated=True, nll=3.0),
+        _record("a", 2, 1.0, tokens=6, nll=2.0),
+        _record("b", 0, 0.0, tokens=8, nll=4.0),
+        _record("b", 1, 0.0, tokens=8, truncated=True, nll=4.0),
+        _record("b", 2, None, tokens=8, nll=4.0),  # unparseable gold: left out of the reward, not of the lengths
+    ]
+    result = metrics_from_records(records, ["acc"], num_samples=3, seed=0)
+    metric = {name: entry["value"] for name, entry in result["metrics"].items()}
+    assert metric["acc/mean"] == pytest.approx((2 / 3 + 0) / 2)
+    assert metric["acc/pass@1"] == pytest.approx(1 / 3)
+    # b has only 2 scored samples, fewer than K=3: pass@3 is over a alone.
+    assert metric["acc/pass@3"] == 1.0 and result["metrics"]["acc/pass@3"]["problems"] == 1
+    assert metric["acc/avg@3"] == pytest.approx(1 / 3)
+    assert metric["completion_tokens"] == pytest.approx((4 + 8) / 2)
+    assert metric["truncated"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    assert metric["nll_per_token"] == pytest.approx((6 / 12 + 12 / 24) / 2)
+    assert result["problems"]["a"]["acc/mean"] == pytest.approx(2 / 3)
+    assert metric["repetition"] == 0.0  # every completion here is shorter than one 10-gram
+    assert repetition("abababab", n=2) == pytest.approx(1 - 2 / 7) and repetition("abcdef", n=2) == 0.0
+    assert repetition("1." * 20) == pytest.approx(1 - 2 / 31)  # 31 10-grams, 2 distinct
+
+
+def _result(scores: dict[str, float], model="m", **settings) -> dict:
+    base = dict(task="arithmetic", split="test", num_samples=1, temperature=0.0, reward_funcs=["acc"], batch_size=8)
+    return {
+        "settings": {**base, **settings},
+        "model": {"name": model},
+        "versions": {},
+        "metrics": {"acc/mean": {"value": sum(scores.values()) / len(scores), "ci95": [0, 1], "problems": 1}},
+        "problems": {pid: {"acc/mean": v} for pid, v in scores.items()},
+    }
+
+
+def test_compare_hand_made_results(tmp_path):
+    before = _result({f"p{i}": float(i < 2) for i in range(10)}, model="base")
+    after = _result({f"p{i}": float(i < 7) for i in range(10)}, model="trained", batch_size=32)
+    for name, data in (("before", before), ("after", after)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    out = tmp_path / "comparison.json"
+    assert (
+        cli.main(
+            ["eval", "--compare", str(tmp_path / "before.json"), str(tmp_path / "after.json"), "--output", str(out)]
+        )
+        == 0
+    )
+    entry = json.loads(out.read_text())["metrics"]["acc/mean"]
+    assert (entry["before"], entry["after"], entry["diff"]) == pytest.approx((0.2, 0.7, 0.5))
+    assert (entry["wins"], entry["losses"], entry["ties"]) == (5, 0, 5)
+    assert entry["mcnemar_p"] == pytest.approx(2 / 32)
+    assert 0 < entry["diff_ci95"][0] <= 0.5 <= entry["diff_ci95"][1] <= 1
+    line = summary_line(compare(before, after))
+    assert line.startswith("acc: 0.20 -> 0.70 (+0.50, 95% CI +") and line.endswith("5 wins / 0 losses)")
+    assert "McNemar" in format_comparison(compare(before, after))
+
+    # Different problems or different settings: refused, unless forced (on the common problems).
+    fewer = _result({f"p{i}": 1.0 for i in range(8)})
+    hotter = _result({f"p{i}": 1.0 for i in range(10)}, temperature=1.0)
+    for other, message in ((fewer, "different problems"), (hotter, r"different settings \(temperature")):
+        with pytest.raises(EvalError, match=message):
+            compare(before, other)
+    assert compare(before, fewer, force=True)["problems"] == 8
+
+
+# --------------------------------------------------------------------------------------------- with a tiny model
+
+
+def _eval_argv(model: str, tmp_path: Path, name: str, *extra: str) -> list[str]:
+    """A fast evaluation: 6 length prompts x 2 samples of 8 tokens, scored by the same tiny model."""
+    return [
+        "eval", "--model", model, "--task", "length", "--eval-size", "6", "--num-samples", "2", "--temperature",
+        "1.0", "--max-new-tokens", "8", "--batch-size", "4", "--quality-model", model, "--no-progress",
+        "--output", str(tmp_path / f"{name}.json"), "--records", str(tmp_path / f"{name}.jsonl"), *extra,
+    ]  # fmt: skip
+
+
+def test_tiny_eval_is_deterministic_and_recomputable_from_records(tiny_llama, tmp_path):
+    assert cli.main(_eval_argv(tiny_llama, tmp_path, "one")) == 0
+    assert cli.main(_eval_argv(tiny_llama, tmp_path, "two")) == 0
+    one, two = (tmp_path / "one.json").read_text(), (tmp_path / "two.json").read_text()
+    assert one == two
+    assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
+    result = json.loads(one)
+    records = read_records(tmp_path / "one.jsonl")
+    assert len(records) == 12 and result["settings"]["problems"] == 6
+    assert {"trl_guided", "torch", "transformers"} <= set(result["versions"])
+    assert len(result["model"]["weights_sha256"]) == 64
+    recomputed = metrics_from_records(records, ["smooth_length"], num_samples=2, seed=result["settings"]["seed"])
+    assert recomputed == {"metrics": result["metrics"], "problems": result["problems"]}
+    assert {"smooth_length/mean", "completion_tokens", "truncated", "nll_per_token"} <= set(result["metrics"])
+    # --baseline: both evaluated the same way, then compared (the same model against itself: all ties).
+    argv = _eval_argv(tiny_llama, tmp_path, "both")
+    del argv[argv.index("--records") : argv.index("--records") + 2]
+    assert cli.main([*argv, "--baseline", tiny_llama]) == 0
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert both["after"]["metrics"] == result["metrics"] == both["before"]["metrics"]
+    assert {e["diff"] for e in both["comparison"]["metrics"].values()} == {0.0}
+    # Sampling is seeded: another seed samples other completions.
+    assert cli.main(_eval_argv(tiny_llama, tmp_path, "three", "--seed", "1")) == 0
+    assert read_records(tmp_path / "three.jsonl") != records
+
+
+def test_checkpoint_and_lora_adapter_folders_load(tiny_llama, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_llama, run / "checkpoint-3")
+    (run / "trainer_state.json").write_text("{}")
+    with pytest.raises(EvalError, match="training run folder without a saved model.*checkpoint-3"):
+        locate_model(str(run))
+    assert locate_model(str(run / "checkpoint-3")).kind == "folder"
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=4, target_modules="all-linear")
+    )
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 1.0)  # a non-zero adapter, so that it changes the model
+    model.save_pretrained(tmp_path / "adapter")
+    adapter = locate_model(str(tmp_path / "adapter"))
+    assert adapter.kind == "adapter" and adapter.base == tiny_llama
+
+    settings = dict(task="length", reward_funcs=["smooth_length"], max_new_tokens=6, quality_model=None)
+    results = {
+        name: evaluate(model, EvalSettings(**settings, task_options={"eval_size": 3}), progress=False, log=lambda _: 0)
+        for name, model in (
+            ("base", tiny_llama),
+            ("checkpoint", str(run / "checkpoint-3")),
+            ("adapter", str(tmp_path / "adapter")),
+        )
+    }
+    assert results["checkpoint"]["metrics"] == results["base"]["metrics"]
+    assert results["adapter"]["model"]["kind"] == "adapter"
+    assert results["adapter"]["metrics"]["smooth_length/mean"] != results["base"]["metrics"]["smooth_length/mean"]
+
+
+def test_guided_sampling_uses_the_trainers_sampler(tiny_llama, tmp_path):
+    """--sampling guided: the K samples of a problem branch from one shared prefix, cut at a recipe's punctuation."""
+    recipe = dict(task="length", punctuation=list("etaoinshrdlu"), prefix_min_tokens=4, prefix_max_tokens=8)
+    recipe.update(min_guide_tokens=1, max_guide_tokens=2)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    argv = _eval_argv(tiny_llama, tmp_path, "guided", "--config", str(tmp_path / "recipe.yaml"))
+    argv[argv.index("--num-samples") + 1] = "4"
+    argv[argv.index("--max-new-tokens") + 1] = "16"
+    assert cli.main([*argv, "--sampling", "guided"]) == 0
+    records = read_records(tmp_path / "guided.jsonl")
+    shared = 0
+    for start in range(0, len(records), 4):
+        texts = [r["completion"] for r in records[start : start + 4]]
+        assert len({r["problem_id"] for r in records[start : start + 4]}) == 1
+        shared += len(os.path.commonprefix(texts)) >= 2 and len(set(texts)) > 1
+    # A group whose drawn prefix holds no mark gets an empty one (plain sampling); most groups here get a prefix.
+    assert shared >= 2, [r["completion"] for r in records]
+    assert json.loads((tmp_path / "guided.json").read_text())["settings"]["guidance"]["prefix_max_tokens"] == 8
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "{tiny}", "--task", "sudoku"], "unknown task 'sudoku'"),
+        (
+            ["--model", "{tiny}", "--task", "arithmetic", "--reward-funcs", "acuracy"],
+            "Unknown reward function 'acuracy'",
+        ),
+        (["--model", "{tmp}/nowhere", "--task", "arithmetic"], "model '.*nowhere' not found"),
+        (["--model", "{tmp}/run", "--task", "arithmetic"], "training run folder without a saved model"),
+        (["--model", "{tiny}", "--task", "length", "--eval-size", "0"], "split of task 'length' is empty"),
+        (["--model", "{tiny}", "--task", "arithmetic", "--limit", "0"], "--limit must be at least 1"),
+        (["--model", "{tiny}", "--task", "arithmetic", "--num-samples", "4"], "identical samples"),
+        (["--compare", "{tmp}/a.json", "{tmp}/b.json"], "different problems"),
+        (["--compare", "{tmp}/a.json", "{tmp}/missing.json"], "missing.json: no such file"),
+    ],
+    ids=["task", "reward", "model", "run_folder", "empty_split", "limit_0", "greedy_k", "compare", "compare_missing"],
+)
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tiny_llama, tmp_path, argv, message):
+    (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "a.json").write_text(json.dumps(_result({"p1": 1.0})))
+    (tmp_path / "b.json").write_text(json.dumps(_result({"p2": 1.0})))
+    argv = [a.format(tiny=tiny_llama, tmp=tmp_path) for a in argv]
+    output = tmp_path / "out.json"
+    with pytest.raises(SystemExit, match=message) as error:
+        cli.main(["eval", *argv, "--output", str(output), "--quality-model", "none"])
+    assert error.value.code not in (0, None) and "\n" not in str(error.value.code)
+    assert not output.exists()
+
+
+def test_generated_test_splits_are_disjoint_from_training_and_large_enough():
+    train = load_task("arithmetic", "train", size=1000, terms=2, max_number=20)
+    test = load_task("arithmetic", "test", size=200, terms=2, max_number=20)
+    assert not set(train["expression"]) & set(test["expression"])
+    assert len(test) == 200 and len(set(test["expression"])) == len(test)
+    assert test["answer"][:5] == load_task("arithmetic", "test", size=5, terms=2, max_number=20)["answer"]
+    small_train = load_task("arithmetic", "train", size=200, terms=2, max_number=9)
+    small_test = load_task("arithmetic", "test", size=200, terms=2, max_number=9)
+    assert not set(small_train["expression"]) & set(small_test["expression"]) and 20 < len(small_test) < 200
+    countdown_train, countdown_test = (
+        load_task("countdown", "train", size=300),
+        load_task("countdown", "test", size=300),
+    )
+    key = lambda rows: {(tuple(sorted(n)), t) for n, t in zip(rows["nums"], rows["target"], strict=True)}  # noqa: E731
+    assert not key(countdown_train) & key(countdown_test)
+
+
+def test_eval_before_after_in_a_two_step_run(tiny_llama, tmp_path, capsys):
+    recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-instruct" / "length_cpu.yaml").read_text())
+    recipe.update(
+        model_name_or_path=tiny_llama,
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        save_steps=2,
+        max_completion_length=12,
+        prefix_min_tokens=2,
+        prefix_max_tokens=6,
+        max_guide_tokens=4,
+        log_completions=False,
+        eval_before_after=True,
+        eval_limit=3,
+        eval_max_new_tokens=8,
+    )
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli.main(["train", "--config", str(tmp_path / "recipe.yaml")]) == 0
+    run = tmp_path / "run"
+    before, after = (json.loads((run / f"eval_{w}.json").read_text()) for w in ("before", "after"))
+    comparison = json.loads((run / "comparison.json").read_text())
+    assert before["settings"]["problems"] == after["settings"]["problems"] == comparison["problems"] == 3
+    assert before["model"]["path"] == tiny_llama and after["model"]["path"] == str(run)
+    assert before["model"]["weights_sha256"] != after["model"]["weights_sha256"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (
+        summary["eval"]["summary"].startswith("smooth_length: ") and "smooth_length/mean" in summary["eval"]["metrics"]
+    )
+    assert "Held-out evaluation (3 test problems): smooth_length: " in capsys.readouterr().out
+
+
+def test_before_after_numbers_go_to_the_wandb_run_summary(monkeypatch):
+    import sys
+    import types
+
+    from trl_guided.train import _log_to_trackers
+
+    run = types.SimpleNamespace(summary={})
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=run))
+    before = _result({"p1": 0.0, "p2": 1.0})
+    after = _result({"p1": 1.0, "p2": 1.0})
+    _log_to_trackers(compare(before, after))
+    assert run.summary == {"eval_before/acc/mean": 0.5, "eval_after/acc/mean": 1.0, "eval_diff/acc/mean": 0.5}
