@@ -318,6 +318,33 @@ def _unknown_keys(strings: list[str], source: str) -> SystemExit:
     )
 
 
+def _check_keys_before_building(argv: list[str], recipe: str | None) -> None:
+    """Unknown keys fail before any config is built: TRL's and transformers' own checks run while the configs are
+    built and would otherwise report a consequence (e.g. bf16 on a machine without GPU) instead of the typo."""
+    names = set(_field_types()) | {"config", "help", "h"}
+    if recipe is not None:
+        config = yaml.safe_load(Path(recipe).read_text()) or {}
+        if isinstance(config, dict):
+            unknown = [key for key in config if key not in names and key != "env"]
+            if unknown:
+                raise _unknown_keys(unknown, recipe)
+    flags = [token for token in argv if token.startswith("--")]
+    unknown = [flag for flag in flags if flag[2:].split("=")[0] not in names]
+    if unknown:
+        raise _unknown_keys(unknown, "command line")
+
+
+def _config_error(error: Exception) -> SystemExit:
+    """An error raised while TRL / transformers / GuidedGRPOConfig build the configs, as one line with the fix."""
+    message = str(error).strip()
+    if "bf16/gpu" in message or ("fp16" in message and "gpu" in message.lower()):
+        return SystemExit(
+            "No GPU found for this recipe's bf16/fp16 settings: set `use_cpu: true` and `bf16: false` in the recipe "
+            "(or pass --use_cpu true --bf16 false), or use a CPU recipe (recipes/smollm2-135m-instruct/*_cpu.yaml)."
+        )
+    return SystemExit(f"Invalid configuration: {message}")
+
+
 def _check_recipe_types(recipe: str) -> None:
     """Scalar fields must get scalars of their type: `num_generations: four` fails here, naming key and file."""
     config = yaml.safe_load(Path(recipe).read_text()) or {}
@@ -363,9 +390,13 @@ def run(argv: list[str] | None = None) -> dict:
         if not Path(recipe).is_file():
             raise SystemExit(f"Recipe file not found: {recipe}")
         _check_recipe_types(recipe)
-    task_args, training_args, model_args, from_recipe, from_command_line = make_parser().parse_args_and_config(
-        args=argv, return_remaining_strings=True, separate_remaining_strings=True
-    )
+    _check_keys_before_building(argv, recipe)
+    try:
+        task_args, training_args, model_args, from_recipe, from_command_line = make_parser().parse_args_and_config(
+            args=argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except ValueError as error:
+        raise _config_error(error) from None
     if from_recipe:
         raise _unknown_keys(from_recipe, recipe or "recipe")
     if from_command_line:

@@ -157,6 +157,25 @@ def test_cli_error_exit_code_and_missing_recipe(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"Recipe file not found: {tmp_path / 'nope.yaml'}"
 
 
+def test_gpu_recipe_on_a_cpu_machine_names_the_typo_first_then_the_fix(tmp_path):
+    """TRL / transformers check bf16 while the configs are built; our key check runs before, and their error becomes
+    one line with the fix (a subprocess: the test kit forces use_cpu on every config built in this process)."""
+    gpu_recipe = dict(model_name_or_path="embedded:smollm2-135m-instruct", task="length", bf16=True)
+    command = [sys.executable, "-m", "trl_guided.cli", "train", "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    for changes, expected in (
+        (dict(learning_rat=1e-5), "unknown key(s) 'learning_rat' (did you mean 'learning_rate'?)"),
+        ({}, "No GPU found for this recipe's bf16/fp16 settings: set `use_cpu: true` and `bf16: false`"),
+    ):
+        path = tmp_path / "gpu.yaml"
+        path.write_text(yaml.safe_dump({**gpu_recipe, **changes}))
+        argv = [*command, "--config", str(path)]
+        result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert expected in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
 def test_env_block_and_resume_from_last_checkpoint(tmp_path, tiny_llama, monkeypatch):
     out = tmp_path / "run"
     short = dict(
