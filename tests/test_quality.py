@@ -50,6 +50,8 @@ def guided_trainer(model_path, tmp_path, **overrides):
         report_to="none",
         save_strategy="no",
         seed=3,
+        use_cpu=True,
+        bf16=False,
     )
     values.update(overrides)
     from datasets import Dataset
@@ -221,4 +223,10 @@ def test_main_job_recipe_keeps_text_fluent(tmp_path):
     history = yaml.safe_load((tmp_path / "trainer_state.json").read_text())["log_history"]
     logged = [entry for entry in history if "reward" in entry]
     assert len(logged) == FLUENCY_STEPS
-    assert all(math.isfinite(entry["quality/ref_nll"]) for entry in logged), "the quality metric is not logged"
+    quality = [entry.get("quality/ref_nll") for entry in logged]
+    assert any(value is not None and math.isfinite(value) and value > 0 for value in quality), quality
+
+
+def test_unknown_loss_normalization_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="guidance_loss_normalization='tokens' is unknown"):
+        GuidedGRPOConfig(output_dir=str(tmp_path), guidance_loss_normalization="tokens", use_cpu=True, bf16=False)

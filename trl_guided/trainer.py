@@ -505,13 +505,18 @@ class GuidedGRPOTrainer(GRPOTrainer):
         return result
 
     def _log_nll(self, name: str, per_token_logps: torch.Tensor, mask: torch.Tensor) -> None:
-        """Mean negative log-likelihood per completion token over all processes: a cheap text-quality signal."""
+        """Mean negative log-likelihood per completion token over all processes: a cheap text-quality signal.
+
+        Only tokens in `mask` count: with `mask_truncated_completions` TRL zeroes truncated rows (and scores them with
+        their completion masked out), so the mean covers the completed rows; NaN (left out of the log) if none.
+        """
         mask = mask.to(per_token_logps.dtype)
         totals = self.accelerator.reduce(
             torch.stack([-(per_token_logps * mask).sum(), mask.sum()]).float(), reduction="sum"
         )
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode][name].append((totals[0] / totals[1].clamp(min=1)).item())
+        value = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+        self._metrics[mode][name].append(value)
 
     def _shares_prefix(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
         """Whether the shared-prefix forward applies (it needs a KV cache, text only, and no per-forward OT hook)."""
