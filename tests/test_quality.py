@@ -4,6 +4,7 @@ share is against plain GRPO under each `guidance_loss_normalization`, and whethe
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import yaml
 
 from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer
 from trl_guided.models import resolve_model_path
-from trl_guided.quality import completion_nll, load_model, run_quality
+from trl_guided.quality import completion_nll, load_model
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 MAIN_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-instruct" / "length_cpu.yaml"
@@ -193,10 +194,38 @@ def test_completion_nll_scores_fluent_text_below_scrambled_text(embedded):
 FLUENCY_STEPS = 6
 
 
+def base_model_samples(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float, per_prompt: int):
+    """The base model's own answers to `prompts` (chat messages), sampled as the recipe samples."""
+    torch.manual_seed(0)
+    completions, prompt_rows = [], []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=per_prompt,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        completions += tokenizer.batch_decode(out[:, ids.size(1) :], skip_special_tokens=True)
+        prompt_rows += [prompt] * per_prompt
+    return prompt_rows, completions
+
+
 @pytest.mark.slow
 def test_main_job_recipe_keeps_text_fluent(tmp_path):
-    """A short run of the main job's own recipe: the reward must not be bought with text the base model finds
-    unlikely (NLL/token of the last 3 steps' completions at most 1.3x that of the first 3), no truncation needed."""
+    """A short run of the main job's own recipe must not buy its reward with text the base model finds unlikely.
+
+    The full 30-step run compares the last 3 steps' completions with the first 3 steps' (docs/training.md). A short
+    run has only a few prompts per step, and the prompt moves the NLL per token more than 6 steps of training do, so
+    here the last 3 steps' completions are compared with the base model's own answers to the same prompts.
+    """
+    import pandas as pd
+
     from trl_guided.train import run
 
     recipe = yaml.safe_load(MAIN_RECIPE.read_text())
@@ -204,27 +233,27 @@ def test_main_job_recipe_keeps_text_fluent(tmp_path):
     target_tokens = (recipe["length_target"] + recipe["length_tolerance"]) / chars_per_token
     assert target_tokens < recipe["max_completion_length"], "the length target needs truncated completions"
 
-    run(
-        [
-            "--config",
-            str(MAIN_RECIPE),
-            "--max_steps",
-            str(FLUENCY_STEPS),
-            "--output_dir",
-            str(tmp_path),
-            "--save_strategy",
-            "no",
-            "--report_to",
-            "none",
-        ]
-    )
-    report = run_quality(tmp_path)
-    assert report["nll_ratio"] <= 1.3, report
-    history = yaml.safe_load((tmp_path / "trainer_state.json").read_text())["log_history"]
+    argv = ["--config", str(MAIN_RECIPE), "--max_steps", str(FLUENCY_STEPS), "--output_dir", str(tmp_path)]
+    run([*argv, "--save_strategy", "no", "--report_to", "none"])
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     logged = [entry for entry in history if "reward" in entry]
     assert len(logged) == FLUENCY_STEPS
     quality = [entry.get("quality/ref_nll") for entry in logged]
     assert any(value is not None and math.isfinite(value) and value > 0 for value in quality), quality
+
+    model, tokenizer = load_model(EMBEDDED)
+    last = pd.concat(
+        pd.read_parquet(tmp_path / "completions" / f"completions_{step:05d}.parquet")
+        for step in range(FLUENCY_STEPS - 2, FLUENCY_STEPS + 1)
+    )
+    trained = completion_nll(model, tokenizer, list(last["prompt"]), list(last["completion"]))
+    prompts = list({str(p.tolist()): [dict(m) for m in p] for p in last["prompt"]}.values())
+    base_prompts, base_completions = base_model_samples(
+        model, tokenizer, prompts, recipe["max_completion_length"], recipe["temperature"], recipe["num_generations"]
+    )
+    base = completion_nll(model, tokenizer, base_prompts, base_completions)
+    per_token = [sum(s for s, _ in rows) / sum(n for _, n in rows) for rows in (trained, base)]
+    assert per_token[0] <= 1.3 * per_token[1], f"NLL/token {per_token[0]:.2f} vs the base model's {per_token[1]:.2f}"
 
 
 def test_unknown_loss_normalization_is_refused(tmp_path):
