@@ -34,6 +34,7 @@ CONFIG_GROUPS = {
     "Parameters that control the guidance": ["min_guide_tokens", "max_guide_tokens", "eval_guidance"],
     "Parameters that control the loss": [
         "guidance_loss_scope",
+        "guidance_loss_normalization",
         "postfix_decay",
         "postfix_min_weight",
         "shared_prefix_loss",

@@ -25,8 +25,8 @@ lint() {
 if [ "${1:-}" = "--fast" ]; then
   shift
   lint
-  echo "[test] pytest tests/unit $*"
-  exec "$VENV/bin/python" -m pytest tests/unit "$@"
+  echo "[test] pytest tests/unit -m \"not slow\" $*"
+  exec "$VENV/bin/python" -m pytest tests/unit -m "not slow" "$@"
 fi
 
 if [ "$#" -gt 0 ]; then

@@ -8,6 +8,9 @@ from trl import GRPOConfig
 
 from .guidance import BRANCH_POINTS, DEFAULT_PUNCTUATION, LOSS_SCOPES
 
+# What the policy loss is divided by when guidance narrows the trained tokens (see docs/training.md).
+LOSS_NORMALIZATIONS = ("trained", "completion")
+
 
 @dataclass
 class GuidedGRPOConfig(GRPOConfig):
@@ -54,6 +57,14 @@ class GuidedGRPOConfig(GRPOConfig):
     guidance_loss_scope: str = field(
         default="guidance",
         metadata={"help": f"Which completion tokens the loss trains. One of: {', '.join(LOSS_SCOPES)}."},
+    )
+    guidance_loss_normalization: str = field(
+        default="trained",
+        metadata={
+            "help": "What the loss is normalised by when guidance narrows the trained tokens. 'trained': the trained "
+            "tokens (TRL's own rule applied to the narrowed mask). 'completion': every completion token, as plain "
+            "GRPO would, so guided and plain losses and gradient norms share one scale. See docs/training.md."
+        },
     )
     postfix_decay: float = field(
         default=0.9,
@@ -123,6 +134,11 @@ class GuidedGRPOConfig(GRPOConfig):
         if self.guidance_loss_scope not in LOSS_SCOPES:
             errors.append(
                 f"guidance_loss_scope={self.guidance_loss_scope!r} is unknown; choose one of {list(LOSS_SCOPES)}."
+            )
+        if self.guidance_loss_normalization not in LOSS_NORMALIZATIONS:
+            errors.append(
+                f"guidance_loss_normalization={self.guidance_loss_normalization!r} is unknown; choose one of "
+                f"{list(LOSS_NORMALIZATIONS)}."
             )
         if not self.punctuation or not all(isinstance(p, str) and p for p in self.punctuation):
             errors.append(f"punctuation={self.punctuation!r} must be a non-empty list of non-empty strings.")

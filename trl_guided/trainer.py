@@ -285,6 +285,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         # Set by `_generate_guided` while the parent generated (None: this batch was sampled plain).
         segments, self._segments = self._segments, None
+        if output.get("ref_per_token_logps") is not None:
+            # Text quality for free: TRL scored every completion token under the reference model for the KL term.
+            self._log_nll("quality/ref_nll", output["ref_per_token_logps"], output["completion_mask"])
         if segments is not None:
             output = self._focus_loss(output, segments)
         if self.args.ot_coef > 0:
@@ -295,6 +298,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         """Restrict TRL's scored batch to the trained tokens of `guidance_loss_scope`."""
         args = self.args
         completion_mask = output["completion_mask"]
+        completion_tokens = completion_mask.sum(dim=1)  # per row, before any column is dropped
         width = completion_mask.size(1)
         weights = loss_weights(
             segments, width, args.guidance_loss_scope, args.postfix_decay, args.postfix_min_weight
@@ -321,9 +325,35 @@ class GuidedGRPOTrainer(GRPOTrainer):
             output["advantages"] = output["advantages"].unsqueeze(1) * weights
         loss_mask = output["completion_mask"] * trained
         output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        if args.guidance_loss_normalization == "completion":
+            output = self._normalize_by_completion(output, loss_mask.sum(dim=1), completion_tokens)
         mode = "train" if self.model.training else "eval"
         trained_per_row = self.accelerator.gather(loss_mask.sum(dim=1).float())
         self._metrics[mode]["guidance/trained_tokens"].append(trained_per_row.mean().item())
+        return output
+
+    def _normalize_by_completion(
+        self, output: dict[str, Any], trained_tokens: torch.Tensor, completion_tokens: torch.Tensor
+    ) -> dict[str, Any]:
+        """Divide the policy loss by every completion token, as plain GRPO would, instead of by the trained ones.
+
+        TRL's token-count normalisers see the narrowed mask: `dapo`/`cispo`/`vespo` divide by `num_items_in_batch`
+        (replaced here), `grpo`/`sapo` by each row's mask sum and `bnpo` by the batch's (the advantages are scaled by
+        trained / completion tokens instead; TRL's per-token loss is linear in them). `dr_grpo` and `luspo` count no
+        tokens, so both settings are the same there.
+        """
+        loss_type = self.loss_type
+        if loss_type in ("dapo", "cispo", "vespo"):
+            output["num_items_in_batch"] = self.accelerator.gather(completion_tokens.sum()).sum()
+        elif loss_type in ("grpo", "sapo", "bnpo"):
+            if loss_type == "bnpo":
+                scale = trained_tokens.sum() / completion_tokens.sum().clamp(min=1)
+                scale = scale.expand_as(trained_tokens)
+            else:
+                scale = trained_tokens / completion_tokens.clamp(min=1)
+            advantages = output["advantages"]
+            scale = scale.to(advantages.dtype)
+            output["advantages"] = advantages * (scale if advantages.dim() == 1 else scale.unsqueeze(1))
         return output
 
     def _get_per_token_logps_and_entropies(
@@ -338,7 +368,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         **multimodal_inputs,
     ):
         if not self._shares_prefix(model, compute_aux_loss, multimodal_inputs):
-            return super()._get_per_token_logps_and_entropies(
+            result = super()._get_per_token_logps_and_entropies(
                 model,
                 input_ids,
                 attention_mask,
@@ -348,10 +378,28 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 compute_aux_loss,
                 **multimodal_inputs,
             )
-        logps, entropies = shared_prefix_logps(
-            model, input_ids, attention_mask, logits_to_keep, compute_entropy, self.accelerator.autocast()
+        else:
+            logps, entropies = shared_prefix_logps(
+                model, input_ids, attention_mask, logits_to_keep, compute_entropy, self.accelerator.autocast()
+            )
+            result = (logps, entropies, None)
+        if torch.is_grad_enabled() and self.model.training:  # the loss forward (old/ref log-probs run without grad)
+            self._log_nll("quality/policy_nll", result[0].detach(), attention_mask[:, -logits_to_keep:])
+        return result
+
+    def _log_nll(self, name: str, per_token_logps: torch.Tensor, mask: torch.Tensor) -> None:
+        """Mean negative log-likelihood per completion token over all processes: a cheap text-quality signal.
+
+        Only tokens in `mask` count: with `mask_truncated_completions` TRL zeroes truncated rows (and scores them with
+        their completion masked out), so the mean covers the completed rows; NaN (left out of the log) if none.
+        """
+        mask = mask.to(per_token_logps.dtype)
+        totals = self.accelerator.reduce(
+            torch.stack([-(per_token_logps * mask).sum(), mask.sum()]).float(), reduction="sum"
         )
-        return logps, entropies, None
+        mode = "train" if self.model.training else "eval"
+        value = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+        self._metrics[mode][name].append(value)
 
     def _shares_prefix(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
         """Whether the shared-prefix forward applies (it needs a KV cache, text only, and no per-forward OT hook)."""

@@ -1,0 +1,113 @@
+"""Text quality of logged completions: the negative log-likelihood per token a frozen model assigns to them.
+
+A reward can rise while the text stops being language (a length reward paid with fragments); the NLL of the
+completions under the *base* model rises with it. `run_quality` reads the `completions/*.parquet` files TRL writes
+when `log_completions=True` and scores every step's completions (given their prompts) with a model.
+
+    python -m trl_guided.quality RUN_DIR [--model embedded:smollm2-135m-instruct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def _text(completion) -> str:
+    if isinstance(completion, list | tuple) or hasattr(completion, "tolist"):
+        items = completion.tolist() if hasattr(completion, "tolist") else completion
+        return "".join(str(m.get("content", "")) for m in items if isinstance(m, dict))
+    return str(completion)
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    messages = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+@torch.no_grad()
+def completion_nll(model, tokenizer, prompts: list, completions: list, batch_size: int = 8) -> list[tuple[float, int]]:
+    """Per row: (summed NLL of the completion tokens given the prompt, number of completion tokens)."""
+    rows = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        rows.append(
+            (_prompt_ids(tokenizer, prompt), tokenizer(_text(completion), add_special_tokens=False)["input_ids"])
+        )
+    results = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        target = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for i, (p, c) in enumerate(chunk):  # right padding: positions need no shifting
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
+            target[i, len(p) : len(p) + len(c)] = True
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(model.device)).squeeze(-1)
+        nll = -(logps * target[:, 1:].to(model.device))
+        for i in range(len(chunk)):
+            results.append((nll[i].sum().item(), int(target[i].sum())))
+    return results
+
+
+def load_model(name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import resolve_model_path
+
+    path = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def run_quality(run_dir: str | Path, model=None, tokenizer=None, model_name: str = "embedded:smollm2-135m-instruct"):
+    """{step: NLL per token} of the logged completions of a run, plus the last-3 / first-3 steps ratio."""
+    import pandas as pd
+
+    if model is None:
+        model, tokenizer = load_model(model_name)
+    files = sorted(Path(run_dir, "completions").glob("completions_*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"No completions/*.parquet in {run_dir}: train with log_completions=True.")
+    per_step = {}
+    for file in files:
+        frame = pd.read_parquet(file)
+        scored = completion_nll(model, tokenizer, list(frame["prompt"]), list(frame["completion"]))
+        total, count = sum(s for s, _ in scored), sum(n for _, n in scored)
+        per_step[int(frame["step"].iloc[0])] = total / max(count, 1)
+    steps = sorted(per_step)
+    first = sum(per_step[s] for s in steps[:3]) / len(steps[:3])
+    last = sum(per_step[s] for s in steps[-3:]) / len(steps[-3:])
+    return {
+        "nll_per_step": per_step,
+        "nll_first3": first,
+        "nll_last3": last,
+        "nll_ratio": last / first,
+        "ppl_first3": math.exp(first),
+        "ppl_last3": math.exp(last),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    args = parser.parse_args(argv)
+    report = run_quality(args.run_dir, model_name=args.model)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
