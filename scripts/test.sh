@@ -2,7 +2,7 @@
 # The test command: bootstrap .venv and .venv-vllm if needed, then lint (ruff) and the CPU-only, offline test suite
 # (pytest; tests/distributed/test_vllm.py runs the real vLLM engine from .venv-vllm).
 #   bash scripts/test.sh                 # everything (CI): lint, tests/unit, tests/launch, tests/distributed
-#   bash scripts/test.sh --fast          # inner loop: lint + tests/unit (in-process, no launchers, no vLLM)
+#   bash scripts/test.sh --fast          # inner loop: lint + tests/unit without the slow (real-model) tests
 #   bash scripts/test.sh -k guidance -x  # other arguments go to pytest
 # Without arguments (CI), the vLLM venv is built in the background while the rest of the suite runs; the tests that
 # need it, and tests/launch/test_setup.py (which re-runs `pip install -e .`, as the vLLM setup does), run after it.

@@ -16,17 +16,66 @@ LOSS_NORMALIZATIONS = ("trained", "completion")
 class GuidedGRPOConfig(GRPOConfig):
     r"""
     Configuration for [`GuidedGRPOTrainer`]. Every [`~trl.GRPOConfig`] field works as in TRL; the fields below are new.
+    Rollouts of a prompt group are sampled in three phases: one shared **prefix**, `num_generations` short
+    **guidance** continuations of it, then each chain's **postfix**, up to `max_completion_length` tokens in all.
 
-    Rollouts of a prompt group are sampled in three phases: one shared **prefix** (its length drawn per group in
-    `[prefix_min_tokens, prefix_max_tokens]`, then cut back to its last punctuation mark), `num_generations` short
-    **guidance** continuations (length drawn per group in `[min_guide_tokens, max_guide_tokens]`), then each chain's
-    **postfix** up to `max_completion_length` tokens in all.
+    Parameters that control the prefix:
+        guidance (`bool`, defaults to `True`):
+            Sample prefix/guidance/postfix rollouts. `False`: behave exactly like `trl.GRPOTrainer`.
+        prefix_min_tokens (`int` or `None`, defaults to `None`):
+            Shortest prefix drawn (per group) before the cut. `None`: `prefix_max_tokens // 4`, at least 1.
+        prefix_max_tokens (`int` or `None`, defaults to `None`):
+            Longest prefix drawn before the cut. `None`: `(max_completion_length - max_guide_tokens) // 2`.
+        punctuation (`list[str]`, defaults to `["\n", ".", ",", "!", "?"]`):
+            Marks a prefix may end on; a token that merges a mark with other characters counts.
+        branch_point (`str`, defaults to `"punctuation"`):
+            How the drawn prefix is cut (`trl_guided.guidance.BRANCH_POINTS`): at its last punctuation mark.
+        prefix_eos_retries (`int`, defaults to `2`):
+            How often a prefix sample that hit EOS is redrawn before it is cut before EOS.
 
-    Loss scopes (`guidance_loss_scope`):
-    - `"guidance"`: only guidance tokens are trained (weight 1); the loss forward stops after the last guidance token.
-    - `"guidance_postfix"`: guidance tokens weight 1; the `k`-th postfix token (k = 0, 1, ... counted from the guidance
-      end) weight `max(postfix_decay ** (k + 1), postfix_min_weight)`; prefix tokens weight 0.
-    - `"completion"`: every completion token (prefix, guidance, postfix) weight 1, as plain GRPO.
+    Parameters that control the guidance:
+        min_guide_tokens (`int`, defaults to `2`):
+            Shortest guidance segment (drawn per group); EOS is held back until it is reached.
+        max_guide_tokens (`int`, defaults to `8`):
+            Longest guidance segment (drawn per group).
+        eval_guidance (`bool`, defaults to `True`):
+            Sample TRL's evaluation rollouts guided (`True`) or plain (`False`).
+
+    Parameters that control the loss:
+        guidance_loss_scope (`str`, defaults to `"guidance"`):
+            Which completion tokens the loss trains. `"guidance"`: the guidance tokens only (weight 1; the loss
+            forward stops after the last guidance token). `"guidance_postfix"`: guidance weight 1, the `k`-th postfix
+            token (k = 0, 1, ...) `max(postfix_decay ** (k + 1), postfix_min_weight)`, prefix 0. `"completion"`: every
+            completion token, as plain GRPO.
+        guidance_loss_normalization (`str`, defaults to `"trained"`):
+            What the loss is divided by: the trained tokens (`"trained"`), or every completion token as plain GRPO
+            would (`"completion"`).
+        postfix_decay (`float`, defaults to `0.9`):
+            Decay of the postfix weights in the `"guidance_postfix"` scope.
+        postfix_min_weight (`float`, defaults to `0.0`):
+            Floor of the postfix weights in the `"guidance_postfix"` scope.
+        shared_prefix_loss (`bool`, defaults to `True`):
+            Encode each group's shared prompt + prefix once in the loss forward (same log-probs and gradients).
+
+    Parameters that control the optimal-transport (OT) regularizer:
+        ot_coef (`float`, defaults to `0.0`):
+            Weight of the OT penalty on the backbone's last hidden states; 0 turns OT off.
+        ot_window (`int`, defaults to `16`):
+            Band half-width: token `i` may be matched to `j` with `|i - j| <= ot_window`.
+        ot_epsilon (`float`, defaults to `0.1`):
+            Entropic regularization of the Sinkhorn solve.
+        ot_iterations (`int`, defaults to `50`):
+            Sinkhorn iterations (the cap when `ot_tolerance` is set).
+        ot_tolerance (`float` or `None`, defaults to `None`):
+            Stop early once the row-marginal L1 error is below it.
+        ot_target (`float`, defaults to `0.0`):
+            Hinge: only the OT cost above it is penalised.
+        ot_reference (`str`, defaults to `"ref"`):
+            `"ref"`: the reference model's hidden states; `"old"`: the sampling-time policy's.
+        ot_debiased (`bool`, defaults to `False`):
+            Use the Sinkhorn divergence `OT(x, y) - OT(x, x) / 2 - OT(y, y) / 2` (0 at identity).
+        ot_reference_on_cpu (`bool`, defaults to `False`):
+            Keep the reference hidden states on CPU between generation and loss.
     """
 
     guidance: bool = field(
@@ -103,9 +152,7 @@ class GuidedGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Stop Sinkhorn once the row-marginal L1 error is below this (checked every 10)."},
     )
-    ot_target: float = field(
-        default=0.0, metadata={"help": "Hinge: only OT cost above this target is penalised (GRPO-mini)."}
-    )
+    ot_target: float = field(default=0.0, metadata={"help": "Hinge: only OT cost above this target is penalised."})
     ot_reference: str = field(
         default="ref",
         metadata={

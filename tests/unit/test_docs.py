@@ -48,3 +48,28 @@ def test_readme_fits_on_a_couple_of_screens_and_links_every_docs_page():
         assert f"(docs/{page.name})" in readme, f"README.md does not link docs/{page.name}"
     for link in re.findall(r"\]\((docs/[^)#]+)", readme):
         assert (ROOT / link).exists(), f"README.md links {link}, which does not exist"
+
+
+def test_config_docstring_documents_every_added_field_in_its_group():
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from trl_guided import GuidedGRPOConfig
+
+    groups = reference["CONFIG_GROUPS"]
+    doc = GuidedGRPOConfig.__doc__
+    inherited = {field.name for field in dataclasses.fields(GRPOConfig)}
+    for field in dataclasses.fields(GuidedGRPOConfig):
+        if field.name in inherited:
+            continue
+        entry = re.search(rf"^        {field.name} \(`[^`]+`(?: or `None`)?, defaults to `(.+)`\):$", doc, re.M)
+        assert entry, f"GuidedGRPOConfig's docstring does not document {field.name} in TRL's Parameters format"
+        titles = list(groups)
+        group = next(title for title, names in groups.items() if field.name in names)
+        start = doc.index(f"{group}:")
+        following = [doc.index(f"{title}:") for title in titles[titles.index(group) + 1 :]]
+        assert start < entry.start() < min(following, default=len(doc)), f"{field.name} is not under '{group}'"
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if not isinstance(default, list):
+            assert entry.group(1) == (f'"{default}"' if isinstance(default, str) else str(default)), field.name
