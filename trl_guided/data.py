@@ -43,7 +43,7 @@ def load_length(
     system_prompt: str = LENGTH_SYSTEM_PROMPT,
     **_,
 ) -> Dataset:
-    """Length control in the spirit of the TL;DR seed: short open requests; rewards score the answer's length.
+    """Length control: short open requests; rewards score the answer's length.
 
     The shipped prompt set (trl_guided/assets/length_prompts.txt) or a local text file, one prompt per line; the last
     `eval_size` prompts form the `test` split.
@@ -155,7 +155,7 @@ def load_arithmetic(
     system_prompt: str = THINK_ANSWER_SYSTEM_PROMPT,
     **_,
 ) -> Dataset:
-    """Synthetic arithmetic (Minimal-GRPO style), generated locally, deterministic by seed and split, exact answers in
+    """Synthetic arithmetic, generated locally, deterministic by seed and split, exact answers in
     `answer`. `mode="evaluate"`: an integer expression with + - * and parentheses. `mode="expand"`: a product
     `(a x + b)(c x + d)` to expand into `p x^2 + q x + r`. The test split shares no expression with train; a small
     problem space (e.g. 2 terms up to 9: 243 expressions) holds about a fifth of it as test problems."""
@@ -265,7 +265,7 @@ def load_math(
 def load_tldr(
     split: str = "train", dataset_path: str | None = None, system_prompt: str = TLDR_SYSTEM_PROMPT, **_
 ) -> Dataset:
-    """TL;DR (trl-lib/tldr), in dialogue form as the TRL example seed does: the post becomes the user message."""
+    """TL;DR (trl-lib/tldr), in dialogue form as TRL's GRPO example uses it: the post becomes the user message."""
     rows = _load_rows("trl-lib/tldr", None, split, dataset_path)
     _need(rows, ("prompt",), "tldr")
     if len(rows) and not isinstance(rows[0]["prompt"], str):

@@ -24,7 +24,7 @@ RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" n
 DEMO = ROOT / "recipes" / "smollm2-135m-instruct" / "length_cpu.yaml"
 
 
-def test_length_rewards_follow_the_tldr_seed():
+def test_length_rewards_score_the_distance_to_the_target():
     as_chat = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
     assert length([as_chat("x" * 150), "x" * 260], target=200) == [-50.0, -60.0]
     rewards = smooth_length(["x" * 300, "x" * 325, "x" * 339, as_chat("x" * 400)], target=300, tolerance=30)
