@@ -8,6 +8,9 @@ from trl import GRPOConfig
 
 from .guidance import BRANCH_POINTS, DEFAULT_PUNCTUATION, LOSS_SCOPES
 
+# generation_kwargs of transformers' beam search: they change the number of rows a generate call returns.
+BEAM_SEARCH_KWARGS = {"num_beams", "num_beam_groups", "num_return_sequences", "length_penalty", "early_stopping"}
+
 # What the policy loss is divided by when guidance narrows the trained tokens (see docs/training.md).
 LOSS_NORMALIZATIONS = ("trained", "completion")
 
@@ -213,6 +216,13 @@ class GuidedGRPOConfig(GRPOConfig):
             errors.append(f"postfix_min_weight={self.postfix_min_weight} must be in [0, 1].")
         if self.prefix_eos_retries < 0:
             errors.append(f"prefix_eos_retries={self.prefix_eos_retries} must be >= 0.")
+        beam_search = sorted(set(self.generation_kwargs or {}) & BEAM_SEARCH_KWARGS)
+        if beam_search and (self.generation_kwargs or {}).get("num_beams", 2) != 1:
+            errors.append(
+                f"generation_kwargs {beam_search} ask for beam search, which guided sampling does not support (each "
+                "phase samples one continuation per row; beams change the rows). Keep sampling settings (temperature, "
+                "top_k, top_p, min_p, repetition_penalty) and remove these, or set guidance=False."
+            )
         rows_per_process = self.per_device_train_batch_size * self.steps_per_generation
         if rows_per_process % self.num_generations != 0:
             errors.append(

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import UnionType
 
 import yaml
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .config import GuidedGRPOConfig
 from .data import TASKS, load_task
@@ -146,10 +146,31 @@ def end_of_run_report(output_dir: Path) -> Path | None:
     return path
 
 
+def model_init_kwargs(model_args: ModelConfig) -> dict:
+    """The `ModelConfig` fields that reach `from_pretrained`, as TRL's own `grpo.py` forwards them (quantization goes
+    to the trainer as `quantization_config`, PEFT as `peft_config`)."""
+    kwargs = {"revision": model_args.model_revision}
+    if model_args.dtype not in (None, "auto"):
+        kwargs["dtype"] = model_args.dtype
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return kwargs
+
+
+def validate_model_args(model_args: ModelConfig) -> None:
+    """Refuse, in one line, what cannot take effect here instead of failing deep inside model loading."""
+    import torch
+
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not torch.cuda.is_available():
+        raise SystemExit(
+            "load_in_4bit / load_in_8bit quantize with bitsandbytes, which needs a CUDA GPU; none was found. Remove "
+            "them (or set them to false) to train in full precision on this machine."
+        )
+
+
 def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: ModelConfig) -> dict:
     model_path = resolve_model_path(model_args.model_name_or_path)
-    init_kwargs = {"dtype": model_args.dtype} if model_args.dtype not in (None, "auto") else {}
-    training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
+    training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
     options = task_options(task_args)
     eval_before = evaluate_start(task_args, training_args, model_args.model_name_or_path)
     train_dataset = load_task(task_args.task, "train", **options)
@@ -161,6 +182,7 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
     )
     if trainer.accelerator.is_main_process:
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -402,6 +424,7 @@ def run(argv: list[str] | None = None) -> dict:
     if from_command_line:
         raise _unknown_keys(from_command_line, "command line")
     validate(task_args)
+    validate_model_args(model_args)
     if str(training_args.resume_from_checkpoint).lower() in ("true", "last"):
         training_args.resume_from_checkpoint = True  # the last checkpoint in output_dir
     return main(task_args, training_args, model_args)

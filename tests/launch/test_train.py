@@ -191,3 +191,28 @@ def test_env_block_and_resume_from_last_checkpoint(tmp_path, tiny_llama, monkeyp
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]  # steps 1-2 came from checkpoint-2
+
+
+def test_model_config_fields_reach_the_model_or_are_refused(tmp_path, tiny_llama, monkeypatch):
+    """ModelConfig's loading fields are forwarded as TRL's grpo.py forwards them; 4/8-bit without a GPU is refused."""
+    import trl_guided.train as train_module
+
+    seen = {}
+    build = train_module.GuidedGRPOTrainer
+
+    def recording_trainer(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        seen.update(kwargs=kwargs["args"].model_init_kwargs, attn=trainer.model.config._attn_implementation)
+        seen["quantization_config"] = kwargs["quantization_config"]
+        return trainer
+
+    monkeypatch.setattr(train_module, "GuidedGRPOTrainer", recording_trainer)
+    short = dict(model_name_or_path=tiny_llama, max_steps=1, max_completion_length=16, prefix_min_tokens=2)
+    short.update(prefix_max_tokens=6, max_guide_tokens=4, output_dir=str(tmp_path / "run"), save_strategy="no")
+    short.update(eval_before_after=False, attn_implementation="eager", model_revision="main", dtype="float32")
+    run(["--config", _recipe(tmp_path, **short)])
+    assert seen["kwargs"] == {"revision": "main", "dtype": "float32", "attn_implementation": "eager"}
+    assert seen["attn"] == "eager" and seen["quantization_config"] is None
+    with pytest.raises(SystemExit, match="load_in_4bit / load_in_8bit quantize with bitsandbytes, which needs a CUDA"):
+        run(["--config", _recipe(tmp_path, **short, load_in_4bit=True), "--output_dir", str(tmp_path / "q")])
+    assert not (tmp_path / "q").exists()

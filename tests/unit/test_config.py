@@ -38,3 +38,15 @@ def test_default_prefix_range_leaves_room(tmp_path):
     args = GuidedGRPOConfig(output_dir=str(tmp_path), max_completion_length=256)
     assert args.prefix_max_tokens == (256 - 8) // 2 and 1 <= args.prefix_min_tokens <= args.prefix_max_tokens
     assert GuidedGRPOConfig(output_dir=str(tmp_path), guidance=False, min_guide_tokens=9).guidance is False
+
+
+@pytest.mark.parametrize(
+    "generation_kwargs",
+    [{"num_beams": 2}, {"num_beams": 4, "length_penalty": 0.8}, {"length_penalty": 1.2}, {"num_return_sequences": 2}],
+)
+def test_beam_search_is_refused_with_guidance(tmp_path, generation_kwargs):
+    """Beam search changes the rows a generate call returns (it crashed inside the shared-prefix cache before)."""
+    with pytest.raises(ValueError, match=r"ask for beam search, which guided sampling does not support"):
+        config(tmp_path, generation_kwargs=generation_kwargs)
+    config(tmp_path, generation_kwargs=generation_kwargs, guidance=False)  # plain GRPO: TRL's business
+    config(tmp_path, generation_kwargs={"num_beams": 1})

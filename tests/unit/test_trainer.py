@@ -228,3 +228,17 @@ def test_guidance_rejects_rollout_owners(tiny_llama, tmp_path, owner):
 def test_plain_grpo_config_is_refused(tiny_llama, tmp_path):
     with pytest.raises(TypeError, match="GuidedGRPOConfig"):
         GuidedGRPOTrainer(model=tiny_llama, reward_funcs=reward_len, args=GRPOConfig(output_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "generation_kwargs",
+    [{"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.05}, {"repetition_penalty": 1.3}, {"top_k": 20, "top_p": 0.8}],
+    ids=["top_k", "top_p", "min_p", "repetition_penalty", "top_k_top_p"],
+)
+def test_sampling_generation_kwargs_train_with_guidance(tiny_llama, tmp_path, generation_kwargs):
+    """The generation_kwargs of TRL's docs that guided sampling supports reach every phase and train."""
+    trainer = trainer_for(tiny_llama, tmp_path, generation_kwargs=generation_kwargs)
+    for key, value in generation_kwargs.items():
+        assert getattr(trainer.generation_config, key) == value
+    trainer.train()
+    assert math.isfinite(losses(trainer)[0])
