@@ -203,10 +203,11 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
                 f"last {summary['window']} steps {summary['reward_last']:.3f} ({summary['steps']} steps)."
             )
         print(f"Run saved in {output_dir} (model, checkpoints, trainer_state.json, completions/, summary.json).")
-        end_of_run_report(output_dir)
     trainer.accelerator.wait_for_everyone()
     if eval_before is not None:
         summary = evaluate_final(task_args, training_args, eval_before, summary)
+    if trainer.accelerator.is_main_process:
+        end_of_run_report(Path(training_args.output_dir))  # last: its header shows comparison.json
     return summary
 
 

@@ -320,6 +320,7 @@ def test_eval_before_after_in_a_two_step_run(tiny_llama, tmp_path, capsys):
         summary["eval"]["summary"].startswith("smooth_length: ") and "smooth_length/mean" in summary["eval"]["metrics"]
     )
     assert "Held-out evaluation (3 test problems): smooth_length: " in capsys.readouterr().out
+    assert "<h2 id='evaluation'>Before / after evaluation</h2>" in (run / "report.html").read_text()  # written last
 
 
 def test_before_after_numbers_go_to_the_wandb_run_summary(monkeypatch):
