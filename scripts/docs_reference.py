@@ -65,11 +65,21 @@ def _default(field: dataclasses.Field) -> str:
     return "required"
 
 
-def _rows(fields: list[dataclasses.Field]) -> list[str]:
+def _type(cls: type, field: dataclasses.Field) -> str:
+    """The field's annotation as written in its class (HfArgumentParser replaces `field.type` with a resolved type
+    once a parser has been built in the process, so `field.type` alone is not stable)."""
+    for owner in cls.__mro__:
+        annotation = vars(owner).get("__annotations__", {}).get(field.name)
+        if annotation is not None:
+            return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return str(field.type)
+
+
+def _rows(cls: type, fields: list[dataclasses.Field]) -> list[str]:
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for field in fields:
-        help_text = field.metadata.get("help", "")
-        rows.append(f"| `{field.name}` | `{_cell(field.type)}` | {_cell(_default(field))} | {_cell(help_text)} |")
+        kind, help_text = _cell(_type(cls, field)), _cell(field.metadata.get("help", ""))
+        rows.append(f"| `{field.name}` | `{kind}` | {_cell(_default(field))} | {help_text} |")
     return rows
 
 
@@ -101,14 +111,14 @@ def configuration_page() -> str:
         "are refused when the config is built, with a message that names the field and the fix.",
     ]
     for title, names in CONFIG_GROUPS.items():
-        lines += ["", f"## {title}", "", *_rows([added[name] for name in names])]
+        lines += ["", f"## {title}", "", *_rows(GuidedGRPOConfig, [added[name] for name in names])]
     lines += [
         "",
         "## Task and reward fields of a recipe (`TaskArguments`)",
         "",
         "Used by `trl-guided train` only (the Python API takes a dataset and reward functions directly).",
         "",
-        *_rows(list(dataclasses.fields(TaskArguments))),
+        *_rows(TaskArguments, list(dataclasses.fields(TaskArguments))),
     ]
     return "\n".join(lines) + "\n"
 

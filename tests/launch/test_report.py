@@ -119,6 +119,8 @@ def test_plot_writes_one_png_per_logged_curve_group(run_dir):
     expected = {"reward", "reward_spread", "segments", "guidance_prefix", "completion_length", "loss", "learning_rate"}
     if "ot" in run_dir.parent.name:
         expected.add("ot")
+    if yaml.safe_load(DEMO.read_text()).get("beta", 0.0) > 0:  # the demo recipe trains with a KL term
+        expected.add("kl")
     assert {p.stem for p in pngs} == expected and expected <= {g.name for g in CURVE_GROUPS}
     for png in pngs:
         with Image.open(png) as image:
