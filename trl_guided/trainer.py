@@ -86,6 +86,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
       Relies on: the fused LM head (`fused_lm_head=True`, `shift_labels`) that TRL 1.15+ patches into scored models.
     - `compute_loss`: adds the OT penalty on the backbone's last hidden states captured during the parent's forward.
       Relies on: `_compute_loss` running exactly one policy forward per micro-batch.
+    - `train`, `_save_rng_state`, `_load_rng_state`: resume continues the same run (the last complete checkpoint; the
+      sampler's generator and TRL's generation buffer travel in it). Relies on: Trainer writing `trainer_state.json`
+      last and calling `_load_rng_state` before the first resumed step; GRPOTrainer's `_step` / `_buffered_inputs`.
     """
 
     _tag_names = ["trl", "grpo", "trl-guided", "guided-grpo"]

@@ -28,6 +28,9 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
         "_compute_loss": ["self", "model", "inputs"],
         "_get_per_token_logps_and_entropies": None,
         "_log_completion_extra": ["self", "column", "values"],
+        "_save_rng_state": ["self", "output_dir"],
+        "_load_rng_state": ["self", "checkpoint"],
+        "train": ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"],
     }
     for name, params in expected.items():
         method = getattr(GRPOTrainer, name, None)
@@ -62,6 +65,8 @@ def test_trl_private_attributes_the_rollout_backend_uses_exist(tiny_llama, tmp_p
         "_tokenizer",
         "eos_token_ids",
         "_metrics",
+        "_step",
+        "_buffered_inputs",
     ):
         assert hasattr(trainer, name), f"GRPOTrainer no longer has .{name}"
     assert isinstance(trainer._dist.is_zero3, bool), "GRPOTrainer._dist.is_zero3 moved"
