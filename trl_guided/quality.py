@@ -24,41 +24,23 @@ def _text(completion) -> str:
     return str(completion)
 
 
-def _prompt_ids(tokenizer, prompt) -> list[int]:
+def _messages(prompt):
+    """A logged prompt (text, or chat messages as a list or parquet array) as `evaluate.completion_nll` wants it."""
     if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    messages = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return prompt
+    items = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+    return [{"role": m["role"], "content": m["content"]} for m in items]
 
 
-@torch.no_grad()
 def completion_nll(model, tokenizer, prompts: list, completions: list, batch_size: int = 8) -> list[tuple[float, int]]:
-    """Per row: (summed NLL of the completion tokens given the prompt, number of completion tokens)."""
-    rows = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        rows.append(
-            (_prompt_ids(tokenizer, prompt), tokenizer(_text(completion), add_special_tokens=False)["input_ids"])
-        )
-    results = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(p) + len(c) for p, c in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        target = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for i, (p, c) in enumerate(chunk):  # right padding: positions need no shifting
-            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[i, : len(p) + len(c)] = 1
-            target[i, len(p) : len(p) + len(c)] = True
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(model.device)).squeeze(-1)
-        nll = -(logps * target[:, 1:].to(model.device))
-        for i in range(len(chunk)):
-            results.append((nll[i].sum().item(), int(target[i].sum())))
-    return results
+    """Per row: (summed NLL of the completion tokens given the prompt, number of completion tokens; 0, 0 if empty).
+
+    The scoring of `trl-guided eval` (`trl_guided.evaluate.completion_nll`), on logged prompts and completions."""
+    from .evaluate import completion_nll as score_texts
+
+    texts = [_text(completion) for completion in completions]
+    scores = score_texts(model, tokenizer, [_messages(p) for p in prompts], texts, batch_size)
+    return [score if score is not None else (0.0, 0) for score in scores]
 
 
 def load_model(name: str):
