@@ -31,6 +31,7 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
         "_save_rng_state": ["self", "output_dir"],
         "_load_rng_state": ["self", "checkpoint"],
         "train": ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"],
+        "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
     }
     for name, params in expected.items():
         method = getattr(GRPOTrainer, name, None)
@@ -43,6 +44,8 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
     for key in ('"tool_mask"', '"advantages"', '"num_items_in_batch"', "self._generate("):
         assert key in source, f"GRPOTrainer._generate_and_score_completions no longer uses {key}"
     assert "advantages.dim() == 1" in inspect.getsource(GRPOTrainer._compute_loss), "(B, T) advantages unsupported"
+    # A completion without any reward (all NaN) gets advantage 0 in TRL; infinite rewards are mapped onto that case.
+    assert "unscorable_mask" in source, "TRL no longer zeroes the advantage of completions without any reward"
     assert "self.generation_kwargs" in inspect.getsource(GRPOTrainer._generate_single_turn)
     from trl.generation.vllm_generation import VLLMGeneration
 
