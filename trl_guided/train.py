@@ -333,10 +333,23 @@ def _unknown_keys(strings: list[str], source: str) -> SystemExit:
     )
 
 
+# Fields that hold library objects: HfArgumentParser would pass a YAML value through unchecked.
+OBJECT_FIELDS = {
+    "parallelism_config": "it is an accelerate ParallelismConfig; configure parallelism in the accelerate config "
+    "(`accelerate launch --config_file ...`) or build GuidedGRPOConfig in Python.",
+}
+
+
 def _check_keys_before_building(argv: list[str], recipe: str | None) -> None:
     """Unknown keys fail before any config is built: TRL's and transformers' own checks run while the configs are
     built and would otherwise report a consequence (e.g. bf16 on a machine without GPU) instead of the typo."""
     names = set(_field_types()) | {"config", "help", "h"}
+    given = [t[2:].split("=")[0] for t in argv if t.startswith("--")]
+    if recipe is not None:
+        config = yaml.safe_load(Path(recipe).read_text()) or {}
+        given += list(config) if isinstance(config, dict) else []
+    for key in sorted(set(given) & set(OBJECT_FIELDS)):
+        raise SystemExit(f"{key} cannot be set from a recipe or the command line: {OBJECT_FIELDS[key]}")
     if recipe is not None:
         config = yaml.safe_load(Path(recipe).read_text()) or {}
         if isinstance(config, dict):
@@ -370,9 +383,17 @@ def _check_recipe_types(recipe: str) -> None:
         annotation = types.get(key)
         union = typing.get_origin(annotation) in (typing.Union, UnionType)
         candidates = typing.get_args(annotation) if union else (annotation,)
+        if value is None and annotation is not None and type(None) not in candidates:
+            raise SystemExit(f"{recipe}: {key} cannot be null; give a value or leave the key out for its default.")
         candidates = tuple(t for t in candidates if t is not type(None))
+        lists = [typing.get_args(t)[0] for t in candidates if typing.get_origin(t) is list and typing.get_args(t)]
+        if lists and lists[0] in (int, float, str) and isinstance(value, list):
+            wrong = [item for item in value if not isinstance(item, lists[0]) or isinstance(item, bool)]
+            if wrong and not (lists[0] is float and all(isinstance(i, int) for i in wrong)):
+                raise SystemExit(f"{recipe}: {key} must be a list of {lists[0].__name__}, got {value!r}.")
+            continue
         if not all(t in (int, float, bool, str) for t in candidates):
-            continue  # lists, dicts, enums: left to the parser
+            continue  # dicts, enums, other lists: left to the parser
         allowed = candidates
         if not allowed or value is None:
             continue
@@ -484,7 +505,7 @@ def parse_args(argv: list[str]):
         task_args, training_args, model_args, from_recipe, from_command_line = make_parser().parse_args_and_config(
             args=argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-    except (ValueError, OSError) as error:  # OSError: a config file field (accelerator_config, ...) that is missing
+    except (ValueError, TypeError, OSError) as error:  # e.g. accelerator_config: an unknown key, a missing file
         raise _config_error(error) from None
     if from_recipe:
         raise _unknown_keys(from_recipe, recipe or "recipe")

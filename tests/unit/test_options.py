@@ -12,6 +12,8 @@ from types import UnionType
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from trl import GRPOConfig, ModelConfig, get_peft_config, get_quantization_config
 
 from trl_guided import GuidedGRPOConfig
@@ -366,3 +368,55 @@ def test_every_model_field_is_forwarded_or_refused(recipe, monkeypatch):
     assert baseline != "refused"
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in _refused(["--config", recipe, "--load_in_4bit", "true"])
+
+
+# ------------------------------------------------------------------------------------------ any recipe at all
+
+_FIELD_NAMES = sorted({f.name for cls in (TaskArguments, GuidedGRPOConfig, ModelConfig) for f in fields(cls)})
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=2),
+    max_leaves=5,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    entries=st.dictionaries(st.sampled_from(_FIELD_NAMES) | st.sampled_from(["", "x", "Task"]), _values, max_size=4),
+    top_level=st.sampled_from(["mapping", "list", "scalar"]),
+)
+def test_any_recipe_gives_a_valid_config_or_one_line(tmp_path, recipe, entries, top_level):
+    """A recipe with any keys and any YAML values: a config, or a one-line refusal; never a traceback."""
+    import yaml
+
+    base = yaml.safe_load(open(recipe).read())
+    content = {**base, **entries} if top_level == "mapping" else list(entries) if top_level == "list" else "text"
+    path = tmp_path / "fuzzed.yaml"
+    path.write_text(yaml.safe_dump(content))
+    _refused(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("reward_funcs", None, "reward_funcs cannot be null"),
+        ("reward_funcs", [None], "reward_funcs must be a list of str"),
+        ("punctuation", [".", 3], "punctuation must be a list of str"),
+        ("parallelism_config", [1], "parallelism_config cannot be set from a recipe"),
+        ("accelerator_config", {"no_such_option": 1}, "Invalid configuration"),
+        ("num_generations", None, "Invalid configuration"),  # Optional in GRPOConfig; TRL refuses it, reworded
+    ],
+)
+def test_recipe_values_the_fuzzer_found(recipe, tmp_path, key, value, message):
+    import yaml
+
+    path = tmp_path / "found.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(open(recipe).read()), key: value}))
+    assert message in _refused(["--config", str(path)])
