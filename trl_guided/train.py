@@ -160,6 +160,45 @@ def validate_model_args(model_args: ModelConfig) -> None:
         )
 
 
+def _server_errors() -> tuple[type[BaseException], ...]:
+    import requests
+
+    return (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)
+
+
+SERVER_ERRORS = _server_errors()
+
+
+def _vllm_url(args: GuidedGRPOConfig) -> str:
+    return args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+
+
+def vllm_unreachable(args: GuidedGRPOConfig, model_args: ModelConfig) -> str:
+    """One line for a vLLM server that is not up when training starts: where it was looked for, how to start it."""
+    serve = (
+        f"VLLM_SERVER_DEV_MODE=1 vllm serve {model_args.model_name_or_path} --host {args.vllm_server_host} --port "
+        f'{args.vllm_server_port} --weight-transfer-config \'{{"backend":"nccl"}}\' --logprobs-mode '
+        "processed_logprobs --max-logprobs -1 --enable-prefix-caching"
+    )
+    return (
+        f"The vLLM server at {_vllm_url(args)} did not answer within vllm_server_timeout={args.vllm_server_timeout:g} "
+        f"s. Start it first, e.g. `{serve}` (./launch_train.sh --gpus N starts and stops it for you), or fix "
+        "vllm_server_base_url / vllm_server_host / vllm_server_port."
+    )
+
+
+def vllm_lost(args: GuidedGRPOConfig, error: BaseException) -> str:
+    """One line for a vLLM server that stopped answering mid-run: what is kept and how to go on."""
+    from .checkpoints import last_complete_checkpoint
+
+    checkpoint, _ = last_complete_checkpoint(args.output_dir)
+    kept = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was complete yet"
+    return (
+        f"The vLLM server at {_vllm_url(args)} stopped answering during training ({type(error).__name__}); training "
+        f"stopped and {kept}. Restart the server and resume with --resume_from_checkpoint true."
+    )
+
+
 def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: ModelConfig) -> dict:
     model_path = resolve_model_path(model_args.model_name_or_path)
     training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
@@ -167,19 +206,29 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
     eval_before = evaluate_start(task_args, training_args, model_args.model_name_or_path)
     train_dataset = load_task(task_args.task, "train", **options)
     eval_dataset = load_task(task_args.task, "test", **options) if training_args.eval_strategy != "no" else None
-    trainer = GuidedGRPOTrainer(
-        model=model_path,
-        reward_funcs=reward_functions(task_args),
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=get_peft_config(model_args),
-        quantization_config=get_quantization_config(model_args),
-    )
+    try:
+        trainer = GuidedGRPOTrainer(
+            model=model_path,
+            reward_funcs=reward_functions(task_args),
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            peft_config=get_peft_config(model_args),
+            quantization_config=get_quantization_config(model_args),
+        )
+    except SERVER_ERRORS as error:  # TRL's VLLMClient gives up after vllm_server_timeout
+        if "vLLM server" not in str(error):
+            raise
+        raise SystemExit(vllm_unreachable(training_args, model_args)) from None
     if trainer.accelerator.is_main_process:
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
         write_run_config(Path(training_args.output_dir), task_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except SERVER_ERRORS as error:
+        if not (training_args.use_vllm and training_args.vllm_mode == "server"):
+            raise
+        raise SystemExit(vllm_lost(training_args, error)) from None
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json (the log history) at the top of the run directory
 

@@ -93,3 +93,49 @@ def test_server_three_phases_through_vllm_client(vllm_python, tmp_path):
     assert report["max_logp_diff"] < 1e-3 < report["shifted_mean_logp_diff"]
     assert report["weight_pushes"] == 2 and report["prefix_cache_hits"] > 0
     assert report["leftover_processes"] == []
+    # The server killed mid-run: an error at once, one line with what is kept and how to go on.
+    # TRL's client retries a refused request 5 times with exponential backoff (2+4+8+16+32 s) before it raises.
+    assert report["kill_error_seconds"] < 120 and report["kill_checkpoint"] == "checkpoint-1"
+    assert "stopped answering during training" in report["kill_message"]
+    assert "checkpoint-1" in report["kill_message"] and "--resume_from_checkpoint true" in report["kill_message"]
+
+
+@pytest.mark.slow
+def test_a_server_that_is_down_at_start_is_one_line_with_the_fix(vllm_python, tmp_path, tiny_llama):
+    import socket
+    import time
+
+    import yaml
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # free, and nothing listens on it
+    recipe = dict(
+        model_name_or_path=tiny_llama,
+        task="length",
+        reward_funcs=["smooth_length"],
+        num_generations=4,
+        per_device_train_batch_size=4,
+        max_completion_length=16,
+        max_steps=1,
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_host="127.0.0.1",
+        vllm_server_port=port,
+        vllm_server_timeout=3,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        output_dir=str(tmp_path / "out"),
+    )
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    started = time.monotonic()
+    command = [str(vllm_python), "-m", "trl_guided.cli", "train", "--config", str(tmp_path / "recipe.yaml")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"The vLLM server at http://127.0.0.1:{port} did not answer within vllm_server_timeout=3 s" in last
+    assert "vllm serve" in last and "launch_train.sh" in last
+    assert time.monotonic() - started < 300
+    assert not list((tmp_path / "out").glob("checkpoint-*"))

@@ -99,3 +99,20 @@ def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path):
     marker.unlink()
     subprocess.run(["sleep", "1"], check=True)
     assert not marker.exists(), "the fake vLLM server is still running after the launcher exited"
+
+
+def test_training_that_fails_stops_the_server_it_started(tmp_path):
+    """The server answers, training dies (a GPU recipe on this CPU machine): the launcher exits with the failure and
+    stops the server it started."""
+    import socket
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "health").write_text("ok")
+    body = f"cd {tmp_path / 'www'} && exec {sys.executable} -m http.server 18433 --bind 127.0.0.1"
+    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, body), "VLLM_PORT": "18433", "VLLM_TIMEOUT": "60"}
+    result = launch(GPU_RECIPE, "--gpus", "2", env=env, timeout=600)
+    assert "[launch] vLLM server ready" in result.stdout
+    assert result.returncode != 0
+    assert "No GPU found" in result.stderr  # the training process's own one-line error
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", 18433)) != 0, "the server still answers after the launcher exited"

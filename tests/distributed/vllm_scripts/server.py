@@ -158,6 +158,52 @@ def disable_nccl_weight_transfer() -> list[int]:
     return pushes
 
 
+def server_dies_mid_run(model: str, port: int, process: subprocess.Popen, workdir: Path) -> dict[str, Any]:
+    """`kill -9` of the server's session right after checkpoint-1 is written: the next step must fail at once (no
+    hang) with an error `trl-guided train` turns into one line, and checkpoint-1 must load."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from trl_guided import GuidedGRPOTrainer
+    from trl_guided.checkpoints import last_complete_checkpoint
+    from trl_guided.train import SERVER_ERRORS, vllm_lost
+
+    class KillServerAtFirstSave(TrainerCallback):
+        killed_at = None
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.killed_at is None:
+                for pid in session_processes(process.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self.killed_at = time.monotonic()
+
+    killer = KillServerAtFirstSave()
+    config = common.guided_config(
+        workdir / "killed",
+        vllm_mode="server",
+        vllm_server_host="127.0.0.1",
+        vllm_server_port=port,
+        vllm_server_timeout=30,
+        learning_rate=0.0,
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    trainer = GuidedGRPOTrainer(
+        model=model, reward_funcs=common.reward_len, args=config, train_dataset=common.dataset(), callbacks=[killer]
+    )
+    try:
+        trainer.train()
+    except SERVER_ERRORS as error:
+        message, seconds = vllm_lost(config, error), time.monotonic() - killer.killed_at
+    else:
+        raise common.CheckFailed("training went on after the vLLM server was killed")
+    checkpoint, _ = last_complete_checkpoint(config.output_dir)
+    common.check(checkpoint is not None and Path(checkpoint).name == "checkpoint-1", f"last checkpoint {checkpoint}")
+    AutoModelForCausalLM.from_pretrained(checkpoint)
+    return {"kill_error_seconds": seconds, "kill_message": message, "kill_checkpoint": Path(checkpoint).name}
+
+
 def main() -> dict[str, Any]:
     workdir = Path(sys.argv[1])
     model = common.build_model(workdir / "model")
@@ -193,6 +239,8 @@ def main() -> dict[str, Any]:
         report["train_seconds"] = time.perf_counter() - start
         recorder.close()
         report.update(prefix_cache_counters(port))
+        pushes = list(pushes)  # the kill run below pushes weights too
+        report.update(server_dies_mid_run(model, port, process, workdir))
     report["leftover_processes"] = session_processes(report["server_pid"])
 
     common.check(report["logprobs_mode"] == "processed_logprobs", f"server logprobs mode {report['logprobs_mode']}")
