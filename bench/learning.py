@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RECIPE = BENCH / "learning.yaml"
-METRIC = "arithmetic_accuracy/mean"  # greedy 0/1 accuracy per problem
 ARMS = {
     "plain": {"guidance": False},
     "guided": {"guidance": True, "guidance_loss_scope": "guidance"},
@@ -199,8 +199,14 @@ def compact(record: dict) -> dict:
     return {key: value for key, value in record.items() if key != "prompt"}
 
 
+def headline(reward_funcs: list[str]) -> str:
+    """The metric the study compares: the mean of the recipe's first reward (greedy: 0/1 accuracy per problem)."""
+    return f"{reward_funcs[0]}/mean"
+
+
 def summary(result: dict) -> dict:
-    keys = (METRIC, "nll_per_token", "truncated", "completion_tokens", "repetition")
+    keys = (headline(result["settings"]["reward_funcs"]), "nll_per_token", "truncated", "completion_tokens")
+    keys += ("repetition",)
     return {key: result["metrics"][key]["value"] for key in keys if key in result["metrics"]}
 
 
@@ -233,12 +239,13 @@ def run_study(args: argparse.Namespace) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="learning-"))
     overrides = {"disable_tqdm": True, **(dict(TINY, model_name_or_path=args.model) if args.tiny else {})}
     base = {
-        "recipe": str(RECIPE),
+        "recipe": str(Path(args.recipe).resolve()),
         "threads": args.threads,
         "quality_model": args.model if args.tiny else "embedded:smollm2-135m-instruct",
         "budget": args.budget_minutes * 60,
         "eval_every_seconds": (args.eval_every_minutes or 0) * 60,
     }
+    metric = headline(yaml.safe_load(Path(args.recipe).read_text())["reward_funcs"])
     plan = [("before", None, None)] + [(arm, seed, ARMS[arm]) for seed in args.seeds for arm in args.arms]
     started = time.perf_counter()
     for index, (arm, seed, overlay) in enumerate(plan, 1):
@@ -267,7 +274,7 @@ def run_study(args: argparse.Namespace) -> None:
         (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
         last = record["evals"][-1]
         print(
-            f"[learning] {name}: {record.get('steps', 0)} steps, accuracy {last[METRIC]:.3f}, "
+            f"[learning] {name}: {record.get('steps', 0)} steps, {metric} {last[metric]:.3f}, "
             f"{record['wall_seconds'] / 60:.1f} min",
             file=sys.stderr,
         )
@@ -277,10 +284,11 @@ def run_study(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ statistics
 
 
-def per_problem(run_dir: Path, records: str = "eval.jsonl") -> dict[str, float]:
+def per_problem(run_dir: Path, metric: str, records: str = "eval.jsonl") -> dict[str, float]:
     from trl_guided.evaluate import per_problem_values, read_records
 
-    return per_problem_values(read_records(run_dir / records), ["arithmetic_accuracy"], 1)[METRIC]
+    reward = metric.rsplit("/", 1)[0]
+    return per_problem_values(read_records(run_dir / records), [reward], 1)[metric]
 
 
 def hierarchical_ci(matrix: np.ndarray, seed: int = 0, resamples: int = RESAMPLES) -> list[float]:
@@ -306,7 +314,8 @@ def analyse(out: Path) -> dict:
     """learning.json's content, from run.json and eval.jsonl files alone."""
     runs_dir = out / "learning_runs"
     before_run = json.loads((runs_dir / "before" / "run.json").read_text())
-    before = per_problem(runs_dir / "before")
+    metric = headline(before_run["settings"]["reward_funcs"])
+    before = per_problem(runs_dir / "before", metric)
     problems = sorted(before)
     runs = {}
     for path in sorted(runs_dir.glob("*/run.json")):
@@ -315,7 +324,7 @@ def analyse(out: Path) -> dict:
     arms = [arm for arm in ARMS if any(r["arm"] == arm for r in runs.values())]
     seeds = sorted({r["seed"] for r in runs.values()})
     complete = [s for s in seeds if all(run_name(arm, s) in runs for arm in arms)]
-    after = {run_name(arm, s): per_problem(runs_dir / run_name(arm, s)) for arm in arms for s in complete}
+    after = {run_name(arm, s): per_problem(runs_dir / run_name(arm, s), metric) for arm in arms for s in complete}
 
     def matrix(arm: str) -> np.ndarray:
         return np.array([[after[run_name(arm, s)][p] for p in problems] for s in complete])
@@ -356,7 +365,7 @@ def analyse(out: Path) -> dict:
         # Summed over the runs (each child process from start to exit), so a resumed study still adds up.
         "study_seconds": round(sum(r.get("wall_seconds", 0.0) for r in [before_run, *runs.values()]), 1),
         "question": "Does guided GRPO reach a better model than plain GRPO for the same wall-clock?",
-        "metric": f"{METRIC} on the test split, greedy, plain sampling",
+        "metric": f"{metric} on the test split, greedy, plain sampling",
         "problems": len(problems),
         "seeds_complete": complete,
         "equal_steps": equal_steps,
@@ -397,7 +406,7 @@ def plot(report: dict, path: Path) -> None:
         for name in names:
             evals = report["runs"][name]["evals"]
             xs = [0.0] + [e["seconds"] / 60 for e in evals]
-            ys = [before] + [e[METRIC] for e in evals]
+            ys = [before] + [e[report["metric"].split()[0]] for e in evals]
             accuracy_ax.plot(xs, ys, color=colours[arm], alpha=0.3, linewidth=0.8, marker="o", markersize=3)
             points.append((xs, ys))
         xs = np.mean([p[0] for p in points], axis=0)
@@ -417,6 +426,11 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def machine() -> dict:
@@ -440,7 +454,7 @@ def write_report(args: argparse.Namespace) -> dict:
     report = {
         "command": " ".join(["python bench/learning.py", *sys.argv[1:]]),
         "settings": {
-            "recipe": str(RECIPE.relative_to(ROOT)),
+            "recipe": _shown(Path(args.recipe)),
             "arms": {arm: ARMS[arm] for arm in args.arms},
             "seeds": args.seeds,
             "budget_minutes": args.budget_minutes,
@@ -479,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(BENCH), help="Where learning.json, learning.png, learning_runs/ go.")
+    parser.add_argument("--recipe", default=str(RECIPE), help="The base recipe the arms overlay (bench/GPU.md).")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget-minutes", type=float, default=6.0, help="Training wall-clock per run.")

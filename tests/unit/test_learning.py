@@ -52,7 +52,9 @@ def curve(steps: int, reward_per_step: float, tokens_per_step: int) -> list[dict
 @pytest.fixture
 def study(tmp_path):
     runs = tmp_path / "learning_runs"
-    write_run(runs / "before", BEFORE, {"model": {"name": "base"}})
+    write_run(
+        runs / "before", BEFORE, {"model": {"name": "base"}, "settings": {"reward_funcs": ["arithmetic_accuracy"]}}
+    )
     for (arm, seed), correct in AFTER.items():
         steps = 4 if arm == "plain" else 8  # a guided step is cheaper: more of them in the same budget
         record = {"arm": arm, "seed": seed, "steps": steps, "tokens": 100 * steps, "train_seconds": 16.0}
@@ -108,3 +110,18 @@ def test_reward_at_takes_the_last_window_up_to_the_limit():
     assert learning.reward_at(rows, "step", 3) == pytest.approx(2.0)
     assert learning.reward_at(rows, "tokens", 100, window=2) == pytest.approx(9.5)
     assert learning.reward_at(rows, "step", 0) is None
+
+
+@pytest.mark.parametrize("recipe", ["learning.yaml", "learning_gsm8k_gpu.yaml"])
+@pytest.mark.parametrize("arm", sorted(learning.ARMS))
+def test_every_arm_of_the_study_recipes_is_a_valid_config(recipe, arm):
+    """Each arm overlays the base recipe: it parses and no field is refused (a switched-off field only warns)."""
+    from trl_guided.train import explicit_keys, make_parser, unused_settings
+
+    argv = ["--config", str(ROOT / "bench" / recipe), "--output_dir", "unused"]
+    for key, value in learning.ARMS[arm].items():
+        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    task_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    errors, _ = unused_settings(explicit_keys(argv, argv[1]), task_args, training_args, model_args)
+    assert not errors
+    assert training_args.guidance == learning.ARMS[arm]["guidance"]
