@@ -4,11 +4,14 @@ per group with their advantages, and K = 1 reproducing the single-prefix sampler
 from __future__ import annotations
 
 import math
+import random
 
 import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
+from trl_guided.guidance import TokenSignals
 
 from .common import G, group_batch, losses, trainer_for
 
@@ -169,3 +172,51 @@ def test_one_prefix_per_group_reproduces_the_single_prefix_sampler_bit_for_bit(t
     trainer.train()
     grad_norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
     assert (losses(trainer), grad_norms) == (list(BEFORE_TREES[scope][0]), list(BEFORE_TREES[scope][1]))
+
+
+class ServerLikeBackend:
+    """A vLLM-like phase backend (one call per phase) that records every call; samples never hit EOS."""
+
+    branches_in_one_call = False
+
+    def __init__(self):
+        self.calls, self.scored = [], []
+
+    def generate(self, prompts, num_generations, max_new_tokens, min_new_tokens=0, shared_prompts=False):
+        self.calls.append((len(prompts), num_generations, max_new_tokens))
+        rows = prompts  # already repeated: one row per sample (TRL's convention)
+        samples = [
+            [100 + (len(self.calls) * 7 + r * 3 + i) % 50 for i in range(max_new_tokens)] for r in range(len(rows))
+        ]
+        return samples, [[-0.5] * max_new_tokens for _ in rows]
+
+    def any_process(self, flag):
+        return flag
+
+    def token_signals(self, prompts, samples):
+        self.scored.append(len(samples))
+        # The highest entropy sits at position 3 of every sample.
+        return [TokenSignals([1.0 if i == 3 else 0.1 for i in range(len(s))], [-0.1] * len(s)) for s in samples]
+
+
+def test_k_prefixes_keep_three_calls_per_rollout_with_k_rows_in_phase_one(tmp_path):
+    from trl_guided.sampler import GuidedSampler
+    from trl_guided.tiny_models import build_tiny_tokenizer
+
+    from .common import config
+
+    args = config(tmp_path, branch_point="entropy", num_prefixes_per_group=2, prefix_min_tokens=6)
+    backend = ServerLikeBackend()
+    tokenizer = build_tiny_tokenizer()
+    sampler = GuidedSampler(args, tokenizer, [tokenizer.eos_token_id], random.Random(0), backend)
+    rollout = sampler.sample([[5, 6, 7]] * G + [[8, 9]] * G, G)
+    assert [rows for rows, _, _ in backend.calls] == [4, 8, 8]  # 2 groups x K = 2 prefixes, then 4 x 2 branches
+    assert [n for _, n, _ in backend.calls] == [1, 2, 1]
+    assert backend.scored == [4]  # one scoring forward over the K phase-1 samples of every group
+    assert rollout.segments.prefix == [3] * 8  # the tokens before the highest-entropy position
+    assert rollout.branch_set == [0, 0, 1, 1, 0, 0, 1, 1]
+    prefixes = [tuple(c[:3]) for c in rollout.completions]
+    assert prefixes[0] == prefixes[1] != prefixes[2] == prefixes[3]
+    assert len(rollout.logprobs) == 8 and all(
+        len(lp) == len(c) for lp, c in zip(rollout.logprobs, rollout.completions, strict=True)
+    )
