@@ -91,6 +91,7 @@ def test_colocate_two_guided_steps(vllm_python, tmp_path):
 @pytest.mark.slow
 def test_server_three_phases_through_vllm_client(vllm_python, tmp_path):
     report = run_script(vllm_python, "server", tmp_path)
+    assert report["num_prefixes"] == [2, 2]  # low_prob branch points, two prefixes per group
     assert report["logprobs_mode"] == "processed_logprobs"
     assert report["nonempty_prefix_groups"] > 0 and report["branching_groups"] > 0
     assert report["max_logp_diff"] < 1e-3 < report["shifted_mean_logp_diff"]
