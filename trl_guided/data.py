@@ -41,7 +41,6 @@ def load_length(
     dataset_path: str | None = None,
     eval_size: int = 8,
     system_prompt: str = LENGTH_SYSTEM_PROMPT,
-    **_,
 ) -> Dataset:
     """Length control: short open requests; rewards score the answer's length.
 
@@ -114,7 +113,6 @@ def load_countdown(
     numbers: int = 4,
     max_number: int = 99,
     system_prompt: str = THINK_ANSWER_SYSTEM_PROMPT,
-    **_,
 ) -> Dataset:
     """Countdown (TinyZero): reach `target` with each of `nums` once and + - * /. Generated locally, deterministic by
     seed and split; every instance is solvable (built from a solution, kept in `solution`). The test split shares no
@@ -153,7 +151,6 @@ def load_arithmetic(
     max_number: int = 20,
     mode: str = "evaluate",
     system_prompt: str = THINK_ANSWER_SYSTEM_PROMPT,
-    **_,
 ) -> Dataset:
     """Synthetic arithmetic, generated locally, deterministic by seed and split, exact answers in
     `answer`. `mode="evaluate"`: an integer expression with + - * and parentheses. `mode="expand"`: a product
@@ -241,7 +238,7 @@ def _need(rows: Dataset, columns: tuple[str, ...], task: str) -> None:
 
 
 def load_gsm8k(
-    split: str = "train", dataset_path: str | None = None, system_prompt: str = GSM8K_SYSTEM_PROMPT, **_
+    split: str = "train", dataset_path: str | None = None, system_prompt: str = GSM8K_SYSTEM_PROMPT
 ) -> Dataset:
     """GSM8K (openai/gsm8k, config main): `question` -> prompt; `answer` keeps the `#### n` gold for the reward."""
     rows = _load_rows("openai/gsm8k", "main", split, dataset_path)
@@ -250,7 +247,7 @@ def load_gsm8k(
 
 
 def load_math(
-    split: str = "test", dataset_path: str | None = None, system_prompt: str = MATH_SYSTEM_PROMPT, **_
+    split: str = "test", dataset_path: str | None = None, system_prompt: str = MATH_SYSTEM_PROMPT
 ) -> Dataset:
     """MATH with boxed answers (default HuggingFaceH4/MATH-500): `problem` -> prompt; `solution` for math_accuracy
     (built as `$answer$` when only an `answer` column exists)."""
@@ -263,7 +260,7 @@ def load_math(
 
 
 def load_tldr(
-    split: str = "train", dataset_path: str | None = None, system_prompt: str = TLDR_SYSTEM_PROMPT, **_
+    split: str = "train", dataset_path: str | None = None, system_prompt: str = TLDR_SYSTEM_PROMPT
 ) -> Dataset:
     """TL;DR (trl-lib/tldr), in dialogue form as TRL's GRPO example uses it: the post becomes the user message."""
     rows = _load_rows("trl-lib/tldr", None, split, dataset_path)
@@ -280,6 +277,25 @@ TASKS = {
     "gsm8k": load_gsm8k,
     "math": load_math,
     "tldr": load_tldr,
+}
+
+
+# Which TaskArguments fields each task reads, and the loader option each one sets. A field a task does not read is
+# refused when set (`trl_guided.train.unused_settings`), so e.g. an arithmetic option never changes another task.
+TASK_OPTIONS = {
+    "length": {"dataset_path": "dataset_path", "eval_size": "eval_size", "system_prompt": "system_prompt"},
+    "countdown": {"dataset_size": "size", "dataset_seed": "seed", "system_prompt": "system_prompt"},
+    "arithmetic": {
+        "dataset_size": "size",
+        "dataset_seed": "seed",
+        "system_prompt": "system_prompt",
+        "arithmetic_mode": "mode",
+        "arithmetic_terms": "terms",
+        "arithmetic_max_number": "max_number",
+    },
+    "gsm8k": {"dataset_path": "dataset_path", "system_prompt": "system_prompt"},
+    "math": {"dataset_path": "dataset_path", "system_prompt": "system_prompt"},
+    "tldr": {"dataset_path": "dataset_path", "system_prompt": "system_prompt"},
 }
 
 

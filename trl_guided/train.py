@@ -12,15 +12,15 @@ import logging
 import sys
 import typing
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import UnionType
 
 import yaml
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import GRPOConfig, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .config import GuidedGRPOConfig
-from .data import TASKS, load_task
+from .data import TASK_OPTIONS, TASKS, load_task
 from .models import resolve_model_path
 from .plots import reward_curve
 from .rewards import REWARD_FUNCS, get_reward
@@ -66,18 +66,10 @@ class TaskArguments:
 
 
 def task_options(task_args: TaskArguments) -> dict:
-    """The keyword options of `load_task` that the task fields set."""
-    options = dict(
-        dataset_path=task_args.dataset_path,
-        eval_size=task_args.eval_size,
-        size=task_args.dataset_size,
-        seed=task_args.dataset_seed,
-        mode=task_args.arithmetic_mode,
-        terms=task_args.arithmetic_terms,
-        max_number=task_args.arithmetic_max_number,
-    )
-    if task_args.system_prompt is not None:
-        options["system_prompt"] = task_args.system_prompt
+    """The keyword options of `load_task` that the task fields set (only the fields the task reads, TASK_OPTIONS)."""
+    options = {option: getattr(task_args, name) for name, option in TASK_OPTIONS.get(task_args.task, {}).items()}
+    if options.get("system_prompt", "") is None:
+        del options["system_prompt"]  # the task's own prompt
     return options
 
 
@@ -341,10 +333,23 @@ def _unknown_keys(strings: list[str], source: str) -> SystemExit:
     )
 
 
+# Fields that hold library objects: HfArgumentParser would pass a YAML value through unchecked.
+OBJECT_FIELDS = {
+    "parallelism_config": "it is an accelerate ParallelismConfig; configure parallelism in the accelerate config "
+    "(`accelerate launch --config_file ...`) or build GuidedGRPOConfig in Python.",
+}
+
+
 def _check_keys_before_building(argv: list[str], recipe: str | None) -> None:
     """Unknown keys fail before any config is built: TRL's and transformers' own checks run while the configs are
     built and would otherwise report a consequence (e.g. bf16 on a machine without GPU) instead of the typo."""
     names = set(_field_types()) | {"config", "help", "h"}
+    given = [t[2:].split("=")[0] for t in argv if t.startswith("--")]
+    if recipe is not None:
+        config = yaml.safe_load(Path(recipe).read_text()) or {}
+        given += list(config) if isinstance(config, dict) else []
+    for key in sorted(set(given) & set(OBJECT_FIELDS)):
+        raise SystemExit(f"{key} cannot be set from a recipe or the command line: {OBJECT_FIELDS[key]}")
     if recipe is not None:
         config = yaml.safe_load(Path(recipe).read_text()) or {}
         if isinstance(config, dict):
@@ -359,7 +364,7 @@ def _check_keys_before_building(argv: list[str], recipe: str | None) -> None:
 
 def _config_error(error: Exception) -> SystemExit:
     """An error raised while TRL / transformers / GuidedGRPOConfig build the configs, as one line with the fix."""
-    message = str(error).strip()
+    message = " ".join(str(error).split())  # TRL and transformers spread some messages over several lines
     if "bf16/gpu" in message or ("fp16" in message and "gpu" in message.lower()):
         return SystemExit(
             "No GPU found for this recipe's bf16/fp16 settings: set `use_cpu: true` and `bf16: false` in the recipe "
@@ -378,9 +383,17 @@ def _check_recipe_types(recipe: str) -> None:
         annotation = types.get(key)
         union = typing.get_origin(annotation) in (typing.Union, UnionType)
         candidates = typing.get_args(annotation) if union else (annotation,)
+        if value is None and annotation is not None and type(None) not in candidates:
+            raise SystemExit(f"{recipe}: {key} cannot be null; give a value or leave the key out for its default.")
         candidates = tuple(t for t in candidates if t is not type(None))
+        lists = [typing.get_args(t)[0] for t in candidates if typing.get_origin(t) is list and typing.get_args(t)]
+        if lists and lists[0] in (int, float, str) and isinstance(value, list):
+            wrong = [item for item in value if not isinstance(item, lists[0]) or isinstance(item, bool)]
+            if wrong and not (lists[0] is float and all(isinstance(i, int) for i in wrong)):
+                raise SystemExit(f"{recipe}: {key} must be a list of {lists[0].__name__}, got {value!r}.")
+            continue
         if not all(t in (int, float, bool, str) for t in candidates):
-            continue  # lists, dicts, enums: left to the parser
+            continue  # dicts, enums, other lists: left to the parser
         allowed = candidates
         if not allowed or value is None:
             continue
@@ -406,8 +419,82 @@ def validate(task_args: TaskArguments) -> None:
         raise SystemExit(f"dataset_path={task_args.dataset_path!r} does not exist.")
 
 
-def run(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+# Fields that act only while a switch is on. Set while it is off, they are named in one warning rather than refused,
+# so that flipping the switch (`--guidance false` for a plain-GRPO baseline) keeps the rest of a recipe.
+GUIDED_FIELDS = {f.name for f in fields(GuidedGRPOConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
+SWITCHES = (
+    (
+        "guidance: false",
+        lambda t, c, m: not c.guidance,
+        GUIDED_FIELDS - {"guidance"} - {n for n in GUIDED_FIELDS if n.startswith("ot_")},
+    ),
+    (
+        "ot_coef: 0",
+        lambda t, c, m: c.ot_coef == 0,
+        {n for n in GUIDED_FIELDS if n.startswith("ot_") and n != "ot_coef"},
+    ),
+    (
+        "guidance_loss_scope is not guidance_postfix",
+        lambda t, c, m: c.guidance_loss_scope != "guidance_postfix",
+        {"postfix_decay", "postfix_min_weight"},
+    ),
+    (
+        "use_peft: false",
+        lambda t, c, m: not m.use_peft,
+        {f.name for f in fields(ModelConfig) if f.name.startswith("lora_")} | {"use_rslora", "use_dora"},
+    ),
+    (
+        "load_in_4bit: false",
+        lambda t, c, m: not m.load_in_4bit,
+        {"bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage"},
+    ),
+    (
+        "eval_before_after: false",
+        lambda t, c, m: not t.eval_before_after,
+        {"eval_limit", "eval_num_samples", "eval_temperature", "eval_max_new_tokens"},
+    ),
+)
+# Reward options: read only by the reward functions named here.
+REWARD_FIELDS = {
+    "length_target": ("length", "smooth_length"),
+    "length_tolerance": ("smooth_length",),
+    "length_scale": ("smooth_length",),
+}
+
+
+def explicit_keys(argv: list[str], recipe: str | None) -> set[str]:
+    """The fields the recipe and the command line set."""
+    keys = {token[2:].split("=")[0] for token in argv if token.startswith("--")} - {"config"}
+    if recipe is not None:
+        keys |= set(yaml.safe_load(Path(recipe).read_text()) or {}) - {"env"}
+    return keys
+
+
+def unused_settings(keys: set[str], task_args, training_args, model_args) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for set fields that cannot act in this run: a field the task or the rewards never read is an
+    error; a field a switch turned off is a warning."""
+    errors, warnings_ = [], []
+    task_fields = {name for options in TASK_OPTIONS.values() for name in options}
+    read = TASK_OPTIONS.get(task_args.task, {})
+    for name in sorted(keys & task_fields - set(read)):
+        reads = ", ".join(read) or "none of the task options"
+        errors.append(f"{name} is not read by task {task_args.task!r} (it reads {reads}); remove it")
+    for name in sorted(keys & set(REWARD_FIELDS)):
+        if not set(REWARD_FIELDS[name]) & set(task_args.reward_funcs):
+            errors.append(
+                f"{name} is read by the {' / '.join(REWARD_FIELDS[name])} reward only, which reward_funcs "
+                f"({', '.join(task_args.reward_funcs)}) does not include; remove it"
+            )
+    for switch, is_off, names in SWITCHES:
+        unused = sorted(keys & names)
+        if unused and is_off(task_args, training_args, model_args):
+            warnings_.append(f"{', '.join(unused)} will have no effect ({switch})")
+    return errors, warnings_
+
+
+def parse_args(argv: list[str]):
+    """(TaskArguments, GuidedGRPOConfig, ModelConfig) from a command line, after every check; SystemExit with one line
+    for anything that is wrong or cannot take effect."""
     recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
     if recipe is not None:
         if not Path(recipe).is_file():
@@ -418,7 +505,7 @@ def run(argv: list[str] | None = None) -> dict:
         task_args, training_args, model_args, from_recipe, from_command_line = make_parser().parse_args_and_config(
             args=argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-    except ValueError as error:
+    except (ValueError, TypeError, OSError) as error:  # e.g. accelerator_config: an unknown key, a missing file
         raise _config_error(error) from None
     if from_recipe:
         raise _unknown_keys(from_recipe, recipe or "recipe")
@@ -426,9 +513,18 @@ def run(argv: list[str] | None = None) -> dict:
         raise _unknown_keys(from_command_line, "command line")
     validate(task_args)
     validate_model_args(model_args)
+    errors, unused = unused_settings(explicit_keys(argv, recipe), task_args, training_args, model_args)
+    if errors:
+        raise SystemExit("Settings that cannot take effect: " + "; ".join(errors) + ".")
+    for line in unused:
+        logger.warning("Unused setting: %s.", line)
     if str(training_args.resume_from_checkpoint).lower() in ("true", "last"):
         training_args.resume_from_checkpoint = True  # the last checkpoint in output_dir
-    return main(task_args, training_args, model_args)
+    return task_args, training_args, model_args
+
+
+def run(argv: list[str] | None = None) -> dict:
+    return main(*parse_args(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

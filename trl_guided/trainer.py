@@ -83,11 +83,14 @@ class GuidedGRPOTrainer(GRPOTrainer):
       `guidance` scope), applies `tree_advantage` / `prefix_advantage_weight`, and attaches OT reference states.
       Relies on: `_compute_loss` multiplying `tool_mask` into the loss, its normaliser, KL and entropy, and accepting
       2-D advantages; TRL summing `rewards_per_func * reward_weights` and keeping this process's contiguous slice.
-    - `_calculate_rewards`: keeps the batch's rewards (all processes) for the tree advantages.
     - `_get_per_token_logps_and_entropies`: the shared-prefix forward (each group's prompt + prefix encoded once).
       Relies on: the fused LM head (`fused_lm_head=True`, `shift_labels`) that TRL 1.15+ patches into scored models.
-    - `compute_loss`: adds the OT penalty on the backbone's last hidden states captured during the parent's forward.
-      Relies on: `_compute_loss` running exactly one policy forward per micro-batch.
+    - `compute_loss`: adds the OT penalty on the backbone's last hidden states captured during the parent's forward
+      (left out on a step where it is not finite), and turns a non-finite loss into a zero-gradient step. Relies on:
+      `_compute_loss` running exactly one policy forward per micro-batch.
+    - `_calculate_rewards`: reads an infinite reward as None (no reward), which TRL handles (advantage 0 for a
+      completion without any reward); counts both as `guidance/nonfinite_rewards`; keeps the matrix for the tree
+      advantages. Relies on: its (N, F) gathered reward matrix with NaN for None.
     - `train`, `_save_rng_state`, `_load_rng_state`: resume continues the same run (the last complete checkpoint; the
       sampler's generator and TRL's generation buffer travel in it). Relies on: Trainer writing `trainer_state.json`
       last and calling `_load_rng_state` before the first resumed step; GRPOTrainer's `_step` / `_buffered_inputs`.
@@ -301,12 +304,6 @@ class GuidedGRPOTrainer(GRPOTrainer):
             self._log_completion_extra("branch_set", rollout.branch_set)
 
     # ---------------------------------------------------------------------------------------------------- loss focus
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        # Override: keep the (all processes) rewards of this batch; tree advantages re-normalise them per branch set.
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._rewards_per_func = rewards_per_func
-        return rewards_per_func
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         self._segments = None
@@ -560,7 +557,12 @@ class GuidedGRPOTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.ot_coef <= 0:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            loss = self._loss_with_ot(model, inputs, return_outputs, num_items_in_batch)
+        return self._finite_or_zero(model, loss)
+
+    def _loss_with_ot(self, model, inputs, return_outputs, num_items_in_batch):
         reference = inputs.get("ot_reference_states")  # kept: num_iterations > 1 reuses these inputs
         with self._capture_hidden_states(model) as captured:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -584,7 +586,10 @@ class GuidedGRPOTrainer(GRPOTrainer):
         penalty = (penalty * has_tokens).sum() / has_tokens.sum().clamp(min=1)
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        loss = loss + args.ot_coef * penalty / accumulation
+        if torch.isfinite(penalty):
+            loss = loss + args.ot_coef * penalty / accumulation
+        else:  # left out of the graph entirely: a NaN anywhere in it would reach every gradient
+            self._count_nonfinite("ot", "the OT cost is not finite (NaN/inf); this step trains without the OT term")
 
         def rows_mean(values: torch.Tensor) -> float:
             totals = self.accelerator.reduce(
@@ -596,3 +601,55 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["ot/penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
         self._metrics[mode]["ot/marginal_error"].append(rows_mean(result.marginal_error))
         return loss
+
+    # ----------------------------------------------------------------------------------------- non-finite values
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Override: TRL already gives a completion whose reward functions all returned None (NaN) advantage 0, but an
+        # infinite reward turns every advantage of its group into NaN. Infinite values become "no reward" (NaN) here,
+        # and rows left without any reward are counted.
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        infinite = torch.isinf(rewards_per_func)
+        if infinite.any():
+            names = [self.reward_func_names[i] for i in infinite.any(dim=0).nonzero().flatten().tolist()]
+            rows = int(infinite.any(dim=1).sum())
+            self._warn_nonfinite(
+                "rewards", f"reward function(s) {', '.join(names)} returned inf for {rows} completion(s): read as None"
+            )
+            rewards_per_func = rewards_per_func.masked_fill(infinite, float("nan"))
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        if unscorable.any():
+            self._count_nonfinite(
+                "rewards",
+                f"{int(unscorable.sum())} completion(s) got no finite reward from any reward function; their "
+                "advantage is 0 (TRL)",
+                value=unscorable.float().mean().item(),
+            )
+        self._rewards_per_func = rewards_per_func  # kept for the tree advantages (they re-normalise per branch set)
+        return rewards_per_func
+
+    def _finite_or_zero(self, model, loss: torch.Tensor) -> torch.Tensor:
+        """The loss, or, when it is NaN/inf, a zero that still reaches every trainable parameter (every process
+        takes part in the backward and the gradient all-reduce; the gradients are 0, so no NaN reaches the weights)."""
+        if torch.isfinite(loss).all():
+            return loss
+        self._count_nonfinite("loss", "the loss is not finite (NaN/inf); this step's gradient is set to zero")
+        return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+    def _count_nonfinite(self, kind: str, message: str, value: float = 1.0) -> None:
+        """Log `guidance/nonfinite_<kind>` (only on steps where it happens) and warn once per kind."""
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode][f"guidance/nonfinite_{kind}"].append(value)
+        self._warn_nonfinite(kind, message)
+
+    def _warn_nonfinite(self, kind: str, message: str) -> None:
+        warned = self.__dict__.setdefault("_nonfinite_warned", set())
+        if kind not in warned:
+            warned.add(kind)
+            logger.warning(
+                "Non-finite %s at step %d: %s (logged as guidance/nonfinite_%s).",
+                kind,
+                self.state.global_step,
+                message,
+                kind,
+            )

@@ -107,3 +107,51 @@ def test_compare_runs_reads_two_training_runs(tmp_path):
     report = json.loads(result.stdout)
     assert report["ratios"] == {"step_time": 0.6, "peak_gpu_memory": 0.9, "vllm_generation_tokens": 0.5}
     assert report["guided"]["steps"] == 7 and report["guided"]["vllm"]["prefix_cache_hit_rate"] == 0.4
+
+
+@pytest.mark.slow
+def test_learning_study_tiny_end_to_end_and_resume(tmp_path):
+    """`bench/learning.py --tiny`: every run trains and evaluates, the JSON and the PNG are written, a rerun skips the
+    finished runs, and the per-arm accuracies in the JSON are the ones the per-run records give."""
+    from trl_guided.evaluate import read_records
+
+    command = [sys.executable, str(ROOT / "bench" / "learning.py"), "--tiny", "--out", str(tmp_path)]
+    command += ["--arms", "plain", "guided", "--seeds", "0", "1", "--budget-minutes", "0.03", "--cores", ""]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    report = json.loads((tmp_path / "learning.json").read_text())
+    assert set(report["arms"]) == {"plain", "guided"} and report["seeds_complete"] == [0, 1]
+    assert set(report["runs"]) == {"plain-seed0", "guided-seed0", "plain-seed1", "guided-seed1"}
+    assert set(report["pairs"]) == {"plain - guided"}
+    assert report["problems"] == 8 and report["study_seconds"] > 0
+    for run in report["runs"].values():
+        assert run["steps"] >= 1 and run["tokens"] > 0 and len(run["load_average"]["start"]) == 3
+        assert len(report["curves"][f"{run['arm']}-seed{run['seed']}"]) == run["steps"]
+    for arm, entry in report["arms"].items():
+        assert entry["overrides"]["guidance"] == (arm != "plain")
+        low, high = entry["gain_ci95"]
+        assert low <= entry["gain"] <= high
+        for seed, after in zip(entry["seeds"], entry["accuracy_after"], strict=True):
+            records = read_records(tmp_path / "learning_runs" / f"{arm}-seed{seed}" / "eval.jsonl")
+            assert len(records) == 8 and "prompt" not in records[0]
+            assert after == pytest.approx(sum(r["rewards"]["arithmetic_accuracy"] for r in records) / 8)
+    _assert_png_not_blank(tmp_path / "learning.png")
+
+    run_json = tmp_path / "learning_runs" / "guided-seed1" / "run.json"
+    stamp = run_json.stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stderr.count("finished earlier, skipped") == 5  # the starting model and the four runs
+    assert run_json.stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "learning.json").read_text())["arms"] == report["arms"]
+
+
+def _assert_png_not_blank(path: Path) -> None:
+    """The figure has the curves of both arms: pixels in the plain (grey) and the guided (blue) colour."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    for colour in ((0x44, 0x44, 0x44), (0x1F, 0x77, 0xB4)):
+        assert (np.abs(pixels - colour).sum(axis=-1) < 30).sum() > 200, f"no curve drawn in colour {colour}"

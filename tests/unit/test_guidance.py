@@ -105,6 +105,22 @@ def test_property_kept_text_ends_in_a_mark_and_is_maximal(text, extra):
 _PROPERTY_TOKENIZER = build_tiny_tokenizer()
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 319), max_size=30),
+    punctuation=st.lists(st.text(alphabet=st.characters(), min_size=1, max_size=3), min_size=1, max_size=4),
+)
+def test_property_any_token_ids_and_any_marks(ids, punctuation):
+    """Any token ids (specials and partial UTF-8 bytes included) and any list of marks: the cut keeps a prefix before
+    the first special token whose text ends in one of the marks (or nothing), and nothing raises."""
+    tokenizer = _PROPERTY_TOKENIZER
+    keep = cut_at_last_punctuation(ids, tokenizer, punctuation)
+    specials = set(tokenizer.all_special_ids)
+    assert 0 <= keep <= next((i for i, t in enumerate(ids) if t in specials), len(ids))
+    if keep:
+        assert _mark_pattern(punctuation).search(tokenizer.decode(ids[:keep]))
+
+
 def test_prefix_candidate_stops_before_eos_and_cuts(tokenizer):
     eos = tokenizer.eos_token_id
     cut = lambda ids: cut_at_last_punctuation(ids, tokenizer)  # noqa: E731

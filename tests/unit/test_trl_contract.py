@@ -47,6 +47,8 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
     for key in ("rewards_per_func * self.reward_weights", "self.accelerator.process_index * len(prompts)"):
         assert key in source, f"GRPOTrainer._generate_and_score_completions no longer uses {key}"
     assert "advantages.dim() == 1" in inspect.getsource(GRPOTrainer._compute_loss), "(B, T) advantages unsupported"
+    # A completion without any reward (all NaN) gets advantage 0 in TRL; infinite rewards are mapped onto that case.
+    assert "unscorable_mask" in source, "TRL no longer zeroes the advantage of completions without any reward"
     assert "self.generation_kwargs" in inspect.getsource(GRPOTrainer._generate_single_turn)
     from trl.generation.vllm_generation import VLLMGeneration
 

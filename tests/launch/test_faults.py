@@ -1,0 +1,113 @@
+"""Faults that lose nothing: `kill -9` of `trl-guided train` mid-step and mid-save, then `resume_from_checkpoint: true`
+gives the same steps and the same final weights as a run that was never killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+STEPS = 5
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _recipe(tmp_path: Path, model: str, output_dir: Path) -> str:
+    recipe = {
+        "model_name_or_path": model,
+        "task": "length",
+        "reward_funcs": ["smooth_length"],
+        "length_target": 40,
+        "num_generations": 4,
+        "per_device_train_batch_size": 4,
+        "max_completion_length": 16,
+        "prefix_min_tokens": 2,
+        "prefix_max_tokens": 6,
+        "max_guide_tokens": 4,
+        "punctuation": ["e", "a", "o", "t", "s"],
+        "learning_rate": 1.0e-2,
+        "max_steps": STEPS,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "logging_steps": 1,
+        "seed": 3,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "log_completions": False,
+        "output_dir": str(output_dir),
+    }
+    path = tmp_path / f"{output_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def _train(recipe: str, *extra: str) -> None:
+    command = [sys.executable, "-m", "trl_guided.cli", "train", "--config", recipe, *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _kill_at(recipe: str, fault: str, marker: Path) -> None:
+    command = [sys.executable, str(HERE / "fault_cli.py"), str(marker), fault, "--", "train", "--config", recipe]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert process.poll() is None, f"the run ended before the fault point: {process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "the fault point was never reached"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+
+def _steps(output_dir: Path) -> list[dict]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    watched = ("step", "loss", "reward", "grad_norm")
+    return [{k: v for k, v in e.items() if k in watched or k.startswith("guidance/")} for e in history if "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama):
+    """The run that was never killed."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    output_dir = tmp_path / "never-killed"
+    _train(_recipe(tmp_path, tiny_llama, output_dir))
+    return _steps(output_dir), load_file(output_dir / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault, resumed_from",
+    [
+        ("step:3", "checkpoint-2"),  # killed during step 3: steps 1-2 are kept
+        ("save:3", "checkpoint-2"),  # killed while checkpoint-3 was written: it is incomplete and skipped
+    ],
+)
+def test_kill_9_loses_nothing_before_the_last_complete_checkpoint(
+    tmp_path, tiny_llama, reference, fault, resumed_from
+):
+    output_dir = tmp_path / "killed"
+    recipe = _recipe(tmp_path, tiny_llama, output_dir)
+    _kill_at(recipe, fault, tmp_path / "fault-reached")
+    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*"))
+    if fault.startswith("save"):
+        assert "checkpoint-3" in checkpoints and not (output_dir / "checkpoint-3" / "trainer_state.json").exists()
+    else:
+        assert checkpoints[-1] == resumed_from
+    _train(recipe, "--resume_from_checkpoint", "true")
+    steps, weights = _steps(output_dir), load_file(output_dir / "model.safetensors")
+    reference_steps, reference_weights = reference
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    assert steps == reference_steps
+    assert weights.keys() == reference_weights.keys()
+    assert all((weights[name] == reference_weights[name]).all() for name in weights)
