@@ -224,10 +224,6 @@ class GuidedGRPOConfig(GRPOConfig):
         super().__post_init__()
         self._derive_prefix_range()
         errors = self._ot_errors()
-        tree_fields = ("num_prefixes_per_group", "tree_advantage", "prefix_advantage_weight", "branch_point")
-        changed = [name for name in tree_fields if getattr(self, name) != self.__dataclass_fields__[name].default]
-        if not self.guidance and changed:
-            errors.append(f"{', '.join(changed)} only apply to guided sampling; set guidance=True or remove them.")
         if not self.guidance:
             if errors:
                 raise ValueError("Invalid GuidedGRPOConfig:\n- " + "\n- ".join(errors))

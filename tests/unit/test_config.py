@@ -29,7 +29,6 @@ from .common import config
             dict(num_prefixes_per_group=2, tree_advantage="branch", multi_objective_aggregation="normalize_then_sum"),
             "need multi_objective_aggregation='sum_then_normalize'",
         ),
-        (dict(guidance=False, num_prefixes_per_group=2), "only apply to guided sampling"),
         (dict(punctuation=[]), "punctuation"),
         (dict(postfix_decay=0.0, guidance_loss_scope="guidance_postfix"), "postfix_decay"),
     ],
