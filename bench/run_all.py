@@ -9,7 +9,8 @@
 Benchmarks, one module each: rollout (rollout_bench.py: one generation batch), loss (loss_bench.py: loss + backward,
 guidance scope), step (step_bench.py: whole step + peak RSS, one child process per trainer), zero3 (step_bench.py
 under 2-process ZeRO-3 on CPU, embedded model), ot (ot_bench.py: the Sinkhorn kernel banded vs dense, and the OT
-overhead on a guided step). The model and size flags (see --help) apply to rollout, loss, step and --profile; zero3
+overhead on a guided step), branching (branch_bench.py: rollout with entropy vs punctuation branch points). The model
+and size flags (see --help) apply to rollout, loss, step, branching and --profile; zero3
 and ot have fixed sizes. Ratios are guided / vanilla, measured in the same run; targets are recorded with pass/fail,
 not asserted. Progress goes to stderr, the JSON to stdout.
 """
@@ -24,6 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import branch_bench
 import loss_bench
 import ot_bench
 import profile_step
@@ -45,7 +47,7 @@ from harness import (
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results.json"
-BENCHMARKS = ("rollout", "loss", "step", "zero3", "ot")
+BENCHMARKS = ("rollout", "loss", "step", "zero3", "ot", "branching")
 OT_OVERHEAD_AT_MOST = 0.15
 
 
@@ -65,7 +67,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         return run_ot(args.tiny, args.ot_report)
     if name == "zero3":
         return step_bench.run_zero3(step_bench.zero3_settings(args.tiny))
-    module = {"rollout": rollout_bench, "loss": loss_bench, "step": step_bench}[name]
+    module = {"rollout": rollout_bench, "loss": loss_bench, "step": step_bench, "branching": branch_bench}[name]
     return module.run(settings_from(args))
 
 
@@ -96,6 +98,7 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "peak_memory": get("step", "ratios", "peak_memory_ratio"),
         "zero3_step": get("zero3", "ratios", "step_seconds_ratio"),
         "ot_overhead": get("ot", "training_step", "overhead"),
+        "entropy_branch_rollout": get("branching", "ratios", "entropy_vs_punctuation_wall"),
     }
 
 

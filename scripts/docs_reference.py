@@ -29,8 +29,12 @@ CONFIG_GROUPS = {
         "prefix_max_tokens",
         "punctuation",
         "branch_point",
+        "branch_min_prefix_tokens",
+        "branch_snap_to_punctuation",
+        "branch_snap_window",
         "prefix_eos_retries",
     ],
+    "Parameters that control the tree": ["num_prefixes_per_group", "tree_advantage", "prefix_advantage_weight"],
     "Parameters that control the guidance": ["min_guide_tokens", "max_guide_tokens", "eval_guidance"],
     "Parameters that control the loss": [
         "guidance_loss_scope",

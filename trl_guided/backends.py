@@ -25,6 +25,8 @@ from transformers import DynamicCache, PretrainedConfig
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
+from .guidance import TokenSignals
+
 
 class RolloutBackend:
     """Generation for the guided sampler, over the backends of one `GRPOTrainer`.
@@ -89,6 +91,51 @@ class RolloutBackend:
                 stack.enter_context(self.generate_from_shared_cache(prompts, num_generations))
             ids, logps = self.plain_generate(prompts, num_generations)
         return ids[:count], None if logps is None else logps[:count]
+
+    def token_signals(self, prompts: list[list[int]], samples: list[list[int]]) -> list[TokenSignals]:
+        """The current policy's entropy and log-prob at every sampled token, from one no-grad forward over each
+        prompt + sample (TRL's scoring forward: fused LM head at the sampling temperature; the same on every backend).
+
+        Every process must call it: under ZeRO-3 the gather (or the sharded forward itself) is a collective, so a
+        process with no rows scores a throw-away one-token row.
+        """
+        trainer = self.trainer
+        device = trainer.accelerator.device
+        filler = not prompts
+        if filler:
+            prompts, samples = [[trainer._tokenizer.eos_token_id]], [[trainer._tokenizer.eos_token_id]]
+        width = max(1, max(len(sample) for sample in samples))
+        padding = dict(padding_side="left", pad_to_multiple_of=trainer.pad_to_multiple_of)
+        prompt_ids = pad(
+            [torch.tensor(ids) for ids in prompts], padding_value=trainer._tokenizer.pad_token_id, **padding
+        )
+        prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompts], padding_value=0, **padding)
+        sample_ids = torch.full((len(samples), width), trainer._tokenizer.pad_token_id, dtype=torch.long)
+        sample_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            sample_ids[row, : len(sample)] = torch.tensor(sample, dtype=torch.long)
+            sample_mask[row, : len(sample)] = 1
+        input_ids = torch.cat([prompt_ids, sample_ids], dim=1).to(device)
+        attention_mask = torch.cat([prompt_mask, sample_mask], dim=1).to(device)
+        with (
+            unwrap_model_for_generation(
+                trainer.model_wrapped,
+                trainer.accelerator,
+                gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+            ) as model,
+            torch.no_grad(),
+        ):
+            logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, width, trainer.args.per_device_train_batch_size, compute_entropy=True
+            )
+        if filler:
+            return []
+        logps, entropies = logps.float().cpu().tolist(), entropies.float().cpu().tolist()
+        return [
+            TokenSignals(entropies=entropies[row][: len(sample)], logprobs=logps[row][: len(sample)])
+            for row, sample in enumerate(samples)
+        ]
 
     @contextlib.contextmanager
     def generate_from_shared_cache(self, prompts: list[list[int]], num_generations: int):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from .guidance import BRANCH_POINTS, DEFAULT_PUNCTUATION, LOSS_SCOPES
+from .guidance import BRANCH_POINTS, DEFAULT_PUNCTUATION, LOSS_SCOPES, TREE_ADVANTAGES
 
 # generation_kwargs of transformers' beam search: they change the number of rows a generate call returns.
 BEAM_SEARCH_KWARGS = {"num_beams", "num_beam_groups", "num_return_sequences", "length_penalty", "early_stopping"}
@@ -32,9 +32,31 @@ class GuidedGRPOConfig(GRPOConfig):
         punctuation (`list[str]`, defaults to `["\n", ".", ",", "!", "?"]`):
             Marks a prefix may end on; a token that merges a mark with other characters counts.
         branch_point (`str`, defaults to `"punctuation"`):
-            How the drawn prefix is cut (`trl_guided.guidance.BRANCH_POINTS`): at its last punctuation mark.
+            Where the drawn prefix is cut (`trl_guided.guidance.BRANCH_POINTS`, docs/sampling.md): `"punctuation"`
+            after its last punctuation mark; `"entropy"` before its highest-entropy token; `"low_prob"` before its
+            lowest-probability token; `"random"` before a uniformly drawn token. `"entropy"` and `"low_prob"` score the
+            phase-1 samples with one no-grad forward of the policy.
+        branch_min_prefix_tokens (`int`, defaults to `1`):
+            Positions before it are never chosen as the branch point (a cut keeping fewer tokens keeps none).
+        branch_snap_to_punctuation (`bool`, defaults to `False`):
+            `"entropy"`, `"low_prob"`, `"random"`: move the cut back to the last punctuation boundary before it when
+            one lies within `branch_snap_window` tokens.
+        branch_snap_window (`int`, defaults to `8`):
+            How far back (tokens) `branch_snap_to_punctuation` may move the cut.
         prefix_eos_retries (`int`, defaults to `2`):
             How often a prefix sample that hit EOS is redrawn before it is cut before EOS.
+
+    Parameters that control the tree:
+        num_prefixes_per_group (`int`, defaults to `1`):
+            K shared prefixes per prompt group, each from its own phase-1 sample, with `num_generations / K` branches
+            each (`num_generations % K == 0`). 1: one prefix shared by the whole group.
+        tree_advantage (`str`, defaults to `"group"`):
+            The advantage of a branch with K > 1: `"group"` (TRL's, normalised across all `num_generations`),
+            `"branch"` (normalised within its branch set of `num_generations / K`), `"group+branch"` (their sum,
+            TreeRL's global + local).
+        prefix_advantage_weight (`float`, defaults to `0.0`):
+            K > 1: train each prefix's tokens with this weight times its branch set's mean reward against the
+            group's (normalised as TRL's group advantage). 0: prefix tokens are not trained.
 
     Parameters that control the guidance:
         min_guide_tokens (`int`, defaults to `2`):
@@ -103,6 +125,33 @@ class GuidedGRPOConfig(GRPOConfig):
     branch_point: str = field(
         default="punctuation",
         metadata={"help": f"How the shared prefix is cut. One of: {', '.join(BRANCH_POINTS)}."},
+    )
+    branch_min_prefix_tokens: int = field(
+        default=1, metadata={"help": "Positions before this are never chosen as the branch point."}
+    )
+    branch_snap_to_punctuation: bool = field(
+        default=False,
+        metadata={
+            "help": "entropy/low_prob/random: move the cut back to the last punctuation boundary within "
+            "branch_snap_window tokens."
+        },
+    )
+    branch_snap_window: int = field(
+        default=8, metadata={"help": "How far back (tokens) branch_snap_to_punctuation may move the cut."}
+    )
+    num_prefixes_per_group: int = field(
+        default=1,
+        metadata={"help": "K prefixes per prompt group, each with num_generations / K branches (two-level tree)."},
+    )
+    tree_advantage: str = field(
+        default="group",
+        metadata={"help": f"Advantage of a branch with K > 1. One of: {', '.join(TREE_ADVANTAGES)}."},
+    )
+    prefix_advantage_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "K > 1: weight of the prefix tokens' advantage (branch-set mean vs group mean); 0: untrained."
+        },
     )
     min_guide_tokens: int = field(default=2, metadata={"help": "Shortest guidance segment (drawn per group)."})
     max_guide_tokens: int = field(default=8, metadata={"help": "Longest guidance segment (drawn per group)."})
@@ -181,6 +230,7 @@ class GuidedGRPOConfig(GRPOConfig):
             return
         if self.branch_point not in BRANCH_POINTS:
             errors.append(f"branch_point={self.branch_point!r} is unknown; choose one of {sorted(BRANCH_POINTS)}.")
+        errors += self._branch_errors()
         if self.guidance_loss_scope not in LOSS_SCOPES:
             errors.append(
                 f"guidance_loss_scope={self.guidance_loss_scope!r} is unknown; choose one of {list(LOSS_SCOPES)}."
@@ -241,6 +291,51 @@ class GuidedGRPOConfig(GRPOConfig):
             )
         if errors:
             raise ValueError("Invalid GuidedGRPOConfig:\n- " + "\n- ".join(errors))
+
+    def _branch_errors(self) -> list[str]:
+        errors = []
+        if self.branch_min_prefix_tokens < 0:
+            errors.append(f"branch_min_prefix_tokens={self.branch_min_prefix_tokens} must be >= 0.")
+        if self.branch_snap_to_punctuation and self.branch_point == "punctuation":
+            errors.append(
+                "branch_snap_to_punctuation applies to branch_point 'entropy', 'low_prob' or 'random' ('punctuation' "
+                "already cuts at a mark); choose one of those or remove it."
+            )
+        if self.branch_snap_window < 1:
+            errors.append(f"branch_snap_window={self.branch_snap_window} must be >= 1.")
+        k = self.num_prefixes_per_group
+        if k < 1 or self.num_generations % k:
+            errors.append(
+                f"num_prefixes_per_group={k} must be >= 1 and divide num_generations ({self.num_generations}) so "
+                "every prefix gets the same number of branches."
+            )
+        eval_generations = self.num_generations_eval or self.num_generations
+        if k >= 1 and self.eval_guidance and self.eval_strategy != "no" and eval_generations % k:
+            errors.append(
+                f"num_prefixes_per_group={k} must divide num_generations_eval ({eval_generations}) for guided "
+                "evaluation; change one of them or set eval_guidance=False."
+            )
+        if self.tree_advantage not in TREE_ADVANTAGES:
+            errors.append(f"tree_advantage={self.tree_advantage!r} is unknown; choose one of {list(TREE_ADVANTAGES)}.")
+        elif self.tree_advantage != "group" and k == 1:
+            errors.append(
+                f"tree_advantage={self.tree_advantage!r} needs num_prefixes_per_group > 1 (with one prefix the branch "
+                "set is the whole group); raise num_prefixes_per_group or use 'group'."
+            )
+        tree_credit = self.tree_advantage != "group" or self.prefix_advantage_weight > 0
+        if tree_credit and self.multi_objective_aggregation != "sum_then_normalize":
+            errors.append(
+                "tree_advantage other than 'group' and prefix_advantage_weight > 0 normalise the summed reward; they "
+                "need multi_objective_aggregation='sum_then_normalize'."
+            )
+        if self.prefix_advantage_weight < 0:
+            errors.append(f"prefix_advantage_weight={self.prefix_advantage_weight} must be >= 0.")
+        elif self.prefix_advantage_weight > 0 and k == 1:
+            errors.append(
+                "prefix_advantage_weight > 0 needs num_prefixes_per_group > 1 (one prefix per group has the group's "
+                "mean reward, so its advantage is 0); raise num_prefixes_per_group or set it to 0."
+            )
+        return errors
 
     def _ot_errors(self) -> list[str]:
         errors = []

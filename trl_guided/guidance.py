@@ -51,8 +51,82 @@ def cut_at_last_punctuation(token_ids: Sequence[int], tokenizer, punctuation: Se
     return 0
 
 
-# Strategy table for `GuidedGRPOConfig.branch_point`: name -> cut(token_ids, tokenizer, punctuation) -> tokens kept.
-BRANCH_POINTS: dict[str, Callable[..., int]] = {"punctuation": cut_at_last_punctuation}
+@dataclass(frozen=True)
+class TokenSignals:
+    """The policy's view of a phase-1 sample, one value per sampled token `i`: the entropy of the distribution token
+    `i` was drawn from (after temperature, before top-k/top-p) and the log-prob of token `i` under it."""
+
+    entropies: Sequence[float] = ()
+    logprobs: Sequence[float] = ()
+
+
+def _first_extreme(values: Sequence[float], start: int, end: int, largest: bool) -> int:
+    """Index in [start, end) of the largest (or smallest) value; ties go to the earliest. -1 if the range is empty."""
+    best = -1
+    for i in range(start, end):
+        if best < 0 or (values[i] > values[best] if largest else values[i] < values[best]):
+            best = i
+    return best
+
+
+def cut_before_max_entropy(token_ids: Sequence[int], signals: TokenSignals, min_prefix: int = 1) -> int:
+    """Keep the tokens before the highest-entropy position (from `min_prefix` on), so the most uncertain token is the
+    first guidance token. Ties go to the earliest position; 0 (no branch point) when no position is eligible."""
+    return max(_first_extreme(signals.entropies, min_prefix, len(token_ids), largest=True), 0)
+
+
+def cut_before_min_logprob(token_ids: Sequence[int], signals: TokenSignals, min_prefix: int = 1) -> int:
+    """Keep the tokens before the lowest-probability sampled token (SPO's cutpoint), from `min_prefix` on. Ties go to
+    the earliest position; 0 when no position is eligible."""
+    return max(_first_extreme(signals.logprobs, min_prefix, len(token_ids), largest=False), 0)
+
+
+def cut_at_random(token_ids: Sequence[int], rng: random.Random, min_prefix: int = 1) -> int:
+    """Keep the tokens before a uniformly drawn position in [min_prefix, len(token_ids)); 0 when that is empty."""
+    return rng.randrange(min_prefix, len(token_ids)) if min_prefix < len(token_ids) else 0
+
+
+def snap_to_punctuation(
+    token_ids: Sequence[int], keep: int, tokenizer, punctuation: Sequence[str] | None, window: int, min_prefix: int = 1
+) -> int:
+    """Move a cut back to the last punctuation boundary at or before it when one lies within `window` tokens (and
+    keeps at least `min_prefix`, at least 1, tokens); otherwise leave it."""
+    boundary = cut_at_last_punctuation(token_ids[:keep], tokenizer, punctuation)
+    return boundary if boundary >= max(min_prefix, 1) and keep - boundary <= window else keep
+
+
+@dataclass(frozen=True)
+class BranchRule:
+    """Where a phase-1 sample is cut: `strategy` (a `BRANCH_POINTS` name) and its settings."""
+
+    strategy: str = "punctuation"
+    punctuation: Sequence[str] | None = None
+    min_prefix: int = 1
+    snap_window: int | None = None  # None: no snapping to punctuation
+
+    @property
+    def needs_signals(self) -> bool:
+        """Whether the cut reads the policy's entropies / log-probs of the sample (one scoring forward)."""
+        return self.strategy in ("entropy", "low_prob")
+
+    def cut(self, token_ids: Sequence[int], tokenizer, signals: TokenSignals | None = None, rng=None) -> int:
+        """How many of `token_ids` (a phase-1 sample, stopped before EOS and limited to the drawn length) to keep."""
+        if self.strategy == "punctuation":
+            keep = cut_at_last_punctuation(token_ids, tokenizer, self.punctuation)
+            return keep if keep >= self.min_prefix else 0
+        keep = BRANCH_POINTS[self.strategy](token_ids, signals if self.needs_signals else rng, self.min_prefix)
+        if self.snap_window is not None and keep:
+            keep = snap_to_punctuation(token_ids, keep, tokenizer, self.punctuation, self.snap_window, self.min_prefix)
+        return keep
+
+
+# Strategy table for `GuidedGRPOConfig.branch_point`: name -> the cut (see `BranchRule.cut` for how each is called).
+BRANCH_POINTS: dict[str, Callable[..., int]] = {
+    "punctuation": cut_at_last_punctuation,
+    "entropy": cut_before_max_entropy,
+    "low_prob": cut_before_min_logprob,
+    "random": cut_at_random,
+}
 
 
 def draw_lengths(rng: random.Random, count: int, low: int, high: int) -> list[int]:
@@ -73,11 +147,16 @@ def prefix_candidate(
 
     Returns (prefix token ids, whether the sample hit EOS inside the drawn length).
     """
+    window, hit_eos = prefix_window(sample, drawn_length, eos_token_ids)
+    return window[: cut(window)], hit_eos
+
+
+def prefix_window(sample: Sequence[int], drawn_length: int, eos_token_ids: Sequence[int]) -> tuple[list[int], bool]:
+    """The part of a phase-1 sample a branch point may be chosen in: its first `drawn_length` tokens, stopped before
+    EOS. Returns (window ids, whether the sample hit EOS inside the drawn length)."""
     window = list(sample[:drawn_length])
     eos_at = first_eos(window, eos_token_ids)
-    if eos_at is not None:
-        window = window[:eos_at]
-    return window[: cut(window)], eos_at is not None
+    return (window if eos_at is None else window[:eos_at]), eos_at is not None
 
 
 def clip_guidance(sample: Sequence[int], length: int, eos_token_ids: Sequence[int]) -> tuple[list[int], bool]:
@@ -126,3 +205,41 @@ def loss_weights(
     postfix_weight = torch.clamp(postfix_decay ** (steps_after + 1), min=postfix_min_weight)
     in_postfix = ((position >= guide_end) & (position < end)).float()
     return in_guidance + in_postfix * postfix_weight
+
+
+# `GuidedGRPOConfig.tree_advantage`: how a row's advantage is built when a group holds K branch sets.
+TREE_ADVANTAGES = ("group", "branch", "group+branch")
+
+
+def _nanstd(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unbiased standard deviation ignoring NaN (TRL's `nanstd`), along `dim`."""
+    mean = torch.nanmean(values, dim=dim, keepdim=True)
+    count = (~torch.isnan(values)).sum(dim=dim)
+    variance = torch.nanmean((values - mean) ** 2, dim=dim) * count / (count - 1).clamp(min=1)
+    return variance.sqrt()
+
+
+def _spread(rewards: torch.Tensor, unit: int, scale: str) -> torch.Tensor:
+    """Per-row divisor of a centred reward, by TRL's `scale_rewards`: std within runs of `unit` rows ("group"), of
+    the whole batch ("batch"), or none."""
+    if scale == "none":
+        return torch.ones_like(rewards)
+    if scale == "batch":
+        return (_nanstd(rewards, 0) + 1e-4).expand_as(rewards)
+    return (_nanstd(rewards.view(-1, unit), 1) + 1e-4).repeat_interleave(unit)
+
+
+def branch_advantages(rewards: torch.Tensor, set_size: int, scale: str = "group") -> torch.Tensor:
+    """TreeRL's local advantage: each reward against the mean of its branch set (runs of `set_size` rows), divided as
+    TRL's `scale_rewards` says (the set's std for "group"). Unscorable rows (NaN) get 0 and are left out of the means.
+    """
+    set_means = torch.nanmean(rewards.view(-1, set_size), dim=1).repeat_interleave(set_size)
+    return torch.nan_to_num((rewards - set_means) / _spread(rewards, set_size, scale), nan=0.0)
+
+
+def prefix_advantages(rewards: torch.Tensor, group_size: int, set_size: int, scale: str = "group") -> torch.Tensor:
+    """Per row, the advantage of its branch set's prefix: the set's mean reward against the group's, divided by the
+    group's std (for `scale="group"`), i.e. the mean of TRL's group advantages over the set."""
+    set_means = torch.nanmean(rewards.view(-1, set_size), dim=1).repeat_interleave(set_size)
+    group_means = torch.nanmean(rewards.view(-1, group_size), dim=1).repeat_interleave(group_size)
+    return torch.nan_to_num((set_means - group_means) / _spread(rewards, group_size, scale), nan=0.0)

@@ -7,13 +7,12 @@ completions; the tokens come from a `PhaseBackend`, which the trainer builds ove
 
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .guidance import BRANCH_POINTS, Segments, clip_guidance, draw_lengths, prefix_candidate
+from .guidance import BranchRule, Segments, TokenSignals, clip_guidance, draw_lengths, prefix_window
 
 
 class PhaseBackend(Protocol):
@@ -39,6 +38,9 @@ class PhaseBackend(Protocol):
     def any_process(self, flag: bool) -> bool:
         """`flag` OR-ed over all processes (every process must then make the same generate calls)."""
 
+    def token_signals(self, prompts: list[list[int]], samples: list[list[int]]) -> list[TokenSignals]:
+        """The policy's entropy and log-prob at every token of each sample after its prompt (a collective call)."""
+
 
 @dataclass
 class GuidedRollout:
@@ -48,72 +50,100 @@ class GuidedRollout:
     # Per-token sampling log-probs (None: unknown for that token), or None when the backend reports none.
     logprobs: list[list[float | None]] | None
     segments: Segments
-    empty_prefix: list[bool]  # per group: no branch point found, so the group is plain GRPO
+    empty_prefix: list[bool]  # per branch set: no branch point found, so its branches are plain GRPO samples
     prefix_retries: int  # phase-1 samples redrawn because they hit EOS inside the drawn length
+    branch_set: list[int]  # per row: which of its group's `num_prefixes_per_group` prefixes it branches from
+    branch_position: list[float]  # per branch set: tokens kept / tokens drawn
+    # Per branch set whose cut read the policy's signals (else empty): entropy at the branch token, and its mean
+    # over the window
+    branch_entropy: list[float]
+    mean_entropy: list[float]
 
 
 class GuidedSampler:
     """Samples prefix -> guidance -> postfix for groups of `num_generations` identical prompts.
 
+    A group holds `num_prefixes_per_group` (K) branch sets: K prefixes, each from its own phase-1 sample, with
+    `num_generations / K` branches each. Rows are laid out set by set (row r of a group is in set r // (G / K)).
     `settings` is a `GuidedGRPOConfig` (only its guided-sampling fields and `max_completion_length` are read).
     """
 
     def __init__(self, settings, tokenizer, eos_token_ids: Sequence[int], rng: random.Random, backend: PhaseBackend):
         self.settings, self.tokenizer, self.rng, self.backend = settings, tokenizer, rng, backend
         self.eos = list(eos_token_ids)
-        self.cut = functools.partial(
-            BRANCH_POINTS[settings.branch_point], tokenizer=tokenizer, punctuation=settings.punctuation
+        self.rule = BranchRule(
+            strategy=settings.branch_point,
+            punctuation=settings.punctuation,
+            min_prefix=settings.branch_min_prefix_tokens,
+            snap_window=settings.branch_snap_window if settings.branch_snap_to_punctuation else None,
         )
 
     def sample(self, prompt_ids: list[list[int]], num_generations: int) -> GuidedRollout:
-        group_prompts = [list(ids) for ids in prompt_ids[::num_generations]]
-        prefixes, prefix_logps, retries = self.sample_prefixes(group_prompts)
-        guides, postfixes, guide_logps, postfix_logps = self.sample_branches(group_prompts, prefixes, num_generations)
-        group_of = [row // num_generations for row in range(len(group_prompts) * num_generations)]
-        completions = [prefixes[g] + guides[r] + postfixes[r] for r, g in enumerate(group_of)]
+        prefixes_per_group = self.settings.num_prefixes_per_group
+        branches = num_generations // prefixes_per_group
+        # One prompt per branch set: each group's prompt, K times in a row.
+        set_prompts = [list(ids) for ids in prompt_ids[::branches]]
+        prefixes, prefix_logps, retries, stats = self.sample_prefixes(set_prompts)
+        guides, postfixes, guide_logps, postfix_logps = self.sample_branches(set_prompts, prefixes, branches)
+        set_of = [row // branches for row in range(len(set_prompts) * branches)]
+        completions = [prefixes[s] + guides[r] + postfixes[r] for r, s in enumerate(set_of)]
         return GuidedRollout(
             completions=completions,
-            logprobs=self.join_logprobs(group_of, prefix_logps, guides, guide_logps, postfix_logps),
+            logprobs=self.join_logprobs(set_of, prefix_logps, guides, guide_logps, postfix_logps),
             segments=Segments(
-                prefix=[len(prefixes[g]) for g in group_of],
+                prefix=[len(prefixes[s]) for s in set_of],
                 guidance=[len(guide) for guide in guides],
                 postfix=[len(postfix) for postfix in postfixes],
             ),
             empty_prefix=[not prefix for prefix in prefixes],
             prefix_retries=retries,
+            branch_set=[s % prefixes_per_group for s in set_of],
+            **stats,
         )
 
-    def sample_prefixes(self, group_prompts: list[list[int]]):
-        """Phase 1: one prefix per group, redrawn (up to `prefix_eos_retries` times) when EOS came inside its length.
+    def sample_prefixes(self, set_prompts: list[list[int]]):
+        """Phase 1: one prefix per branch set, redrawn (up to `prefix_eos_retries` times) when EOS came inside its
+        drawn length, cut where `branch_point` says (after one scoring forward when the rule reads the policy).
 
-        Returns (prefix ids per group, their log-probs per group or None, number of redraws).
+        Returns (prefix ids per set, their log-probs per set or None, number of redraws, branch statistics).
         """
         settings = self.settings
-        drawn = draw_lengths(self.rng, len(group_prompts), settings.prefix_min_tokens, settings.prefix_max_tokens)
-        prefixes: list[list[int]] = [[] for _ in group_prompts]
-        prefix_logps: list[list[float] | None] = [None] * len(group_prompts)
-        pending, retries = list(range(len(group_prompts))), 0
+        drawn = draw_lengths(self.rng, len(set_prompts), settings.prefix_min_tokens, settings.prefix_max_tokens)
+        prefixes: list[list[int]] = [[] for _ in set_prompts]
+        prefix_logps: list[list[float] | None] = [None] * len(set_prompts)
+        stats = dict(branch_position=[0.0] * len(set_prompts), branch_entropy=[], mean_entropy=[])
+        pending, retries = list(range(len(set_prompts))), 0
         for attempt in range(settings.prefix_eos_retries + 1):
             samples, logps = self.backend.generate(
-                [group_prompts[i] for i in pending], 1, max((drawn[i] for i in pending), default=1)
+                [set_prompts[i] for i in pending], 1, max((drawn[i] for i in pending), default=1)
             )
-            redraw = []
-            for sample, sample_logps, group in zip(samples, _per_row(logps, len(samples)), pending, strict=True):
-                prefix, hit_eos = prefix_candidate(sample, drawn[group], self.eos, self.cut)
+            redraw, final = [], []
+            for sample, sample_logps, branch_set in zip(samples, _per_row(logps, len(samples)), pending, strict=True):
+                window, hit_eos = prefix_window(sample, drawn[branch_set], self.eos)
                 if hit_eos and attempt < settings.prefix_eos_retries:
-                    redraw.append(group)
-                    continue
-                prefixes[group] = prefix
-                prefix_logps[group] = None if sample_logps is None else list(sample_logps[: len(prefix)])
+                    redraw.append(branch_set)
+                else:
+                    final.append((branch_set, window, sample_logps))
+            signals = [None] * len(final)
+            if self.rule.needs_signals:  # every process scores on every attempt: the forward may be a collective
+                signals = self.backend.token_signals([set_prompts[s] for s, _, _ in final], [w for _, w, _ in final])
+            for (branch_set, window, sample_logps), window_signals in zip(final, signals, strict=True):
+                keep = self.rule.cut(window, self.tokenizer, window_signals, self.rng)
+                prefixes[branch_set] = window[:keep]
+                prefix_logps[branch_set] = None if sample_logps is None else list(sample_logps[:keep])
+                stats["branch_position"][branch_set] = keep / drawn[branch_set]
+                if window_signals is not None and window:
+                    stats["branch_entropy"].append(window_signals.entropies[min(keep, len(window) - 1)])
+                    stats["mean_entropy"].append(sum(window_signals.entropies) / len(window))
             retries += len(redraw)
             pending = redraw
             if not self.backend.any_process(bool(pending)):
                 break
-        return prefixes, prefix_logps, retries
+        return prefixes, prefix_logps, retries, stats
 
     def sample_branches(self, group_prompts: list[list[int]], prefixes: list[list[int]], num_generations: int):
-        """Phases 2 and 3: G guidance continuations of each prompt + prefix, then every chain not yet ended is
-        completed within what is left of `max_completion_length`.
+        """Phases 2 and 3: `num_generations` guidance continuations of each prompt + prefix (one per branch set, called
+        a group here), then every chain not yet ended is completed within what is left of `max_completion_length`.
 
         Returns (guidance ids, postfix ids, guidance log-probs or None, postfix log-probs), one entry per row.
         """

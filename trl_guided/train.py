@@ -483,6 +483,11 @@ SWITCHES = (
         {n for n in GUIDED_FIELDS if n.startswith("ot_") and n != "ot_coef"},
     ),
     (
+        "branch_snap_to_punctuation: false",
+        lambda t, c, m: not c.branch_snap_to_punctuation,
+        {"branch_snap_window"},
+    ),
+    (
         "guidance_loss_scope is not guidance_postfix",
         lambda t, c, m: c.guidance_loss_scope != "guidance_postfix",
         {"postfix_decay", "postfix_min_weight"},

@@ -28,7 +28,7 @@ from trl.trainer.utils import (
 from .backends import RolloutBackend, decoder_of, unwrap
 from .checkpoints import last_complete_checkpoint
 from .config import GuidedGRPOConfig
-from .guidance import Segments, loss_weights
+from .guidance import Segments, branch_advantages, loss_weights, prefix_advantages
 from .models import resolve_model_path
 from .ot import banded_sinkhorn_with_stats
 from .sampler import GuidedRollout, GuidedSampler
@@ -80,16 +80,17 @@ class GuidedGRPOTrainer(GRPOTrainer):
       from `generation_config` / `generation_kwargs` / `vllm_generation.max_completion_length` at call time.
     - `_generate_and_score_completions`: restricts TRL's scored batch to the trained tokens of `guidance_loss_scope`
       (binary mask in the `tool_mask` slot, fractional weights as (B, T) advantages, postfix columns dropped in the
-      `guidance` scope) and attaches OT reference states. Relies on: `_compute_loss` multiplying `tool_mask` into the
-      loss, its normaliser, KL and entropy, and accepting 2-D advantages.
+      `guidance` scope), applies `tree_advantage` / `prefix_advantage_weight`, and attaches OT reference states.
+      Relies on: `_compute_loss` multiplying `tool_mask` into the loss, its normaliser, KL and entropy, and accepting
+      2-D advantages; TRL summing `rewards_per_func * reward_weights` and keeping this process's contiguous slice.
     - `_get_per_token_logps_and_entropies`: the shared-prefix forward (each group's prompt + prefix encoded once).
       Relies on: the fused LM head (`fused_lm_head=True`, `shift_labels`) that TRL 1.15+ patches into scored models.
     - `compute_loss`: adds the OT penalty on the backbone's last hidden states captured during the parent's forward
       (left out on a step where it is not finite), and turns a non-finite loss into a zero-gradient step. Relies on:
       `_compute_loss` running exactly one policy forward per micro-batch.
     - `_calculate_rewards`: reads an infinite reward as None (no reward), which TRL handles (advantage 0 for a
-      completion without any reward); counts both as `guidance/nonfinite_rewards`. Relies on: its (N, F) gathered
-      reward matrix with NaN for None.
+      completion without any reward); counts both as `guidance/nonfinite_rewards`; keeps the matrix for the tree
+      advantages. Relies on: its (N, F) gathered reward matrix with NaN for None.
     - `train`, `_save_rng_state`, `_load_rng_state`: resume continues the same run (the last complete checkpoint; the
       sampler's generator and TRL's generation buffer travel in it). Relies on: Trainer writing `trainer_state.json`
       last and calling `_load_rng_state` before the first resumed step; GRPOTrainer's `_step` / `_buffered_inputs`.
@@ -154,6 +155,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._backend = RolloutBackend(self, self._plain_generate)
         self._sampler = GuidedSampler(args, self._tokenizer, self.eos_token_ids, self._guidance_rng, self._backend)
         self._segments: Segments | None = None  # the last rollout's segments, from generation to scoring
+        self._rewards_per_func: torch.Tensor | None = None  # the last scoring's rewards (all processes), for trees
         self._ot_ref_model = self._build_ot_reference() if args.ot_coef > 0 else None
         if args.ot_coef > 0 and args.ot_reference == "old" and args.old_policy_is_current:
             logger.warning(
@@ -268,13 +270,28 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 sum(segments.postfix) / len(segments),
                 sum(empty_prefix) / len(empty_prefix),
                 rollout.prefix_retries / len(empty_prefix),
+                sum(rollout.branch_position) / len(empty_prefix),
             ],
             device=device,
         )
         means = self.accelerator.gather(local.unsqueeze(0)).mean(dim=0).tolist()
-        names = ("prefix_length", "guide_length", "postfix_length", "empty_prefix_ratio", "prefix_retries")
+        names = (
+            "prefix_length",
+            "guide_length",
+            "postfix_length",
+            "empty_prefix_ratio",
+            "prefix_retries",
+            "branch_position",
+        )
         for name, value in zip(names, means, strict=True):
             self._metrics[mode][f"guidance/{name}"].append(value)
+        self._metrics[mode]["guidance/num_prefixes"].append(float(self.args.num_prefixes_per_group))
+        if self._sampler.rule.needs_signals:  # entropies are known only when the cut scored the samples
+            sums = [sum(rollout.branch_entropy), sum(rollout.mean_entropy), len(rollout.branch_entropy)]
+            totals = self.accelerator.reduce(torch.tensor(sums, device=device), reduction="sum").tolist()
+            if totals[2]:
+                self._metrics[mode]["guidance/branch_entropy"].append(totals[0] / totals[2])
+                self._metrics[mode]["guidance/mean_entropy"].append(totals[1] / totals[2])
         if self.log_completions:
             decode = functools.partial(self._tokenizer.decode, skip_special_tokens=True)
             starts = [0] * len(segments)
@@ -284,6 +301,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 self._log_completion_extra(column, texts)
                 starts = ends
             self._log_completion_extra("postfix", [decode(c[s:]) for c, s in zip(completions, starts, strict=True)])
+            self._log_completion_extra("branch_set", rollout.branch_set)
 
     # ---------------------------------------------------------------------------------------------------- loss focus
 
@@ -292,17 +310,47 @@ class GuidedGRPOTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         # Set by `_generate_guided` while the parent generated (None: this batch was sampled plain).
         segments, self._segments = self._segments, None
+        rewards_per_func, self._rewards_per_func = self._rewards_per_func, None
         if output.get("ref_per_token_logps") is not None:
             # Text quality for free: TRL scored every completion token under the reference model for the KL term.
             self._log_nll("quality/ref_nll", output["ref_per_token_logps"], output["completion_mask"])
         if segments is not None:
-            output = self._focus_loss(output, segments)
+            prefix_advantage = self._tree_advantages(output, rewards_per_func)
+            output = self._focus_loss(output, segments, prefix_advantage)
         if self.args.ot_coef > 0:
             output = self._attach_ot_reference(output)
         return output
 
-    def _focus_loss(self, output: dict[str, Any], segments: Segments) -> dict[str, Any]:
-        """Restrict TRL's scored batch to the trained tokens of `guidance_loss_scope`."""
+    def _tree_advantages(self, output: dict[str, Any], rewards_per_func: torch.Tensor) -> torch.Tensor | None:
+        """Apply `tree_advantage` to `output["advantages"]`; return each row's prefix advantage (None: untrained).
+
+        Rows of a group are laid out branch set by branch set (see `GuidedSampler`), in the same order in the rewards
+        TRL gathered from all processes, of which this process holds the contiguous slice TRL keeps.
+        """
+        args = self.args
+        if args.tree_advantage == "group" and args.prefix_advantage_weight == 0:
+            return None
+        group_size = self.num_generations if self.model.training else self.num_generations_eval
+        set_size = group_size // args.num_prefixes_per_group
+        device = rewards_per_func.device
+        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable rows, as TRL marks them
+        rows = output["advantages"].size(0)
+        local = slice(self.accelerator.process_index * rows, (self.accelerator.process_index + 1) * rows)
+        advantages = output["advantages"]
+        if args.tree_advantage != "group":
+            branch = branch_advantages(rewards, set_size, self.scale_rewards)[local].to(advantages)
+            output["advantages"] = branch if args.tree_advantage == "branch" else advantages + branch
+        if args.prefix_advantage_weight == 0:
+            return None
+        prefix = prefix_advantages(rewards, group_size, set_size, self.scale_rewards)[local]
+        return args.prefix_advantage_weight * prefix.to(advantages)
+
+    def _focus_loss(
+        self, output: dict[str, Any], segments: Segments, prefix_advantage: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """Restrict TRL's scored batch to the trained tokens of `guidance_loss_scope` (and the prefix tokens, with
+        their own advantage, when `prefix_advantage` is given)."""
         args = self.args
         completion_mask = output["completion_mask"]
         completion_tokens = completion_mask.sum(dim=1)  # per row, before any column is dropped
@@ -330,6 +378,15 @@ class GuidedGRPOTrainer(GRPOTrainer):
         output["tool_mask"] = trained
         if args.guidance_loss_scope == "guidance_postfix":
             output["advantages"] = output["advantages"].unsqueeze(1) * weights
+        if prefix_advantage is not None:
+            columns = torch.arange(weights.size(1), device=weights.device).unsqueeze(0)
+            in_prefix = columns < torch.tensor(segments.prefix, device=weights.device).unsqueeze(1)
+            advantages = output["advantages"]
+            if advantages.dim() == 1:
+                advantages = advantages.unsqueeze(1) * weights
+            output["advantages"] = torch.where(in_prefix, prefix_advantage.unsqueeze(1), advantages)
+            trained = torch.maximum(trained, in_prefix.to(trained.dtype))
+            output["tool_mask"] = trained
         loss_mask = output["completion_mask"] * trained
         output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         if args.guidance_loss_normalization == "completion":
@@ -387,7 +444,13 @@ class GuidedGRPOTrainer(GRPOTrainer):
             )
         else:
             logps, entropies = shared_prefix_logps(
-                model, input_ids, attention_mask, logits_to_keep, compute_entropy, self.accelerator.autocast()
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                compute_entropy,
+                self.accelerator.autocast(),
+                nested=self.args.num_prefixes_per_group > 1,
             )
             result = (logps, entropies, None)
         if torch.is_grad_enabled() and self.model.training:  # the loss forward (old/ref log-probs run without grad)
@@ -562,6 +625,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 "advantage is 0 (TRL)",
                 value=unscorable.float().mean().item(),
             )
+        self._rewards_per_func = rewards_per_func  # kept for the tree advantages (they re-normalise per branch set)
         return rewards_per_func
 
     def _finite_or_zero(self, model, loss: torch.Tensor) -> torch.Tensor:

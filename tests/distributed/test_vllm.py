@@ -77,6 +77,9 @@ def tail(path: Path, lines: int = 60) -> str:
 def test_colocate_two_guided_steps(vllm_python, tmp_path):
     report = run_script(vllm_python, "colocate", tmp_path)
     assert report["steps"] == 2 and all(math.isfinite(x) for x in report["losses"])
+    # Entropy branch points, two prefixes per group: the cut of fixed phase-1 samples is the transformers backend's.
+    assert report["num_prefixes"] == [2, 2]
+    assert report["vllm_cuts"] == report["transformers_cuts"] and report["max_entropy_gap"] < 1e-5
     assert report["nonempty_prefix_groups"] > 0 and report["branching_groups"] > 0
     # One weight sync per training step (the first phase of each step), not one per phase.
     assert report["syncs"] == [0, 1]
@@ -88,6 +91,7 @@ def test_colocate_two_guided_steps(vllm_python, tmp_path):
 @pytest.mark.slow
 def test_server_three_phases_through_vllm_client(vllm_python, tmp_path):
     report = run_script(vllm_python, "server", tmp_path)
+    assert report["num_prefixes"] == [2, 2]  # low_prob branch points, two prefixes per group
     assert report["logprobs_mode"] == "processed_logprobs"
     assert report["nonempty_prefix_groups"] > 0 and report["branching_groups"] > 0
     assert report["max_logp_diff"] < 1e-3 < report["shifted_mean_logp_diff"]

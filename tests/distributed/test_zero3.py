@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-3 for real on CPU: `accelerate launch`, 2 processes (gloo), guided GRPO with OT on."""
+"""DeepSpeed ZeRO-3 for real on CPU: `accelerate launch`, 2 processes (gloo), guided GRPO with OT on, entropy branch
+points and two prefixes per group."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_guided_with_ot(tiny_llama, tmp_path):
+def test_zero3_two_processes_guided_with_ot_entropy_branches_and_two_prefixes(tiny_llama, tmp_path):
     out = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "zero3_cpu.yaml")]
@@ -44,8 +45,10 @@ def test_zero3_two_processes_guided_with_ot(tiny_llama, tmp_path):
         assert report["steps"] == 3 and len(report["losses"]) == 3
         assert all(math.isfinite(x) for x in report["losses"] + report["ot_costs"])
         assert all(length > 0 for length in report["guide_lengths"]), "the steps were not guided"
+        assert report["num_prefixes"] == [2, 2, 2]
+        assert all(b >= m > 0 for b, m in zip(report["branch_entropies"], report["mean_entropies"], strict=True))
         # One rollout per step (steps_per_generation = 1), each gathering the sharded parameters once for its three
-        # phases, not once per phase.
+        # phases and the entropy scoring forward, not once per phase.
         assert report["gathers_per_rollout"] == [1, 1, 1], report["gathers_per_rollout"]
     assert reports[0]["losses"] == reports[1]["losses"]  # logged losses are reduced across ranks
     checkpoint = out / "checkpoint-3"

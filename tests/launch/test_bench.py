@@ -36,7 +36,7 @@ def test_run_all_tiny_smoke(tmp_path):
     assert report["mode"] == "tiny"
     for key in ("cpu_count", "cpu_model", "torch", "trl", "transformers"):
         assert report["machine"][key]
-    assert set(report["benchmarks"]) == {"rollout", "loss", "step", "zero3", "ot"}
+    assert set(report["benchmarks"]) == {"rollout", "loss", "step", "zero3", "ot", "branching"}
     # The OT overhead is a difference of two timings (on - off) / off: at tiny size it can be negative by noise.
     ratios = dict(report["ratios"])
     overhead = ratios.pop("ot_overhead")
@@ -50,6 +50,10 @@ def test_run_all_tiny_smoke(tmp_path):
     assert all(_positive(seconds) for seconds in report["durations_seconds"].values())
 
     bench = report["benchmarks"]
+    # Only the entropy branch point runs the scoring forward.
+    assert _positive(bench["branching"]["entropy"]["scoring_seconds"]["median"])
+    assert bench["branching"]["punctuation"]["scoring_seconds"]["median"] == 0
+    assert _positive(report["ratios"]["entropy_branch_rollout"])
     for kind in ("vanilla", "guided"):
         rollout = bench["rollout"][kind]
         for key in ("wall_seconds", "generated_tokens", "decode_steps"):

@@ -16,7 +16,19 @@ from .common import config
         (dict(prefix_min_tokens=9, prefix_max_tokens=4), "prefix_min_tokens=9"),
         (dict(prefix_max_tokens=20, max_guide_tokens=4), "leave room for a postfix"),
         (dict(guidance_loss_scope="prefix"), "guidance_loss_scope='prefix'"),
-        (dict(branch_point="entropy"), "branch_point='entropy'"),
+        (dict(branch_point="entropie"), "branch_point='entropie'"),
+        (dict(branch_min_prefix_tokens=-1, branch_point="entropy"), "branch_min_prefix_tokens=-1"),
+        (dict(branch_snap_to_punctuation=True), "branch_snap_to_punctuation applies to branch_point"),
+        (dict(branch_point="random", branch_snap_window=0), "branch_snap_window=0"),
+        (dict(num_prefixes_per_group=3), "num_prefixes_per_group=3 must be >= 1 and divide num_generations"),
+        (dict(num_prefixes_per_group=0), "num_prefixes_per_group=0"),
+        (dict(tree_advantage="local", num_prefixes_per_group=2), "tree_advantage='local' is unknown"),
+        (dict(tree_advantage="branch"), "needs num_prefixes_per_group > 1"),
+        (dict(prefix_advantage_weight=0.5), "prefix_advantage_weight > 0 needs num_prefixes_per_group > 1"),
+        (
+            dict(num_prefixes_per_group=2, tree_advantage="branch", multi_objective_aggregation="normalize_then_sum"),
+            "need multi_objective_aggregation='sum_then_normalize'",
+        ),
         (dict(punctuation=[]), "punctuation"),
         (dict(postfix_decay=0.0, guidance_loss_scope="guidance_postfix"), "postfix_decay"),
     ],
@@ -50,3 +62,9 @@ def test_beam_search_is_refused_with_guidance(tmp_path, generation_kwargs):
         config(tmp_path, generation_kwargs=generation_kwargs)
     config(tmp_path, generation_kwargs=generation_kwargs, guidance=False)  # plain GRPO: TRL's business
     config(tmp_path, generation_kwargs={"num_beams": 1})
+
+
+def test_tree_settings_are_accepted(tmp_path):
+    args = config(tmp_path, num_prefixes_per_group=2, tree_advantage="group+branch", prefix_advantage_weight=0.5)
+    assert args.num_prefixes_per_group == 2
+    assert config(tmp_path, branch_point="entropy", branch_snap_to_punctuation=True).branch_snap_window == 8

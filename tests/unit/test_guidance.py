@@ -11,13 +11,21 @@ from hypothesis import strategies as st
 
 from trl_guided.guidance import (
     DEFAULT_PUNCTUATION,
+    BranchRule,
     Segments,
+    TokenSignals,
     _mark_pattern,
+    branch_advantages,
     clip_guidance,
     cut_at_last_punctuation,
+    cut_at_random,
+    cut_before_max_entropy,
+    cut_before_min_logprob,
     draw_lengths,
     loss_weights,
+    prefix_advantages,
     prefix_candidate,
+    prefix_window,
 )
 from trl_guided.tiny_models import build_tiny_tokenizer
 
@@ -168,3 +176,101 @@ def test_loss_weights_per_scope():
     assert torch.allclose(floored[1, 2:6], torch.tensor([0.5, 0.25, 0.2, 0.2]))
     with pytest.raises(ValueError, match="guidance_loss_scope"):
         loss_weights(segments, 8, "postfix")
+
+
+# ------------------------------------------------------------------------------------------ branch-point strategies
+
+
+def _signals(entropies=(), logprobs=()):
+    return TokenSignals(entropies=list(entropies), logprobs=list(logprobs))
+
+
+def test_entropy_keeps_the_tokens_before_the_most_uncertain_one():
+    ids = [11, 12, 13, 14, 15]
+    assert cut_before_max_entropy(ids, _signals([0.1, 0.5, 2.0, 0.3, 0.4])) == 2
+    assert cut_before_max_entropy(ids, _signals([0.1, 0.9, 0.2, 0.9, 0.9])) == 1  # ties: the earliest
+    assert cut_before_max_entropy(ids, _signals([0.7] * 5)) == 1  # all equal: the first eligible position
+    assert cut_before_max_entropy(ids, _signals([0.7] * 5), min_prefix=3) == 3
+
+
+def test_a_spike_at_position_zero_is_skipped_by_the_minimum_prefix():
+    ids, spike = [11, 12, 13, 14], _signals([9.0, 0.1, 0.3, 0.2])
+    assert cut_before_max_entropy(ids, spike, min_prefix=0) == 0  # would make the group plain GRPO
+    assert cut_before_max_entropy(ids, spike, min_prefix=1) == 2
+    assert cut_before_max_entropy(ids, spike, min_prefix=4) == 0  # no eligible position: no branch point
+
+
+def test_low_prob_keeps_the_tokens_before_the_least_likely_one():
+    ids = [11, 12, 13, 14, 15]
+    assert cut_before_min_logprob(ids, _signals(logprobs=[-9.0, -0.5, -3.0, -0.1, -3.0])) == 2  # ties, min prefix
+    assert cut_before_min_logprob(ids, _signals(logprobs=[-1.0] * 5), min_prefix=2) == 2
+    assert cut_before_min_logprob(ids, _signals(logprobs=[-9.0, -0.5, -3.0, -0.1, -3.0]), min_prefix=0) == 0
+
+
+def test_random_draws_every_eligible_position_uniformly():
+    rng = random.Random(0)
+    draws = [cut_at_random(list(range(6)), rng, min_prefix=2) for _ in range(4000)]
+    counts = [draws.count(i) for i in range(6)]
+    assert counts[:2] == [0, 0] and all(900 < c < 1100 for c in counts[2:]), counts
+    assert cut_at_random([7], rng, min_prefix=1) == 0
+
+
+@pytest.mark.parametrize("strategy", ["punctuation", "entropy", "low_prob", "random"])
+def test_every_strategy_handles_an_empty_sample(tokenizer, strategy):
+    assert BranchRule(strategy).cut([], tokenizer, _signals(), random.Random(0)) == 0
+
+
+def test_eos_inside_the_window_bounds_the_choice(tokenizer):
+    eos = tokenizer.eos_token_id
+    sample = [21, 22, 23, eos, 24, 25]
+    signals = _signals([0.1, 0.2, 0.8, 0.0, 5.0, 6.0], [-0.1, -2.0, -0.3, -0.1, -9.0, -9.0])
+    for strategy, expected in (("entropy", 2), ("low_prob", 1)):
+        rule = BranchRule(strategy)
+        prefix, hit_eos = prefix_candidate(sample, 6, [eos], lambda w, r=rule: r.cut(w, tokenizer, signals))
+        assert hit_eos and prefix == sample[:expected]
+    window, hit_eos = prefix_window(sample, 2, [eos])  # the drawn length ends before EOS
+    assert window == [21, 22] and not hit_eos
+
+
+def test_snap_moves_the_cut_back_to_punctuation_within_the_window(tokenizer):
+    ids = _ids(tokenizer, "Yes, it is a big red dog")
+    comma = len(_ids(tokenizer, "Yes,"))
+    entropies = [0.0] * len(ids)
+    entropies[comma + 3] = 4.0
+    signals = _signals(entropies)
+    assert BranchRule("entropy").cut(ids, tokenizer, signals) == comma + 3
+    assert BranchRule("entropy", snap_window=3).cut(ids, tokenizer, signals) == comma
+    assert BranchRule("entropy", snap_window=2).cut(ids, tokenizer, signals) == comma + 3  # too far: stays
+    assert BranchRule("entropy", snap_window=3, min_prefix=comma + 1).cut(ids, tokenizer, signals) == comma + 3
+
+
+def test_punctuation_respects_the_minimum_prefix(tokenizer):
+    ids = _ids(tokenizer, "Yes, it is")
+    comma = len(_ids(tokenizer, "Yes,"))
+    assert BranchRule("punctuation").cut(ids, tokenizer) == comma
+    assert BranchRule("punctuation", min_prefix=comma + 1).cut(ids, tokenizer) == 0
+
+
+# ------------------------------------------------------------------------------------------------ tree advantages
+
+# Two groups of G = 4 with K = 2 branch sets of 2 (rows 0-1 | 2-3 and 4-5 | 6-7); row 4 is unscorable.
+REWARDS = torch.tensor([1.0, 0.0, 1.0, 1.0, float("nan"), 2.0, 0.0, 4.0])
+
+
+def test_branch_advantages_on_a_hand_computed_table():
+    unscaled = branch_advantages(REWARDS, 2, "none")
+    assert unscaled.tolist() == [0.5, -0.5, 0.0, 0.0, 0.0, 0.0, -2.0, 2.0]
+    scaled = branch_advantages(REWARDS, 2, "group")
+    s = 2**0.5 / 2  # unbiased std of {0, 1}
+    expected = [0.5 / (s + 1e-4), -0.5 / (s + 1e-4), 0, 0, 0, 0, -2 / (2 * 2**0.5 + 1e-4), 2 / (2 * 2**0.5 + 1e-4)]
+    torch.testing.assert_close(scaled, torch.tensor(expected))
+
+
+def test_prefix_advantages_on_a_hand_computed_table():
+    unscaled = prefix_advantages(REWARDS, 4, 2, "none")
+    # Group 0: sets average 0.5 and 1.0 against 0.75; group 1: 2.0 and 2.0 against 2.0 (NaN left out).
+    assert unscaled.tolist() == [-0.25, -0.25, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0]
+    scaled = prefix_advantages(REWARDS, 4, 2, "group")
+    torch.testing.assert_close(scaled[:4], torch.tensor([-0.25, -0.25, 0.25, 0.25]) / (0.5 + 1e-4))
+    # K = G / 1 set per group: a prefix has the group's mean, so its advantage is 0.
+    assert prefix_advantages(REWARDS[:4], 4, 4, "group").tolist() == [0.0] * 4

@@ -157,13 +157,21 @@ def _moves_reference_states_to_cpu(trainer, monkeypatch):
 
 OT = {"ot_coef": 0.1, "beta": 0.0}
 POSTFIX = {"guidance_loss_scope": "guidance_postfix"}
+ENTROPY = {"branch_point": "entropy"}
+TREE = {"num_prefixes_per_group": 2}
 # field -> (base overrides, the changed value, what is observed). A field missing here fails the walk below.
 GUIDED_FIELD_EFFECTS = {
     "guidance": ({}, False, _fingerprint),
     "prefix_min_tokens": ({}, 8, _fingerprint),
     "prefix_max_tokens": ({}, 5, _fingerprint),
     "punctuation": ({}, ["q"], _fingerprint),
-    "branch_point": ({}, "nowhere", "refused"),  # one strategy so far
+    "branch_point": ({}, "entropy", _fingerprint),
+    "branch_min_prefix_tokens": (ENTROPY, 9, _fingerprint),
+    "branch_snap_to_punctuation": (ENTROPY, True, _fingerprint),
+    "branch_snap_window": ({**ENTROPY, "branch_snap_to_punctuation": True}, 1, _fingerprint),
+    "num_prefixes_per_group": ({}, 2, _fingerprint),
+    "tree_advantage": (TREE, "branch", _fingerprint),
+    "prefix_advantage_weight": (TREE, 0.5, _fingerprint),
     "min_guide_tokens": ({}, 4, _fingerprint),
     "max_guide_tokens": ({}, 2, _fingerprint),
     "guidance_loss_scope": ({}, "completion", _fingerprint),
@@ -301,8 +309,10 @@ def test_every_other_task_field_takes_effect_or_is_refused(recipe, tmp_path):
 def test_fields_a_switch_turns_off_are_named_in_one_warning(recipe, caplog):
     with caplog.at_level(logging.WARNING, logger="trl_guided.train"):
         parse_args(["--config", recipe, "--guidance", "false", "--max_guide_tokens", "4", "--lora_r", "8"])
+        parse_args(["--config", recipe, "--branch_point", "entropy", "--branch_snap_window", "4"])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Unused setting")]
     assert any("max_guide_tokens will have no effect (guidance: false)" in line for line in lines), lines
+    assert any("branch_snap_window will have no effect (branch_snap_to_punctuation: false)" in x for x in lines), lines
     assert any("lora_r will have no effect (use_peft: false)" in line for line in lines), lines
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trl_guided.train"):

@@ -69,10 +69,10 @@ def scored_batch(trainer):
     captured = {}
     focus = trainer._focus_loss
 
-    def capture(output, segments):
+    def capture(output, segments, *rest):
         captured["raw"], captured["segments"] = dict(output), segments
         output["advantages"] = FIXED_ADVANTAGES.clone()  # equal rewards in a group would give no gradient at all
-        return focus(output, segments)
+        return focus(output, segments, *rest)
 
     trainer._focus_loss = capture
     batch = trainer._generate_and_score_completions([{"prompt": PROMPT}] * G)

@@ -55,9 +55,9 @@ def test_loss_gradient_reaches_only_the_trained_tokens(tiny_llama, tmp_path, sco
     captured = {}
     focus = trainer._focus_loss
 
-    def capture_focus(output, segments):
+    def capture_focus(output, segments, *rest):
         captured["segments"], captured["width"] = segments, output["completion_ids"].size(1)
-        return focus(output, segments)
+        return focus(output, segments, *rest)
 
     trainer._focus_loss = capture_focus
     trainer.model.train()

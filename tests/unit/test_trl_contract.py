@@ -28,10 +28,10 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
         "_compute_loss": ["self", "model", "inputs"],
         "_get_per_token_logps_and_entropies": None,
         "_log_completion_extra": ["self", "column", "values"],
+        "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
         "_save_rng_state": ["self", "output_dir"],
         "_load_rng_state": ["self", "checkpoint"],
         "train": ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"],
-        "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
     }
     for name, params in expected.items():
         method = getattr(GRPOTrainer, name, None)
@@ -42,6 +42,9 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
     assert init == list(inspect.signature(GuidedGRPOTrainer.__init__).parameters)
     source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
     for key in ('"tool_mask"', '"advantages"', '"num_items_in_batch"', "self._generate("):
+        assert key in source, f"GRPOTrainer._generate_and_score_completions no longer uses {key}"
+    # Tree advantages re-normalise TRL's summed rewards and slice them as TRL slices the advantages.
+    for key in ("rewards_per_func * self.reward_weights", "self.accelerator.process_index * len(prompts)"):
         assert key in source, f"GRPOTrainer._generate_and_score_completions no longer uses {key}"
     assert "advantages.dim() == 1" in inspect.getsource(GRPOTrainer._compute_loss), "(B, T) advantages unsupported"
     # A completion without any reward (all NaN) gets advantage 0 in TRL; infinite rewards are mapped onto that case.

@@ -1,4 +1,5 @@
-"""Run by test_zero3.py under `accelerate launch` (2 CPU processes, ZeRO-3): 3 guided steps with OT on.
+"""Run by test_zero3.py under `accelerate launch` (2 CPU processes, ZeRO-3): 3 guided steps with OT on, branching at
+the highest-entropy token (one scoring forward per rollout inside its gather) into K = 2 prefixes per group.
 
 Each rank writes `report-rank{N}.json` into the output folder. Besides the losses it counts the ZeRO-3 parameter
 gathers made during each rollout (`_generate_single_turn`): TRL's `_unwrap_model_for_generation` enters
@@ -72,6 +73,10 @@ def main(model_path: str, output_dir: str) -> None:
         ot_window=4,
         ot_epsilon=0.5,
         ot_iterations=20,
+        branch_point="entropy",
+        num_prefixes_per_group=2,
+        tree_advantage="group+branch",
+        prefix_advantage_weight=0.5,
     )
     trainer = GuidedGRPOTrainer(
         model=model_path, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_dict({"prompt": prompts})
@@ -88,6 +93,9 @@ def main(model_path: str, output_dir: str) -> None:
         "losses": [e["loss"] for e in logs],
         "ot_costs": [e["ot/cost"] for e in logs],
         "guide_lengths": [e["guidance/guide_length"] for e in logs],
+        "num_prefixes": [e["guidance/num_prefixes"] for e in logs],
+        "branch_entropies": [e["guidance/branch_entropy"] for e in logs],
+        "mean_entropies": [e["guidance/mean_entropy"] for e in logs],
         "gathers_per_rollout": gathers,
         "steps": trainer.state.global_step,
     }

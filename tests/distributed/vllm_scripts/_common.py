@@ -155,14 +155,16 @@ def held_back(segments: Any, row: int, min_guide_tokens: int) -> range:
 
 
 def check_rollouts(
-    rollouts: list[dict[str, Any]], max_completion_length: int, min_guide_tokens: int
+    rollouts: list[dict[str, Any]], max_completion_length: int, min_guide_tokens: int, prefixes_per_group: int = 1
 ) -> dict[str, Any]:
-    """Groups share their prefix; every completion token has exactly one sampling log-prob, finite except that the
-    held-back guidance tokens may be None ("unknown": TRL then leaves them out of the importance-sampling ratio)."""
+    """Branch sets (groups, or their `prefixes_per_group` parts) share their prefix; every completion token has
+    exactly one sampling log-prob, finite except that the held-back guidance tokens may be None ("unknown": TRL then
+    leaves them out of the importance-sampling ratio)."""
     check(bool(rollouts), "no rollout was generated")
     nonempty_prefixes = branching = rows = 0
     for rollout in rollouts:
-        ids, logps, segments, g = rollout["ids"], rollout["logps"], rollout["segments"], rollout["G"]
+        ids, logps, segments = rollout["ids"], rollout["logps"], rollout["segments"]
+        g = rollout["G"] // prefixes_per_group
         check(segments is not None, "the guided three-phase sampler did not run")
         check(logps is not None, "vLLM returned no sampling log-probs")
         check(len(ids) == len(logps) == len(segments), "rows of ids, log-probs and segments differ")

@@ -1,4 +1,5 @@
-"""Guided GRPO with vLLM colocate on CPU: two real training steps of a tiny model through the real vLLM engine.
+"""Guided GRPO with vLLM colocate on CPU: two real training steps of a tiny model through the real vLLM engine,
+branching at the highest-entropy token into two prefixes per group; the cut equals the transformers backend's.
 
 Run with the .venv-vllm python: `python colocate.py WORKDIR`. Prints
 `REPORT {json}`; exits 1 when a check fails.
@@ -41,6 +42,30 @@ def keep_linear_weights_in_place() -> None:
     utils.dispatch_cpu_unquantized_gemm = plain_linear
 
 
+def same_cut_as_transformers(trainer: Any, model: str, config: Any) -> dict[str, Any]:
+    """For fixed phase-1 samples, the vLLM trainer's entropies and cuts equal a transformers-backend trainer's."""
+    from trl_guided import GuidedGRPOTrainer
+
+    plain_config = common.guided_config(Path(config.output_dir) / "hf", use_vllm=False, branch_point="entropy")
+    plain = GuidedGRPOTrainer(
+        model=model, reward_funcs=common.reward_len, args=plain_config, train_dataset=common.dataset()
+    )
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    samples = [[20, 21, 22, 23, 24, 25, 26, 27], [30, 31, 32, 33, 34], [40, 41, 42, 43, 44, 45]]
+    cuts, max_gap = {}, 0.0
+    for name, each in (("vllm", trainer), ("transformers", plain)):
+        signals = each._backend.token_signals(prompts, samples)
+        rule = each._sampler.rule
+        cuts[name] = [rule.cut(w, each.processing_class, s) for w, s in zip(samples, signals, strict=True)]
+        cuts[f"{name}_entropies"] = [s.entropies for s in signals]
+    for ours, theirs in zip(cuts["vllm_entropies"], cuts["transformers_entropies"], strict=True):
+        max_gap = max(max_gap, max(abs(a - b) for a, b in zip(ours, theirs, strict=True)))
+    common.check(trainer.use_vllm and not plain.use_vllm, "the two trainers do not use different backends")
+    common.check(cuts["vllm"] == cuts["transformers"], f"cuts differ: {cuts['vllm']} vs {cuts['transformers']}")
+    common.check(max_gap < 1e-5, f"entropies differ between backends by {max_gap}")
+    return dict(vllm_cuts=cuts["vllm"], transformers_cuts=cuts["transformers"], max_entropy_gap=max_gap)
+
+
 def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir", type=Path)
@@ -61,6 +86,9 @@ def main() -> dict[str, Any]:
         # Large enough that one optimizer step visibly moves the log-probs: step 2 then only matches vLLM's sampling
         # log-probs if the weight sync really reached the engine.
         learning_rate=3e-3,
+        branch_point="entropy",
+        num_prefixes_per_group=2,
+        tree_advantage="group+branch",
     )
     # Count TRL's weight syncs (the real method runs): one per training step, not one per phase.
     syncs: list[int] = []
@@ -76,6 +104,7 @@ def main() -> dict[str, Any]:
         model=model, reward_funcs=common.reward_len, args=config, train_dataset=common.dataset()
     )
     init_seconds = time.perf_counter() - start
+    cuts = same_cut_as_transformers(trainer, model, config)
     recorder = common.Recorder(trainer)
     start = time.perf_counter()
     trainer.train()
@@ -87,10 +116,11 @@ def main() -> dict[str, Any]:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     common.check(len(losses) == 2 and all(math.isfinite(x) for x in losses), f"losses {losses}")
     guidance = common.logged(trainer, "guidance/")
-    for name in ("prefix_length", "guide_length", "postfix_length", "empty_prefix_ratio"):
+    for name in ("prefix_length", "guide_length", "postfix_length", "empty_prefix_ratio", "branch_entropy"):
         common.check(all(f"guidance/{name}" in e for e in guidance[:2]), f"guidance/{name} not logged: {guidance}")
     report: dict[str, Any] = dict(steps=steps, losses=losses, init_seconds=init_seconds, train_seconds=train_seconds)
-    report.update(common.check_rollouts(recorder.rollouts, config.max_completion_length, config.min_guide_tokens))
+    report.update(cuts, num_prefixes=[e["guidance/num_prefixes"] for e in guidance[:2]])
+    report.update(common.check_rollouts(recorder.rollouts, config.max_completion_length, config.min_guide_tokens, 2))
     # TRL's colocate engine is built without a dtype, and vLLM's "auto" turns a float32 checkpoint into bfloat16: the
     # sampling log-probs carry bfloat16 rounding against the fp32 trainer.
     report.update(common.check_scored(recorder.scored, recorder.rollouts, BF16_TOLERANCE, config.min_guide_tokens))

@@ -225,6 +225,10 @@ def main() -> dict[str, Any]:
             vllm_server_port=port,
             vllm_server_timeout=30,
             learning_rate=0.0,  # no weight sync: keep the trainer on the server's weights
+            # Low-probability branch points (scored by the trainer's model), two prefixes per group, local advantages.
+            branch_point="low_prob",
+            num_prefixes_per_group=2,
+            tree_advantage="branch",
         )
         trainer = GuidedGRPOTrainer(
             model=model, reward_funcs=common.reward_len, args=config, train_dataset=common.dataset()
@@ -248,7 +252,8 @@ def main() -> dict[str, Any]:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     common.check(len(losses) == 2 and all(math.isfinite(x) for x in losses), f"losses {losses}")
     common.check(any("guidance/guide_length" in e for e in trainer.state.log_history), "guidance metrics not logged")
-    report.update(common.check_rollouts(recorder.rollouts, config.max_completion_length, config.min_guide_tokens))
+    report.update(common.check_rollouts(recorder.rollouts, config.max_completion_length, config.min_guide_tokens, 2))
+    report["num_prefixes"] = [e["guidance/num_prefixes"] for e in common.logged(trainer, "guidance/")[:2]]
     report.update(common.check_scored(recorder.scored, recorder.rollouts, FP32_TOLERANCE, config.min_guide_tokens))
     n_params = len(list(trainer.model.named_parameters()))
     common.check(pushes == [n_params, n_params], f"weight pushes {pushes}, expected one per step of {n_params}")
