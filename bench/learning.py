@@ -44,6 +44,8 @@ ARMS = {
     "plain": {"guidance": False},
     "guided": {"guidance": True, "guidance_loss_scope": "guidance"},
     "guided_postfix": {"guidance": True, "guidance_loss_scope": "guidance_postfix"},
+    # Branch where the policy is least sure (TreeRL): the first guidance token is the most uncertain one.
+    "guided_entropy": {"guidance": True, "guidance_loss_scope": "guidance", "branch_point": "entropy"},
 }
 TINY = {
     "max_completion_length": 12,
