@@ -120,6 +120,18 @@ class BranchRule:
         return keep
 
 
+def representable_marks(tokenizer, punctuation: Sequence[str] | None = None) -> list[str]:
+    """The marks the tokenizer can write: encoded and decoded back without an unknown token. None of them: every
+    punctuation cut keeps nothing."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    found = []
+    for mark in punctuation or DEFAULT_PUNCTUATION:
+        ids = tokenizer.encode(mark, add_special_tokens=False)
+        if ids and unknown not in ids and mark in tokenizer.decode(ids):
+            found.append(mark)
+    return found
+
+
 # Strategy table for `GuidedGRPOConfig.branch_point`: name -> the cut (see `BranchRule.cut` for how each is called).
 BRANCH_POINTS: dict[str, Callable[..., int]] = {
     "punctuation": cut_at_last_punctuation,

@@ -28,7 +28,7 @@ from trl.trainer.utils import (
 from .backends import RolloutBackend, decoder_of, unwrap
 from .checkpoints import last_complete_checkpoint
 from .config import GuidedGRPOConfig
-from .guidance import Segments, branch_advantages, loss_weights, prefix_advantages
+from .guidance import Segments, branch_advantages, loss_weights, prefix_advantages, representable_marks
 from .models import resolve_model_path
 from .ot import banded_sinkhorn_with_stats
 from .sampler import GuidedRollout, GuidedSampler
@@ -157,6 +157,14 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._segments: Segments | None = None  # the last rollout's segments, from generation to scoring
         self._rewards_per_func: torch.Tensor | None = None  # the last scoring's rewards (all processes), for trees
         self._ot_ref_model = self._build_ot_reference() if args.ot_coef > 0 else None
+        cuts_at_marks = args.branch_point == "punctuation" or args.branch_snap_to_punctuation
+        if args.guidance and cuts_at_marks and not representable_marks(self._tokenizer, args.punctuation):
+            logger.warning(
+                "The tokenizer cannot write any of the punctuation marks %s, so every punctuation cut keeps nothing "
+                "and each group trains as plain GRPO with the loss on its first tokens. Set `punctuation` to marks "
+                "this tokenizer has, or branch_point='entropy' (guidance/empty_prefix_ratio shows the effect).",
+                list(args.punctuation),
+            )
         if args.ot_coef > 0 and args.ot_reference == "old" and args.old_policy_is_current:
             logger.warning(
                 "ot_reference='old' with these settings compares the policy with itself: TRL only keeps an old policy "
@@ -225,6 +233,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         # Override: TRL 1.16's `_generate_and_score_completions` -> `_generate` calls this once per generation batch
         # with every prompt repeated `num_generations` times in a row (also from `_tool_call_loop`, which guidance
         # refuses in __init__), and expects (completion ids, sampling log-probs or None) row-aligned with the prompts.
+        self._check_prompt_lengths(prompt_ids)
         if not self._samples_guided():
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
@@ -236,6 +245,32 @@ class GuidedGRPOTrainer(GRPOTrainer):
             )
         with self._backend.session():
             return self._generate_guided(prompt_ids, num_generations)
+
+    def _check_prompt_lengths(self, prompt_ids: list[list[int]]) -> None:
+        """Count (`guidance/long_prompts`, on steps where it happens) and warn once about prompts that leave less than
+        `max_completion_length` tokens of the context: generation goes on, but past the model's trained positions
+        (vLLM refuses such requests)."""
+        context = self.args.vllm_max_model_length if self.use_vllm else None
+        context = context or getattr(unwrap(self.model).config, "max_position_embeddings", None)
+        if not context:
+            return
+        long = [len(ids) + self.max_completion_length > context for ids in prompt_ids]
+        if any(long):
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["guidance/long_prompts"].append(sum(long) / len(long))
+            longest = max(len(ids) for ids in prompt_ids)
+            self._warn_once(
+                "long_prompts",
+                f"{sum(long)} of {len(long)} prompts (the longest {longest} tokens) leave less than "
+                f"max_completion_length={self.max_completion_length} tokens of the model's {context}-token context. "
+                "Shorten the prompts or lower max_completion_length; guidance/long_prompts counts them.",
+            )
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        warned = self.__dict__.setdefault("_warned_once", set())
+        if kind not in warned:
+            warned.add(kind)
+            logger.warning(message[0].upper() + message[1:])
 
     def _generate_guided(self, prompt_ids: list[list[int]], num_generations: int):
         """The three phases for every group of the batch; the segments wait in `self._segments` for scoring."""
@@ -285,6 +320,14 @@ class GuidedGRPOTrainer(GRPOTrainer):
         )
         for name, value in zip(names, means, strict=True):
             self._metrics[mode][f"guidance/{name}"].append(value)
+        if means[names.index("empty_prefix_ratio")] == 1.0:
+            self._warn_once(
+                "empty_prefixes",
+                f"no group of step {self.state.global_step} has a shared prefix (every phase-1 sample ended at once "
+                "or had no branch point in its first prefix_max_tokens tokens), so these groups train as plain GRPO "
+                "with the loss on their first tokens; watch guidance/empty_prefix_ratio. A longer prefix_max_tokens, "
+                "other `punctuation` marks or branch_point='entropy' give prefixes.",
+            )
         self._metrics[mode]["guidance/num_prefixes"].append(float(self.args.num_prefixes_per_group))
         if self._sampler.rule.needs_signals:  # entropies are known only when the cut scored the samples
             sums = [sum(rollout.branch_entropy), sum(rollout.mean_entropy), len(rollout.branch_entropy)]
