@@ -89,15 +89,12 @@ def _read_config(run: Run) -> None:
             return
         except (OSError, ValueError, AttributeError) as error:
             run.notes.append(f"run_config.json is unreadable ({type(error).__name__}); settings taken from elsewhere.")
-    args_file = run.path / "training_args.bin"
-    if args_file.is_file():
-        try:
-            import torch
-
-            # The run's own pickled TrainingArguments (TRL writes it); the user points us at their own directory.
-            run.training = torch.load(args_file, weights_only=False).to_dict()
-        except Exception as error:  # noqa: BLE001 - any unpickling problem only costs the settings table
-            run.notes.append(f"training_args.bin is unreadable ({type(error).__name__}): settings unknown.")
+    if (run.path / "training_args.bin").is_file():
+        # A pickle: loading it could run any code the file carries, so the report never unpickles it.
+        run.notes.append(
+            "No run_config.json (written by `trl-guided train`): the settings are unknown; training_args.bin is a "
+            "pickle and is not loaded."
+        )
     else:
         run.notes.append("No run_config.json or training_args.bin: the settings are unknown.")
     if run.model is None:

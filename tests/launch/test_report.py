@@ -344,3 +344,22 @@ def test_report_is_logged_to_an_active_wandb_run(tmp_path, monkeypatch):
     finally:
         wandb.finish()
     assert list(tmp_path.rglob("media/html/report_*.html")), "the report is in the run's files"
+
+
+def test_the_report_never_unpickles_training_args(tmp_path, run_dir):
+    """training_args.bin is a pickle: a crafted one would run code when loaded; the report leaves it alone."""
+    import pickle
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoint-*", "*.safetensors"))
+    (copy / "run_config.json").unlink()
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (copy / "training_args.bin").write_bytes(pickle.dumps(RunsCode()))
+    assert cli.main(["report", str(copy), "--no-ot-plan"]) == 0
+    assert not marker.exists()
+    assert "training_args.bin is a pickle and is not loaded" in (copy / "report.html").read_text()
