@@ -125,3 +125,19 @@ def test_every_arm_of_the_study_recipes_is_a_valid_config(recipe, arm):
     errors, _ = unused_settings(explicit_keys(argv, argv[1]), task_args, training_args, model_args)
     assert not errors
     assert training_args.guidance == learning.ARMS[arm]["guidance"]
+
+
+def test_answer_position_finds_the_answer_token():
+    spec = importlib.util.spec_from_file_location("answer_position", ROOT / "bench" / "answer_position.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.answer_start("17 + 15 = 32\nThe final answer is 32.") == 10
+    assert module.answer_start("The sum is 7") == 11
+    assert module.answer_start("no number") is None
+
+    class Characters:  # one token per character
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    ids = [ord(c) for c in "4 + 5 = 9"]
+    assert module.token_at(Characters(), ids, module.answer_start("4 + 5 = 9")) == 8
