@@ -262,7 +262,7 @@ def run_study(args: argparse.Namespace) -> None:
             **base,
             "arm": arm,
             "seed": seed or 0,
-            "overrides": {**overrides, **(overlay or {})},
+            "overrides": {**overrides, **(overlay or {}), **(dict(args.set) if overlay else {})},
             "run_dir": str(run_dir),
             "work_dir": str(scratch / name),
         }
@@ -423,7 +423,7 @@ def plot(report: dict, path: Path) -> None:
     )
     for ax in (reward_ax, accuracy_ax):
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="best", fontsize=9)
     fig.suptitle("Thin: one seed; thick: mean over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -457,13 +457,14 @@ def write_report(args: argparse.Namespace) -> dict:
         "command": " ".join(["python bench/learning.py", *sys.argv[1:]]),
         "settings": {
             "recipe": _shown(Path(args.recipe)),
-            "arms": {arm: ARMS[arm] for arm in args.arms},
+            "arms": {arm: ARMS[arm] for arm in report["arms"]},  # every arm with finished runs, not only this call's
             "seeds": args.seeds,
             "budget_minutes": args.budget_minutes,
             "eval_every_minutes": args.eval_every_minutes,
             "threads": args.threads,
             "cores": args.cores,
             "tiny": args.tiny,
+            "set": dict(args.set),
         },
         "machine": machine(),
         **report,
@@ -502,6 +503,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every-minutes", type=float, default=None, help="Also evaluate snapshots this often.")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads per run.")
     parser.add_argument("--cores", default="0", help="taskset core list for the runs ('' for none).")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        type=lambda text: tuple(yaml.safe_load(part) if i else part for i, part in enumerate(text.split("=", 1))),
+        metavar="FIELD=VALUE",
+        help="Override a recipe field in every arm (a diagnostic variant; give it its own --out).",
+    )
     parser.add_argument("--fresh", action="store_true", help="Redo runs that finished earlier.")
     parser.add_argument("--report-only", action="store_true", help="Only recompute learning.json and learning.png.")
     parser.add_argument("--tiny", action="store_true", help="A tiny local model and a few seconds per run (CI).")
