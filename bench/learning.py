@@ -227,7 +227,7 @@ def launch(kind: str, spec: dict, cores: str | None, log: Path) -> None:
     command = [sys.executable, str(Path(__file__).resolve()), kind, str(spec_path)]
     if cores and shutil.which("taskset"):
         command = ["taskset", "-c", cores, *command]
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env = {"HF_HUB_OFFLINE": "1", **os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "WANDB_MODE": "disabled"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with open(log, "w") as handle:
         code = subprocess.run(command, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT).returncode
