@@ -488,6 +488,32 @@ def print_table(report: dict) -> None:
         print(f"{pair}: {entry['difference']:+.3f} [{low:+.3f}, {high:+.3f}]")
 
 
+def markdown_table(report: dict) -> str:
+    """The README table: per arm, mean steps and generated tokens per run, accuracy before -> after, the gain and the
+    difference to plain GRPO with their 95 % CIs, and the base model's NLL/token of the arm's test answers."""
+    lines = [
+        "| arm | steps | tokens | accuracy before -> after | gain [95% CI] | vs plain [95% CI] "
+        "| NLL/token before -> after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, entry in report["arms"].items():
+        low, high = entry["gain_ci95"]
+        pair = report["pairs"].get(f"plain - {arm}")
+        versus = (
+            "" if pair is None else f"{-pair['difference']:+.3f} [{-pair['ci95'][1]:+.3f}, {-pair['ci95'][0]:+.3f}]"
+        )
+        after = [v for v in entry["nll_per_token_after"] if v is not None]
+        before = entry["nll_per_token_before"]
+        nll = f"{before:.2f} -> {np.mean(after):.2f}" if before is not None and after else "-"
+        lines.append(
+            f"| {arm} | {np.mean(entry['steps']):.1f} | {np.mean(entry['tokens']):.0f} | "
+            f"{entry['accuracy_before']:.3f} -> {np.mean(entry['accuracy_after']):.3f} | "
+            f"{entry['gain']:+.3f} [{low:+.3f}, {high:+.3f}] | {versus or '-'} | "
+            f"{nll} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("run-one", "evaluate-start"):
@@ -513,9 +539,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--fresh", action="store_true", help="Redo runs that finished earlier.")
     parser.add_argument("--report-only", action="store_true", help="Only recompute learning.json and learning.png.")
+    parser.add_argument("--markdown", action="store_true", help="Print learning.json as the README table and exit.")
     parser.add_argument("--tiny", action="store_true", help="A tiny local model and a few seconds per run (CI).")
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads((Path(args.out) / "learning.json").read_text())))
+        return
     if args.tiny and args.out == str(BENCH):
         parser.error("--tiny writes a smoke result: give --out DIR so bench/learning.json is not overwritten")
     if args.tiny and args.model is None:

@@ -141,3 +141,11 @@ def test_answer_position_finds_the_answer_token():
 
     ids = [ord(c) for c in "4 + 5 = 9"]
     assert module.token_at(Characters(), ids, module.answer_start("4 + 5 = 9")) == 8
+
+
+def test_markdown_table_reads_the_report(study):
+    report = learning.analyse(study)
+    table = learning.markdown_table(report).splitlines()
+    assert len(table) == 2 + len(report["arms"])
+    assert table[2].startswith("| plain | 4.0 | 400 | 0.250 -> 0.375 | +0.125 [")
+    assert "| +0.250 [" in table[3]  # guided - plain = 0.375 - 0.125
