@@ -161,8 +161,11 @@ def validate_model_args(model_args: ModelConfig) -> None:
 
 
 def _server_errors() -> tuple[type[BaseException], ...]:
-    import requests
-
+    """What TRL's VLLMClient raises when its server is gone (requests comes with the `vllm` extra)."""
+    try:
+        import requests
+    except ImportError:
+        return (ConnectionError,)
     return (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)
 
 

@@ -267,6 +267,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
             )
 
     def _warn_once(self, kind: str, message: str) -> None:
+        """A warning the first time `kind` happens in this trainer (faults can repeat every step)."""
         warned = self.__dict__.setdefault("_warned_once", set())
         if kind not in warned:
             warned.add(kind)
@@ -686,13 +687,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._warn_nonfinite(kind, message)
 
     def _warn_nonfinite(self, kind: str, message: str) -> None:
-        warned = self.__dict__.setdefault("_nonfinite_warned", set())
-        if kind not in warned:
-            warned.add(kind)
-            logger.warning(
-                "Non-finite %s at step %d: %s (logged as guidance/nonfinite_%s).",
-                kind,
-                self.state.global_step,
-                message,
-                kind,
-            )
+        step = self.state.global_step
+        self._warn_once(
+            f"nonfinite_{kind}", f"Non-finite {kind} at step {step}: {message} (guidance/nonfinite_{kind})."
+        )
