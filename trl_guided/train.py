@@ -202,8 +202,34 @@ def vllm_lost(args: GuidedGRPOConfig, error: BaseException) -> str:
     )
 
 
+def check_model(name: str, path: str, model_args: ModelConfig, training_args: GuidedGRPOConfig) -> None:
+    """One line when the model cannot be found: which name, where it was looked for, and how to fix it."""
+    import os
+
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(
+            path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        if Path(path).exists():
+            where = f"the local folder {path} (no loadable config.json)"
+        elif offline:
+            where = "the local Hugging Face cache only (HF_HUB_OFFLINE=1: the Hub was not asked)"
+        else:
+            where = "the Hugging Face Hub and its local cache"
+        raise SystemExit(
+            f"Cannot load model {name!r}: looked in {where} ({type(error).__name__}). Give a local folder with "
+            "config.json and weights, an embedded model (embedded:smollm2-135m-instruct), or a Hub name with network "
+            "access (HF_HUB_OFFLINE=0); check the spelling and model_revision."
+        ) from None
+
+
 def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: ModelConfig) -> dict:
     model_path = resolve_model_path(model_args.model_name_or_path)
+    check_model(model_args.model_name_or_path, model_path, model_args, training_args)
     training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
     options = task_options(task_args)
     eval_before = evaluate_start(task_args, training_args, model_args.model_name_or_path)
@@ -575,9 +601,26 @@ def parse_args(argv: list[str]):
         raise SystemExit("Settings that cannot take effect: " + "; ".join(errors) + ".")
     for line in unused:
         logger.warning("Unused setting: %s.", line)
+    check_deepspeed_without_gpu(training_args)
     if str(training_args.resume_from_checkpoint).lower() in ("true", "last"):
         training_args.resume_from_checkpoint = True  # the last checkpoint in output_dir
     return task_args, training_args, model_args
+
+
+def check_deepspeed_without_gpu(training_args: GuidedGRPOConfig) -> None:
+    """DeepSpeed (`accelerate launch` with a DeepSpeed config) on a machine without a GPU needs `use_cpu`: without it
+    the processes disagree on the batch size and DeepSpeed stops with a `train_batch_size` mismatch."""
+    import os
+
+    import torch
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or training_args.deepspeed
+    if deepspeed and not torch.cuda.is_available() and not training_args.use_cpu:
+        raise SystemExit(
+            "DeepSpeed on a machine without a GPU: set `use_cpu: true` and `bf16: false` in the recipe (or pass "
+            "--use_cpu true --bf16 false), as with recipes/accelerate/zero3_cpu.yaml; on GPUs, check that CUDA is "
+            "visible to this process."
+        )
 
 
 def run(argv: list[str] | None = None) -> dict:

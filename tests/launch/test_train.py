@@ -135,8 +135,13 @@ def _recipe(tmp_path, **changes):
         (dict(task="gsm9k"), [], r"Unknown task 'gsm9k'.*Did you mean 'gsm8k'"),
         (dict(reward_funcs=["lenght"]), [], r"Unknown reward function 'lenght'"),
         (dict(dataset_path="/nonexistent/prompts.txt"), [], r"dataset_path='/nonexistent/prompts.txt' does not exist"),
+        (
+            dict(model_name_or_path="Qwen/No-Such-Model"),
+            [],
+            r"Cannot load model 'Qwen/No-Such-Model': looked in the local Hugging Face cache only \(HF_HUB_OFFLINE=1",
+        ),
     ],
-    ids=["unknown_key", "unknown_flag", "wrong_type", "unknown_task", "unknown_reward", "missing_data"],
+    ids=["unknown_key", "unknown_flag", "wrong_type", "unknown_task", "unknown_reward", "missing_data", "no_model"],
 )
 def test_cli_errors_are_one_clear_line_and_write_nothing(tmp_path, changes, argv_extra, message):
     out = tmp_path / "out"
@@ -155,6 +160,20 @@ def test_cli_error_exit_code_and_missing_recipe(tmp_path):
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"Recipe file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_deepspeed_without_gpu_and_without_use_cpu_is_one_line(tmp_path):
+    """`accelerate launch` with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED) and a recipe without use_cpu on a CPU
+    machine: one line that says what to set, instead of DeepSpeed's train_batch_size mismatch on every rank."""
+    recipe = _recipe(tmp_path, use_cpu=False, bf16=False, output_dir=str(tmp_path / "out"))
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "trl_guided.cli", "train", "--config", recipe]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("DeepSpeed on a machine without a GPU: set `use_cpu: true`")
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpu_recipe_on_a_cpu_machine_names_the_typo_first_then_the_fix(tmp_path):
