@@ -117,15 +117,7 @@ class RolloutBackend:
             sample_mask[row, : len(sample)] = 1
         input_ids = torch.cat([prompt_ids, sample_ids], dim=1).to(device)
         attention_mask = torch.cat([prompt_mask, sample_mask], dim=1).to(device)
-        with (
-            unwrap_model_for_generation(
-                trainer.model_wrapped,
-                trainer.accelerator,
-                gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-            ) as model,
-            torch.no_grad(),
-        ):
+        with self._policy_for_forward() as model:
             logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, width, trainer.args.per_device_train_batch_size, compute_entropy=True
             )
@@ -136,6 +128,21 @@ class RolloutBackend:
             TokenSignals(entropies=entropies[row][: len(sample)], logprobs=logps[row][: len(sample)])
             for row, sample in enumerate(samples)
         ]
+
+    @contextlib.contextmanager
+    def _policy_for_forward(self):
+        """The policy for a no-grad forward outside the loss (gathered under ZeRO-3 as TRL gathers it to generate)."""
+        trainer = self.trainer
+        with (
+            unwrap_model_for_generation(
+                trainer.model_wrapped,
+                trainer.accelerator,
+                gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+            ) as model,
+            torch.no_grad(),
+        ):
+            yield model
 
     @contextlib.contextmanager
     def generate_from_shared_cache(self, prompts: list[list[int]], num_generations: int):
@@ -154,15 +161,7 @@ class RolloutBackend:
             yield
             return
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        with (
-            unwrap_model_for_generation(
-                trainer.model_wrapped,
-                trainer.accelerator,
-                gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-            ) as model,
-            torch.no_grad(),
-        ):
+        with self._policy_for_forward() as model:
             cache = DynamicCache(config=model.config)
             model(
                 input_ids=input_ids[:, :-1],
