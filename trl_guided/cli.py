@@ -156,16 +156,6 @@ EVAL_TASK_FIELDS = (
     "length_tolerance",
     "length_scale",
 )
-# Recipe fields that shape the guided sampler (--sampling guided).
-GUIDED_SAMPLER_FIELDS = (
-    "prefix_min_tokens",
-    "prefix_max_tokens",
-    "punctuation",
-    "branch_point",
-    "min_guide_tokens",
-    "max_guide_tokens",
-    "prefix_eos_retries",
-)
 
 
 def _add_eval_command(commands) -> None:
@@ -239,6 +229,7 @@ def _eval_settings(args: argparse.Namespace):
 
     import yaml
 
+    from .config import SAMPLER_FIELDS
     from .evaluate import DEFAULT_QUALITY_MODEL, EvalError, EvalSettings, default_backend
     from .train import TaskArguments, reward_options, task_options
 
@@ -283,7 +274,7 @@ def _eval_settings(args: argparse.Namespace):
         task_options=task_options(task_args),
         reward_options={k: v for k, v in reward_options(task_args).items() if k in rewards},
         quality_model=None if quality.lower() == "none" else quality,
-        guidance={k: recipe[k] for k in GUIDED_SAMPLER_FIELDS if k in recipe} if args.sampling == "guided" else {},
+        guidance={k: recipe[k] for k in SAMPLER_FIELDS if k in recipe} if args.sampling == "guided" else {},
     )
     settings.check()
     return settings, args.model or recipe.get("model_name_or_path")

@@ -14,6 +14,23 @@ BEAM_SEARCH_KWARGS = {"num_beams", "num_beam_groups", "num_return_sequences", "l
 # What the policy loss is divided by when guidance narrows the trained tokens (see docs/training.md).
 LOSS_NORMALIZATIONS = ("trained", "completion")
 
+# The fields the three-phase sampler reads (besides max_completion_length): what a recipe hands to `trl-guided eval
+# --sampling guided`, so that evaluation samples as training did. tests/unit/test_evaluate.py checks this against the
+# attributes trl_guided/sampler.py reads. (Not field metadata: HfArgumentParser passes metadata to argparse.)
+SAMPLER_FIELDS = (
+    "prefix_min_tokens",
+    "prefix_max_tokens",
+    "punctuation",
+    "branch_point",
+    "branch_min_prefix_tokens",
+    "branch_snap_to_punctuation",
+    "branch_snap_window",
+    "num_prefixes_per_group",
+    "min_guide_tokens",
+    "max_guide_tokens",
+    "prefix_eos_retries",
+)
+
 
 @dataclass
 class GuidedGRPOConfig(GRPOConfig):

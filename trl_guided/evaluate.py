@@ -3,7 +3,7 @@ confidence intervals, compare two evaluations problem by problem.
 
 Three layers, each usable alone:
 - statistics (pure, no model): unbiased pass@k, bootstrap confidence intervals over problems, paired bootstrap of a
-  difference, exact McNemar test, wins/losses/ties;
+  difference, exact McNemar test, better/worse/ties by each metric's direction;
 - metrics from per-sample records (`metrics_from_records`): every number of a result file is recomputable from its
   JSONL records;
 - generation (transformers or vLLM, plain or with the trainer's guided sampler) and scoring (`evaluate`).
@@ -96,6 +96,36 @@ def wins_losses_ties(before, after) -> tuple[int, int, int]:
     wins = sum(a > b for b, a in zip(before, after, strict=True))
     losses = sum(a < b for b, a in zip(before, after, strict=True))
     return wins, losses, len(before) - wins - losses
+
+
+# Which way a metric improves. Rewards and pass@k/avg@k rise; these fall; how long a completion should be is the
+# task's business, so lengths have no direction and their problems are counted as higher/lower, not better/worse.
+LOWER_IS_BETTER = frozenset({"truncated", "repetition", "nll_per_token"})
+UNDIRECTED = frozenset({"completion_tokens", "completion_chars"})
+
+
+def metric_direction(name: str) -> str | None:
+    """'higher' or 'lower' (the better value), or None for a metric with no better side (lengths)."""
+    if name in UNDIRECTED:
+        return None
+    return "lower" if name in LOWER_IS_BETTER else "higher"
+
+
+def directed_counts(name: str, higher: int, lower: int, ties: int) -> dict[str, int]:
+    """Per-problem counts of a comparison by the metric's direction: `better`/`worse`/`ties` (a fall in a
+    lower-is-better metric is better), or `higher`/`lower`/`ties` for a metric without one."""
+    direction = metric_direction(name)
+    if direction is None:
+        return {"higher": higher, "lower": lower, "ties": ties}
+    better, worse = (higher, lower) if direction == "higher" else (lower, higher)
+    return {"better": better, "worse": worse, "ties": ties}
+
+
+def count_text(entry: dict) -> str:
+    """A comparison entry's per-problem counts in a few characters: `5 better / 0 worse / 5 ties`."""
+    if "better" in entry:
+        return f"{entry['better']} better / {entry['worse']} worse / {entry['ties']} ties"
+    return f"{entry['higher']} higher / {entry['lower']} lower / {entry['ties']} ties"
 
 
 def repetition(text: str, n: int = 10) -> float:
@@ -226,19 +256,18 @@ def compare(before: dict, after: dict, force: bool = False, seed: int = 0) -> di
             continue
         b, a = (np.array(x, dtype=np.float64) for x in zip(*pairs, strict=True))
         low, high = paired_bootstrap_ci(b, a, seed=seed)
-        wins, losses, ties = wins_losses_ties(b.tolist(), a.tolist())
+        higher, lower, ties = wins_losses_ties(b.tolist(), a.tolist())
         entry = {
             "before": float(b.mean()),
             "after": float(a.mean()),
             "diff": float(a.mean() - b.mean()),
             "diff_ci95": [low, high],
             "problems": len(pairs),
-            "wins": wins,
-            "losses": losses,
-            "ties": ties,
+            "better_when": metric_direction(name),
+            **directed_counts(name, higher, lower, ties),
         }
         if is_binary(b.tolist() + a.tolist()):
-            entry["mcnemar_p"] = mcnemar_exact(wins, losses)
+            entry["mcnemar_p"] = mcnemar_exact(higher, lower)
         metrics[name] = entry
     return {
         "before": {"model": before["model"], "settings": before["settings"]},
@@ -258,7 +287,7 @@ def headline_metric(result: dict) -> str | None:
 
 
 def summary_line(comparison: dict) -> str:
-    """E.g. `arithmetic_accuracy: 0.12 -> 0.21 (+0.09, 95% CI +0.03..+0.15, 18 wins / 5 losses)`."""
+    """E.g. `arithmetic_accuracy: 0.12 -> 0.21 (+0.09, 95% CI +0.03..+0.15, 18 better / 5 worse / 77 ties)`."""
     name = headline_metric(comparison["before"])
     entry = comparison["metrics"].get(name) if name else None
     if entry is None:
@@ -266,7 +295,7 @@ def summary_line(comparison: dict) -> str:
     low, high = entry["diff_ci95"]
     return (
         f"{name.removesuffix('/mean')}: {entry['before']:.2f} -> {entry['after']:.2f} ({entry['diff']:+.2f}, 95% CI "
-        f"{low:+.2f}..{high:+.2f}, {entry['wins']} wins / {entry['losses']} losses)"
+        f"{low:+.2f}..{high:+.2f}, {count_text(entry)})"
     )
 
 
@@ -295,22 +324,22 @@ def format_result(result: dict) -> str:
 
 
 def format_comparison(comparison: dict) -> str:
-    """A comparison as a plain table: metric, before, after, difference with its 95% CI, wins/losses/ties, p."""
+    """A comparison as a plain table: metric, before, after, difference with its 95% CI, the per-problem counts
+    (better/worse/ties, or higher/lower/ties for lengths), p."""
     lines = [
         f"before: {comparison['before']['model']['name']}",
         f"after:  {comparison['after']['model']['name']}",
         f"{comparison['problems']} problems matched by id" + (" (forced)" if comparison.get("forced") else ""),
-        f"{'metric':<34} {'before':>8} {'after':>8} {'diff':>8}  {'95% CI of diff':<20} {'W/L/T':<12} "
-        f"{'McNemar p':>9}",
+        f"{'metric':<34} {'before':>8} {'after':>8} {'diff':>8}  {'95% CI of diff':<20} "
+        f"{'problems: better / worse / ties':<37} {'McNemar p':>9}",
     ]
     for name, e in comparison["metrics"].items():
         low, high = e["diff_ci95"]
         p = f"{e['mcnemar_p']:.3g}" if "mcnemar_p" in e else ""
         interval = f"[{low:+.3f}, {high:+.3f}]"
-        counts = f"{e['wins']}/{e['losses']}/{e['ties']}"
         lines.append(
             f"{name:<34} {_number(e['before']):>8} {_number(e['after']):>8} {e['diff']:>+8.3f}  "
-            f"{interval:<20} {counts:<12} {p:>9}"
+            f"{interval:<20} {count_text(e):<37} {p:>9}"
         )
     lines.append(summary_line(comparison))
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
+from .evaluate import count_text, directed_counts
 
 logger = logging.getLogger(__name__)
 
@@ -568,11 +569,12 @@ def _comparison_html(run: Run) -> str:
             if ci is None and "ci_low" in entry:
                 ci = [entry.get("ci_low"), entry.get("ci_high")]
             ci_text = f"{_number(ci[0])} .. {_number(ci[1])}" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
-            extra = ", ".join(
+            tests = [
                 f"{key.removeprefix('mcnemar_')} {_number(entry[key])}"
-                for key in ("wins", "losses", "ties", "mcnemar_p", "p_value")
+                for key in ("mcnemar_p", "p_value")
                 if key in entry
-            )
+            ]
+            extra = ", ".join(part for part in [_counts(str(name), entry), *tests] if part)
             rows.append(
                 f"<tr><td>{html.escape(str(name))}</td><td>{_number(before)}</td><td>{_number(after)}</td>"
                 f"<td>{_number(diff)}</td><td>{ci_text}</td><td>{extra}</td></tr>"
@@ -595,6 +597,16 @@ def _comparison_html(run: Run) -> str:
         f"<h2 id='evaluation'>Before / after evaluation</h2>{models}{table}"
         f"<details><summary>comparison.json</summary><pre class='text'>{raw}</pre></details>"
     )
+
+
+def _counts(name: str, entry: dict) -> str:
+    """The per-problem counts of a comparison entry by the metric's direction. Files written before entries knew
+    their direction hold `wins`/`losses` meaning "after is higher"/"lower": those are read by the metric's name."""
+    if "better" in entry or "higher" in entry:
+        return count_text(entry)
+    if {"wins", "losses", "ties"} <= entry.keys():
+        return count_text(directed_counts(name, entry["wins"], entry["losses"], entry["ties"]))
+    return ""
 
 
 def build_report(run_dir: str | Path, groups: int = 8, ot_plan: bool = True) -> str:

@@ -218,11 +218,14 @@ def test_report_shows_the_before_after_evaluation(run_dir, tmp_path):
                 "diff": 0.09375,
                 "diff_ci95": [0.03125, 0.15625],
                 "problems": 32,
-                "wins": 5,
-                "losses": 2,
                 "ties": 25,
                 "mcnemar_p": 0.453,
-            }
+                "better_when": "higher",
+                "better": 5,
+                "worse": 2,
+            },
+            # As files from before metrics knew their direction: "wins" counted a rise, which is worse here.
+            "truncated": {"before": 0.75, "after": 0.25, "diff": -0.5, "wins": 0, "losses": 4, "ties": 4},
         },
     }
     (copy / "comparison.json").write_text(json.dumps(comparison))
@@ -230,7 +233,9 @@ def test_report_shows_the_before_after_evaluation(run_dir, tmp_path):
     page = (copy / "report.html").read_text()
     row = re.search(r"<tr><td>arithmetic_accuracy/mean</td>(.*?)</tr>", page).group(1)
     cells = re.findall(r"<td>([^<]*)</td>", row)
-    assert cells == ["0.125", "0.219", "0.094", "0.031 .. 0.156", "wins 5, losses 2, ties 25, p 0.453"]
+    assert cells == ["0.125", "0.219", "0.094", "0.031 .. 0.156", "5 better / 2 worse / 25 ties, p 0.453"]
+    truncated = re.findall(r"<td>([^<]*)</td>", re.search(r"<tr><td>truncated</td>(.*?)</tr>", page).group(1))
+    assert truncated[-1] == "4 better / 0 worse / 4 ties"
     assert "32 problems matched" in page and "embedded:smollm2-135m-instruct" in page
     (copy / "comparison.json").write_text('{"something": "else"}')
     assert cli.main(["report", str(copy), "--no-ot-plan"]) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 import yaml
 
 from trl_guided import cli
+from trl_guided import sampler as sampler_module
+from trl_guided.config import SAMPLER_FIELDS
 from trl_guided.data import load_task
 from trl_guided.evaluate import (
     EvalError,
@@ -23,6 +26,7 @@ from trl_guided.evaluate import (
     format_comparison,
     locate_model,
     mcnemar_exact,
+    metric_direction,
     metrics_from_records,
     paired_bootstrap_ci,
     pass_at_k,
@@ -119,6 +123,34 @@ def _result(scores: dict[str, float], model="m", **settings) -> dict:
     }
 
 
+def test_comparisons_count_by_each_metrics_direction():
+    """Truncation falling on 4 problems is 4 better (it read as "0 wins, 4 losses" before metrics knew their
+    direction); a reward falling is worse; lengths have no better side."""
+    before = _result({f"p{i}": 1.0 for i in range(6)})
+    after = _result({f"p{i}": float(i >= 4) for i in range(6)})
+    for result, values in ((before, [1.0] * 6), (after, [0.0] * 4 + [1.0] * 2)):
+        for name in ("truncated", "nll_per_token", "repetition", "completion_tokens"):
+            result["metrics"][name] = {"value": sum(values) / 6, "ci95": [0, 1], "problems": 6}
+            for pid, value in zip(result["problems"], values, strict=True):
+                result["problems"][pid][name] = value
+    metrics = compare(before, after)["metrics"]
+    for name in ("truncated", "nll_per_token", "repetition"):
+        assert metric_direction(name) == "lower"
+        assert {k: metrics[name][k] for k in ("better_when", "better", "worse", "ties")} == {
+            "better_when": "lower",
+            "better": 4,
+            "worse": 0,
+            "ties": 2,
+        }
+    assert (metrics["acc/mean"]["better"], metrics["acc/mean"]["worse"]) == (0, 4)
+    tokens = metrics["completion_tokens"]
+    assert tokens["better_when"] is None and (tokens["higher"], tokens["lower"], tokens["ties"]) == (0, 4, 2)
+    assert "better" not in tokens
+    table = format_comparison(compare(before, after))
+    assert "4 better / 0 worse / 2 ties" in table and "0 higher / 4 lower / 2 ties" in table
+    assert "0 better / 4 worse / 2 ties" in table  # the reward
+
+
 def test_compare_hand_made_results(tmp_path):
     before = _result({f"p{i}": float(i < 2) for i in range(10)}, model="base")
     after = _result({f"p{i}": float(i < 7) for i in range(10)}, model="trained", batch_size=32)
@@ -133,11 +165,11 @@ def test_compare_hand_made_results(tmp_path):
     )
     entry = json.loads(out.read_text())["metrics"]["acc/mean"]
     assert (entry["before"], entry["after"], entry["diff"]) == pytest.approx((0.2, 0.7, 0.5))
-    assert (entry["wins"], entry["losses"], entry["ties"]) == (5, 0, 5)
+    assert (entry["better_when"], entry["better"], entry["worse"], entry["ties"]) == ("higher", 5, 0, 5)
     assert entry["mcnemar_p"] == pytest.approx(2 / 32)
     assert 0 < entry["diff_ci95"][0] <= 0.5 <= entry["diff_ci95"][1] <= 1
     line = summary_line(compare(before, after))
-    assert line.startswith("acc: 0.20 -> 0.70 (+0.50, 95% CI +") and line.endswith("5 wins / 0 losses)")
+    assert line.startswith("acc: 0.20 -> 0.70 (+0.50, 95% CI +") and line.endswith("5 better / 0 worse / 5 ties)")
     assert "McNemar" in format_comparison(compare(before, after))
 
     # Different problems or different settings: refused, unless forced (on the common problems).
@@ -242,6 +274,49 @@ def test_guided_sampling_uses_the_trainers_sampler(tiny_llama, tmp_path):
     # A group whose drawn prefix holds no mark gets an empty one (plain sampling); most groups here get a prefix.
     assert shared >= 2, [r["completion"] for r in records]
     assert json.loads((tmp_path / "guided.json").read_text())["settings"]["guidance"]["prefix_max_tokens"] == 8
+
+
+# A non-default value for every sampler field of GuidedGRPOConfig: K = 2 prefixes, entropy cut snapped to punctuation.
+EVERY_SAMPLER_FIELD = dict(
+    prefix_min_tokens=3,
+    prefix_max_tokens=7,
+    punctuation=list("etaoin"),
+    branch_point="entropy",
+    branch_min_prefix_tokens=2,
+    branch_snap_to_punctuation=True,
+    branch_snap_window=3,
+    num_prefixes_per_group=2,
+    min_guide_tokens=1,
+    max_guide_tokens=3,
+    prefix_eos_retries=1,
+)
+
+
+def test_the_sampler_fields_are_the_settings_the_sampler_reads():
+    """A sampler setting missing from config.SAMPLER_FIELDS would be dropped by `eval --sampling guided`."""
+    read = set(re.findall(r"settings\.([a-z_]+)", Path(sampler_module.__file__).read_text())) - {
+        "max_completion_length"
+    }
+    assert set(SAMPLER_FIELDS) == read == set(EVERY_SAMPLER_FIELD)
+
+
+def test_guided_eval_hands_every_sampler_field_of_a_recipe_to_the_sampler(tiny_llama, tmp_path, monkeypatch):
+    seen = []
+    original = sampler_module.GuidedSampler.__init__
+
+    def spy(self, settings, *args, **kwargs):
+        seen.append(settings)
+        original(self, settings, *args, **kwargs)
+
+    monkeypatch.setattr(sampler_module.GuidedSampler, "__init__", spy)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(dict(task="length", **EVERY_SAMPLER_FIELD)))
+    argv = _eval_argv(tiny_llama, tmp_path, "guided", "--config", str(tmp_path / "recipe.yaml"), "--eval-size", "2")
+    argv[argv.index("--num-samples") + 1] = "4"
+    argv[argv.index("--max-new-tokens") + 1] = "16"
+    assert cli.main([*argv, "--sampling", "guided"]) == 0
+    assert seen and {name: getattr(seen[0], name) for name in SAMPLER_FIELDS} == EVERY_SAMPLER_FIELD
+    assert json.loads((tmp_path / "guided.json").read_text())["settings"]["guidance"] == EVERY_SAMPLER_FIELD
+    assert len(read_records(tmp_path / "guided.jsonl")) == 2 * 4
 
 
 @pytest.mark.parametrize(
