@@ -121,3 +121,20 @@ def test_a_stop_request_mid_step_saves_that_step_and_resumes_exactly(tiny_llama,
     assert all(torch.equal(full_weights[name], resumed_weights[name]) for name in full_weights)
     (checkpoint / INCOMPLETE_MARKER).write_text("a save in progress")
     assert not is_complete(checkpoint)
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint_or_starts(tiny_llama, tmp_path):
+    """`--resume_from_checkpoint auto` (what a requeued Slurm job passes): True when output_dir has a complete
+    checkpoint (the trainer then resolves it), None (a fresh start) when it has none or only incomplete ones."""
+    from trl_guided.checkpoints import INCOMPLETE_MARKER
+    from trl_guided.train import parse_args, resume_point
+
+    output_dir = tmp_path / "run"
+    argv = ["--model_name_or_path", tiny_llama, "--output_dir", str(output_dir), "--resume_from_checkpoint", "auto"]
+    _, training_args, _ = parse_args(argv)
+    assert training_args.resume_from_checkpoint == "auto" and resume_point(training_args) is None
+    (output_dir / "checkpoint-2").mkdir(parents=True)
+    (output_dir / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert resume_point(training_args) is True
+    (output_dir / "checkpoint-2" / INCOMPLETE_MARKER).write_text("a save in progress")
+    assert resume_point(training_args) is None
