@@ -39,7 +39,13 @@ class StopOnSignal(TrainerCallback):
     """Ends training at the first step boundary after SIGTERM reached any process, with a checkpoint of that step."""
 
     def __init__(self, trainer):
-        jit = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, JITCheckpointCallback))
+        jit = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, JITCheckpointCallback)), None)
+        if jit is None or jit.jit_manager is None:
+            raise RuntimeError(
+                "enable_jit_checkpoint is set but transformers installed no JITCheckpointCallback with a SIGTERM "
+                "handler; this transformers version changed it. Set enable_jit_checkpoint: false (SIGTERM then ends "
+                "the run at once; resume from the last save_steps checkpoint)."
+            )
         self._trainer = trainer
         self._manager = jit.jit_manager  # transformers' SIGTERM handler and its `is_checkpoint_requested` flag
         jit.jit_manager = None  # its own saves happen mid-step and before the step's log; this callback decides
