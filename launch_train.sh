@@ -6,9 +6,12 @@
 #   N >= 2:   `vllm serve` on the first K GPUs (default 1) with NCCL weight transfer, processed log-probs and prefix
 #             caching; once its /health answers, `accelerate launch --config_file zero3.yaml` on the other N-K GPUs
 #             with vllm_mode=server. The server is stopped on every exit path.
+# SIGTERM or Ctrl-C reaches the training as SIGTERM: with enable_jit_checkpoint (every GPU recipe) it saves the step
+# it is in and exits 143; then the server is stopped. Resume with `-- --resume_from_checkpoint true`.
 # --gpus defaults to what nvidia-smi sees; --dry-run prints the commands and runs nothing.
 # Flags after `--` override recipe fields, e.g. `./launch_train.sh -- --max_steps 10`.
-# Environment: VLLM_PORT (8000), VLLM_TIMEOUT seconds to wait for the server (900), VLLM_BIN (vllm), VENV (.venv).
+# Environment: VLLM_PORT (8000), VLLM_TIMEOUT seconds to wait for the server (900), VLLM_BIN (vllm), VENV (.venv),
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds the workers get after a stop signal (600).
 set -euo pipefail
 
 # Helpers shared with slurm/train.slurm, which sources this file (sourcing defines them and runs nothing else).
@@ -34,11 +37,12 @@ vllm_serve_command() {
 }
 
 # wait_for_vllm TAG URL PID LOG TIMEOUT: poll URL until it answers; if the process PID dies or TIMEOUT seconds pass,
-# print the reason and the tail of LOG and return 1.
+# print the reason and the tail of LOG and return 1 (also, silently, when a stop signal arrived: STOP_SIGNAL).
 wait_for_vllm() {
   local tag=$1 url=$2 pid=$3 log=$4 timeout=$5 deadline=$((SECONDS + $5))
   until "$VENV/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
     "$url" >/dev/null 2>&1; do
+    [ -z "${STOP_SIGNAL:-}" ] || return 1
     if ! kill -0 "$pid" 2>/dev/null; then
       echo "[$tag] the vLLM server exited before answering $url. Last lines of $log:" >&2
       tail -n 30 "$log" >&2
@@ -51,6 +55,43 @@ wait_for_vllm() {
     fi
     sleep 2
   done
+}
+
+# Stop signals. trap_stop_signals TAG SIGNAL...: each SIGNAL sets STOP_SIGNAL to its name and, while run_stoppable
+# runs the training, reaches the training's process group as one SIGTERM: `trl-guided train` with
+# enable_jit_checkpoint then finishes its step, saves it as a checkpoint and exits 143 (accelerate's multi-process
+# launcher passes the SIGTERM on to its workers and gives them TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds).
+STOP_SIGNAL=""
+TRAIN_PID=""
+trap_stop_signals() {
+  STOP_TAG=$1
+  shift
+  local name
+  for name in "$@"; do
+    # shellcheck disable=SC2064  # the name is fixed now, on purpose
+    trap "on_stop_signal $name" "$name"
+  done
+}
+on_stop_signal() {
+  STOP_SIGNAL=$1
+  if [ -n "$TRAIN_PID" ]; then
+    echo "[$STOP_TAG] SIG$1: asking the training to save a checkpoint at the end of its step and stop" >&2
+    kill -TERM -- "-$TRAIN_PID" 2>/dev/null || true
+  fi
+}
+
+# run_stoppable COMMAND...: run COMMAND in a process group of its own (setsid; it gets the stop signals through
+# on_stop_signal) and wait until every process of that group has exited. Returns COMMAND's exit status.
+run_stoppable() {
+  local status=0
+  setsid "$@" &
+  TRAIN_PID=$!
+  [ -z "$STOP_SIGNAL" ] || on_stop_signal "$STOP_SIGNAL"  # a signal that came while it was starting
+  while kill -0 "$TRAIN_PID" 2>/dev/null; do wait "$TRAIN_PID" || true; done  # a trapped signal interrupts wait
+  wait "$TRAIN_PID" || status=$?
+  while kill -0 -- "-$TRAIN_PID" 2>/dev/null; do sleep 1; done  # e.g. a worker of a launcher that already exited
+  TRAIN_PID=""
+  return "$status"
 }
 
 [ "${BASH_SOURCE[0]}" = "$0" ] || return 0
@@ -67,7 +108,7 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS="${2:?--gpus needs a number}"; shift ;;
     --vllm-gpus) VLLM_GPUS="${2:?--vllm-gpus needs a number}"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     -*) echo "launch_train.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) RECIPE="$1" ;;
   esac
@@ -111,6 +152,9 @@ echo "[launch] train: $(quoted "${CMD[@]}")"
 [ "$DRY_RUN" -eq 1 ] && exit 0
 bash "$ROOT/scripts/setup_env.sh"
 start=$SECONDS
+# SIGTERM / Ctrl-C: the training saves its current step and stops (enable_jit_checkpoint), then the server stops.
+trap_stop_signals launch TERM INT
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"  # the workers' time for a step + save
 
 if [ ${#SERVER[@]} -gt 0 ]; then
   LOG="$(mktemp -t vllm-server.XXXXXX.log)"
@@ -118,9 +162,14 @@ if [ ${#SERVER[@]} -gt 0 ]; then
   SERVER_PID=$!
   stop_server() { kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true; }
   trap stop_server EXIT
-  trap 'stop_server; exit 130' INT TERM
-  wait_for_vllm launch "http://127.0.0.1:$PORT/health" "$SERVER_PID" "$LOG" "${VLLM_TIMEOUT:-900}" || exit 1
+  if ! wait_for_vllm launch "http://127.0.0.1:$PORT/health" "$SERVER_PID" "$LOG" "${VLLM_TIMEOUT:-900}"; then
+    [ -z "$STOP_SIGNAL" ] || { echo "[launch] stopped by SIG$STOP_SIGNAL before training started" >&2; exit 143; }
+    exit 1
+  fi
   echo "[launch] vLLM server ready on port $PORT (log: $LOG)"
 fi
-"${CMD[@]}"
+status=0
+run_stoppable "${CMD[@]}" || status=$?
+[ -z "$STOP_SIGNAL" ] || echo "[launch] stopped by SIG$STOP_SIGNAL; training exited with status $status"
 echo "[launch] finished in $((SECONDS - start)) s"
+exit "$status"

@@ -3,7 +3,8 @@
 Trainer writes a checkpoint folder in place (model, optimizer, scheduler, RNG states, then `trainer_state.json`
 last), and `resume_from_checkpoint=True` takes the highest-numbered folder, complete or not. A run killed while saving
 leaves a folder without a readable `trainer_state.json`; resuming from it would fail or, worse, start from a
-half-written model. This picks the newest folder whose `trainer_state.json` parses instead.
+half-written model. This picks the newest folder whose `trainer_state.json` parses instead, and that does not carry
+transformers' `checkpoint-is-incomplete.txt` (its just-in-time save writes that marker first and removes it last).
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ import re
 from pathlib import Path
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# transformers' marker of a save in progress (`enable_jit_checkpoint`); GuidedGRPOTrainer's stop saves write it too.
+INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"
 
 
 def is_complete(checkpoint: str | Path) -> bool:
-    """Whether `checkpoint` finished saving: its `trainer_state.json` (written last) exists and parses."""
+    """Whether `checkpoint` finished saving: its `trainer_state.json` (written last) exists and parses, and no
+    in-progress marker is left in it."""
+    if (Path(checkpoint) / INCOMPLETE_MARKER).exists():
+        return False
     try:
         json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     except (OSError, ValueError):

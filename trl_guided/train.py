@@ -19,6 +19,7 @@ from types import UnionType
 import yaml
 from trl import GRPOConfig, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
+from .checkpoints import last_complete_checkpoint
 from .config import GuidedGRPOConfig
 from .data import TASK_OPTIONS, TASKS, load_task
 from .models import resolve_model_path
@@ -192,8 +193,6 @@ def vllm_unreachable(args: GuidedGRPOConfig, model_args: ModelConfig) -> str:
 
 def vllm_lost(args: GuidedGRPOConfig, error: BaseException) -> str:
     """One line for a vLLM server that stopped answering mid-run: what is kept and how to go on."""
-    from .checkpoints import last_complete_checkpoint
-
     checkpoint, _ = last_complete_checkpoint(args.output_dir)
     kept = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was complete yet"
     return (
@@ -227,6 +226,29 @@ def check_model(name: str, path: str, model_args: ModelConfig, training_args: Gu
         ) from None
 
 
+# Exit status of a run that a stop signal ended early with a checkpoint (enable_jit_checkpoint): 128 + SIGTERM, what a
+# shell reports for a process that SIGTERM ended, so job scripts that requeue on it need no new case.
+STOPPED_BY_SIGNAL = 143
+
+
+def stopped_line(step: int, checkpoint: str) -> str:
+    return (
+        f"Stopped by a signal after step {step}; saved {checkpoint}. Resume: the same command with "
+        "--resume_from_checkpoint true (slurm/train.slurm requeues the job and resumes by itself)."
+    )
+
+
+def resume_point(training_args: GuidedGRPOConfig) -> str | bool | None:
+    """`resume_from_checkpoint` for Trainer: `auto` is the newest complete checkpoint if there is one, else a start."""
+    if training_args.resume_from_checkpoint != "auto":
+        return training_args.resume_from_checkpoint
+    output_dir = training_args.output_dir
+    if last_complete_checkpoint(output_dir)[0] is None:
+        logger.warning("resume_from_checkpoint=auto: %s has no complete checkpoint; starting from step 0.", output_dir)
+        return None
+    return True  # the trainer resolves it again and warns about the incomplete ones it skips
+
+
 def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: ModelConfig) -> dict:
     model_path = resolve_model_path(model_args.model_name_or_path)
     check_model(model_args.model_name_or_path, model_path, model_args, training_args)
@@ -253,11 +275,16 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
         write_run_config(Path(training_args.output_dir), task_args, training_args, model_args)
     try:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume_point(training_args))
     except SERVER_ERRORS as error:
         if not (training_args.use_vllm and training_args.vllm_mode == "server"):
             raise
         raise SystemExit(vllm_lost(training_args, error)) from None
+    if trainer.stop_checkpoint is not None:
+        trainer.accelerator.wait_for_everyone()  # every rank's part of the checkpoint is written
+        if trainer.accelerator.is_main_process:
+            print(stopped_line(trainer.state.global_step, trainer.stop_checkpoint), flush=True)
+        raise SystemExit(STOPPED_BY_SIGNAL)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json (the log history) at the top of the run directory
 
@@ -604,6 +631,8 @@ def parse_args(argv: list[str]):
     check_deepspeed_without_gpu(training_args)
     if str(training_args.resume_from_checkpoint).lower() in ("true", "last"):
         training_args.resume_from_checkpoint = True  # the last checkpoint in output_dir
+    elif str(training_args.resume_from_checkpoint).lower() == "auto":
+        training_args.resume_from_checkpoint = "auto"  # the last checkpoint if there is one (a requeued job)
     return task_args, training_args, model_args
 
 

@@ -31,6 +31,7 @@ from .config import GuidedGRPOConfig
 from .guidance import Segments, branch_advantages, loss_weights, prefix_advantages, representable_marks
 from .models import resolve_model_path
 from .ot import banded_sinkhorn_with_stats
+from .preemption import StopOnSignal
 from .sampler import GuidedRollout, GuidedSampler
 from .shared_prefix import shared_prefix_logps
 
@@ -94,6 +95,14 @@ class GuidedGRPOTrainer(GRPOTrainer):
     - `train`, `_save_rng_state`, `_load_rng_state`: resume continues the same run (the last complete checkpoint; the
       sampler's generator and TRL's generation buffer travel in it). Relies on: Trainer writing `trainer_state.json`
       last and calling `_load_rng_state` before the first resumed step; GRPOTrainer's `_step` / `_buffered_inputs`.
+    - `enable_jit_checkpoint`: transformers' SIGTERM handler stays, its `JITCheckpointCallback` is switched off and
+      `trl_guided.preemption.StopOnSignal` decides instead: all processes agree at each step end whether any was
+      signalled, then the step is logged, saved as a regular checkpoint (transformers' in-progress marker while it is
+      written) and training stops; `stop_checkpoint` names it. transformers' own callback saves mid-step (RNG, sampler
+      and generation buffer of the next rollout in a checkpoint of the previous step: the resumed run samples that
+      step differently), before the step is logged, and on each process alone. Relies on: the `jit_manager` of
+      `JITCheckpointCallback` and its `is_checkpoint_requested` flag; the Trainer saving after `on_step_end` when
+      `control.should_save` is set.
     """
 
     _tag_names = ["trl", "grpo", "trl-guided", "guided-grpo"]
@@ -157,6 +166,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._segments: Segments | None = None  # the last rollout's segments, from generation to scoring
         self._rewards_per_func: torch.Tensor | None = None  # the last scoring's rewards (all processes), for trees
         self._ot_ref_model = self._build_ot_reference() if args.ot_coef > 0 else None
+        self._stop_on_signal = StopOnSignal(self) if args.enable_jit_checkpoint else None
+        if self._stop_on_signal is not None:
+            self.add_callback(self._stop_on_signal)
         cuts_at_marks = args.branch_point == "punctuation" or args.branch_snap_to_punctuation
         if args.guidance and cuts_at_marks and not representable_marks(self._tokenizer, args.punctuation):
             logger.warning(
@@ -176,13 +188,18 @@ class GuidedGRPOTrainer(GRPOTrainer):
 
     # --------------------------------------------------------------------------------------------------- checkpoints
 
+    @property
+    def stop_checkpoint(self) -> str | None:
+        """The checkpoint written when a stop signal ended training early (`enable_jit_checkpoint`), else None."""
+        return self._stop_on_signal.checkpoint if self._stop_on_signal is not None else None
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         # Override: `resume_from_checkpoint=True` takes Trainer's highest-numbered checkpoint even when a killed save
         # left it incomplete; resolve it to the last complete one here and let Trainer resume from that path.
         if resume_from_checkpoint is True:
             checkpoint, skipped = last_complete_checkpoint(self.args.output_dir)
             for path in skipped:
-                logger.warning("Skipping %s: its save did not finish (no readable trainer_state.json)", path)
+                logger.warning("Skipping %s: its save did not finish (no trainer_state.json, or a marker left)", path)
             if checkpoint is None:
                 raise ValueError(
                     f"resume_from_checkpoint=True, but {self.args.output_dir} has no complete checkpoint-N folder. "

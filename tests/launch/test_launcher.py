@@ -116,3 +116,67 @@ def test_training_that_fails_stops_the_server_it_started(tmp_path):
     assert "No GPU found" in result.stderr  # the training process's own one-line error
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", 18433)) != 0, "the server still answers after the launcher exited"
+
+
+# ------------------------------------------------------------------- stop signals reach the training, then the server
+
+FAKE_TRAINING = """#!/usr/bin/env bash
+# Stand-in for the training (python -m trl_guided.train, or accelerate launch): runs until SIGTERM, then "saves"
+# (checks that the vLLM server, if any, still answers) and exits 143 as trl-guided train does. Other python calls are
+# real.
+if [ "$(basename "$0")" = python ] && [ "$1 $2" != "-m trl_guided.train" ]; then exec {python} "$@"; fi
+saved() {{
+  if [ -n "${{FAKE_HEALTH:-}}" ] && {python} -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1])' \\
+    "$FAKE_HEALTH" 2>/dev/null; then echo "TERM; server up while saving" >> "$FAKE_LOG"
+  else echo "TERM" >> "$FAKE_LOG"; fi
+  exit 143
+}}
+trap saved TERM
+touch "$FAKE_LOG.started"
+while true; do sleep 0.1; done
+"""
+
+
+def _isolated_launcher(tmp_path: Path) -> tuple[Path, dict]:
+    """launch_train.sh in a copy of the checkout whose setup step does nothing, with a stand-in training in VENV."""
+    root, venv = tmp_path / "checkout", tmp_path / "venv"
+    (root / "scripts").mkdir(parents=True)
+    (venv / "bin").mkdir(parents=True)
+    (root / "launch_train.sh").write_text(LAUNCHER.read_text())
+    (root / "scripts" / "setup_env.sh").write_text("exit 0\n")
+    for name in ("python", "accelerate"):
+        (venv / "bin" / name).write_text(FAKE_TRAINING.format(python=sys.executable))
+        (venv / "bin" / name).chmod(0o755)
+    return root / "launch_train.sh", {**ENV, "VENV": str(venv), "FAKE_LOG": str(tmp_path / "training.log")}
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_a_stop_signal_reaches_the_training_and_the_server_stops_after_it(tmp_path, gpus):
+    import signal
+    import socket
+    import time
+
+    launcher, env = _isolated_launcher(tmp_path)
+    if gpus:
+        (tmp_path / "www").mkdir()
+        (tmp_path / "www" / "health").write_text("ok")
+        body = f"cd {tmp_path / 'www'} && exec {sys.executable} -m http.server 18434 --bind 127.0.0.1"
+        env.update(VLLM_BIN=_fake_vllm(tmp_path, body), VLLM_PORT="18434", FAKE_HEALTH="http://127.0.0.1:18434/health")
+    command = ["bash", str(launcher), str(GPU_RECIPE), "--gpus", str(gpus)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "training.log.started").exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr
+    assert "SIGTERM: asking the training to save a checkpoint" in stderr and "stopped by SIGTERM" in stdout
+    assert (tmp_path / "training.log").read_text() == ("TERM; server up while saving\n" if gpus else "TERM\n")
+    if gpus:
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", 18434)) != 0, "the server still answers after the launcher exited"

@@ -310,3 +310,79 @@ def test_a_server_that_never_answers_times_out(fake_cluster):
     marker.unlink()
     time.sleep(1)
     assert not marker.exists(), "the fake vLLM server is still running after the job ended"
+
+
+# ---------------------------------------------------------------------------------- time limit: stop, requeue, resume
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# scontrol stand-in: the node names of the fake allocation; any other call is logged.
+if [ "$1 $2" = "show hostnames" ]; then printf "localhost\\nfake2\\nfake3\\n"; exit 0; fi
+echo "scontrol $*" >> "$FAKE_LOG"
+"""
+
+FAKE_TRAINING = """#!/usr/bin/env bash
+# accelerate stand-in that trains until SIGTERM, then "saves" and exits 143 as trl-guided train does.
+trap 'echo "rank=$SLURM_PROCID got TERM" >> "$FAKE_LOG"; exit 143' TERM
+echo "rank=$SLURM_PROCID args=$*" >> "$FAKE_LOG"
+touch "$FAKE_TRAINING_MARKER.$SLURM_PROCID"
+while true; do sleep 0.1; done
+"""
+
+
+def test_the_time_limit_signal_stops_the_training_requeues_the_job_and_the_requeued_job_resumes(fake_cluster):
+    """SIGUSR1 to the batch script (what `--signal=B:USR1@900` sends before the time limit) reaches every training
+    task as SIGTERM; once they exit the server is stopped and the job requeues itself; a requeued job
+    (SLURM_RESTART_COUNT > 0) trains with --resume_from_checkpoint auto, a first start does not."""
+    script_head = SCRIPT.read_text().splitlines()[:12]
+    assert "#SBATCH --signal=B:USR1@900" in script_head and "#SBATCH --requeue" in script_head
+    tmp_path, env, port = fake_cluster
+    _tool(tmp_path / "bin", "vllm", FAKE_VLLM_HEALTHY.format(python=sys.executable))
+    _tool(tmp_path / "bin", "scontrol", FAKE_SCONTROL)
+    _tool(tmp_path / "venv" / "bin", "accelerate", FAKE_TRAINING)
+    env.update(VLLM_BIN=str(tmp_path / "bin" / "vllm"), FAKE_TRAINING_MARKER=str(tmp_path / "training"))
+    command = ["bash", str(SCRIPT), str(RECIPE), "--gpus-per-node", "2"]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"training.{rank}").exists() for rank in (0, 1)):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGUSR1)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert sorted(line for line in calls if line.endswith("got TERM")) == ["rank=0 got TERM", "rank=1 got TERM"]
+    assert calls[-1] == "scontrol requeue 4242", calls
+    assert "requeueing job 4242" in stdout and "SIGUSR1: asking the training to save a checkpoint" in stderr
+    assert "--resume_from_checkpoint" not in " ".join(calls)
+    assert not _answers(port), "the vLLM server is still running after the job ended"
+
+    requeued = commands(run(RECIPE, "--dry-run", env=slurm_env("n[1-2]", 2, SLURM_RESTART_COUNT="1")))
+    assert requeued["train rank 0 on n2"][-2:] == ["--resume_from_checkpoint", "auto"]
+
+
+def test_scancel_stops_the_training_with_a_checkpoint_and_does_not_requeue(fake_cluster):
+    tmp_path, env, port = fake_cluster
+    _tool(tmp_path / "bin", "vllm", FAKE_VLLM_HEALTHY.format(python=sys.executable))
+    _tool(tmp_path / "bin", "scontrol", FAKE_SCONTROL)
+    _tool(tmp_path / "venv" / "bin", "accelerate", FAKE_TRAINING)
+    env.update(VLLM_BIN=str(tmp_path / "bin" / "vllm"), FAKE_TRAINING_MARKER=str(tmp_path / "training"))
+    command = ["bash", str(SCRIPT), str(RECIPE), "--gpus-per-node", "2"]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "training.0").exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr
+    calls = (tmp_path / "calls.log").read_text()
+    assert "rank=0 got TERM" in calls and "scontrol requeue" not in calls
+    assert not _answers(port)

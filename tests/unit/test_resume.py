@@ -81,3 +81,60 @@ def test_a_checkpoint_whose_save_was_killed_is_never_resumed(tiny_llama, tmp_pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no complete checkpoint-N folder"):
         train(tiny_llama, tmp_path / "empty", 2, {}, resume=True)
+
+
+@pytest.fixture
+def sigterm_handler_restored():
+    """enable_jit_checkpoint installs a SIGTERM handler that a stopped run keeps; give pytest its own back."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def test_a_stop_request_mid_step_saves_that_step_and_resumes_exactly(tiny_llama, tmp_path, sigterm_handler_restored):
+    """The stop flag that transformers' SIGTERM handler raises, raised during step 3's rollout: step 3 completes, is
+    logged and saved (no in-progress marker left), training stops; resuming from it continues the same run."""
+    from trl_guided.checkpoints import INCOMPLETE_MARKER, is_complete
+
+    full, full_weights = train(tiny_llama, tmp_path / "full", 100, {})
+    trainer = trainer_for(
+        tiny_llama, tmp_path / "part", max_steps=STEPS, learning_rate=1e-2, save_steps=100, enable_jit_checkpoint=True
+    )
+    generate = trainer._generate_and_score_completions
+
+    def generate_then_signal(inputs):
+        output = generate(inputs)
+        if trainer.state.global_step == 2:
+            trainer._stop_on_signal._manager.is_checkpoint_requested = True  # what the handler does 3 s after it
+        return output
+
+    trainer._generate_and_score_completions = generate_then_signal
+    trainer.train()
+    checkpoint = tmp_path / "part" / "checkpoint-3"
+    assert trainer.state.global_step == 3 and trainer.stop_checkpoint == str(checkpoint)
+    assert sorted(p.name for p in (tmp_path / "part").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert is_complete(checkpoint) and not (checkpoint / INCOMPLETE_MARKER).exists()
+    resumed, resumed_weights = train(tiny_llama, tmp_path / "part", 100, {}, resume=str(checkpoint))
+    assert len(resumed) == STEPS and resumed == full  # steps 1-3 from the checkpoint, 4-6 from the resumed run
+    assert all(torch.equal(full_weights[name], resumed_weights[name]) for name in full_weights)
+    (checkpoint / INCOMPLETE_MARKER).write_text("a save in progress")
+    assert not is_complete(checkpoint)
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint_or_starts(tiny_llama, tmp_path):
+    """`--resume_from_checkpoint auto` (what a requeued Slurm job passes): True when output_dir has a complete
+    checkpoint (the trainer then resolves it), None (a fresh start) when it has none or only incomplete ones."""
+    from trl_guided.checkpoints import INCOMPLETE_MARKER
+    from trl_guided.train import parse_args, resume_point
+
+    output_dir = tmp_path / "run"
+    argv = ["--model_name_or_path", tiny_llama, "--output_dir", str(output_dir), "--resume_from_checkpoint", "auto"]
+    _, training_args, _ = parse_args(argv)
+    assert training_args.resume_from_checkpoint == "auto" and resume_point(training_args) is None
+    (output_dir / "checkpoint-2").mkdir(parents=True)
+    (output_dir / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert resume_point(training_args) is True
+    (output_dir / "checkpoint-2" / INCOMPLETE_MARKER).write_text("a save in progress")
+    assert resume_point(training_args) is None
