@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The newest-releases check: a venv with the newest torch, transformers, accelerate, datasets and peft the registries
 # serve, trl-guided installed next to them as a user would (`pip install -e .` must keep their torch), then the fast
-# unit tests and a 2-step training of the main recipe on the embedded model. Not a CI lane (about 10 minutes and a
-# ~3 GB download on a fresh machine): run it by hand when a release comes out; the last result is in
+# unit tests and a 2-step training of the main recipe on the embedded model. Not a CI lane (a ~3 GB download on a
+# fresh machine, then the whole fast unit suite again): run it by hand when a release comes out; the last result is in
 # docs/development.md.
 #   bash scripts/check_newest.sh                 # venv in /tmp/trl-guided-newest, kept: a re-run only upgrades
 #   NEWEST_VENV=/path/to/venv bash scripts/check_newest.sh
