@@ -221,10 +221,24 @@ _KEYWORDS = (
 )  # fmt: skip
 _AVOIDED = ("important", "also", "very", "really", "many", "great", "help", "people", "good", "make", "can")
 _OPENINGS = ("Here is", "Imagine", "In short", "Once upon a time", "Dear reader", "Today", "Let me explain")
-_ENDINGS = ("Is there anything else I can help with?", "Thank you for reading.", "That is all.", "Any other questions?")
+_ENDINGS = (
+    "Is there anything else I can help with?",
+    "Thank you for reading.",
+    "That is all.",
+    "Any other questions?",
+)
 # Constraint kinds that cannot be asked together (a JSON answer has no bullet lines, one word budget per prompt, ...).
 _CONFLICTS = {
-    "json": {"bullet_points", "min_sentences", "max_sentences", "start_with", "end_with", "title", "postscript", "no_commas"},
+    "json": {
+        "bullet_points",
+        "min_sentences",
+        "max_sentences",
+        "start_with",
+        "end_with",
+        "title",
+        "postscript",
+        "no_commas",
+    },
     "bullet_points": {"min_sentences", "max_sentences"},
     "lowercase": {"start_with", "end_with"},
     "end_with": {"postscript"},

@@ -242,18 +242,15 @@ def countdown(completions, nums, target, **kwargs) -> list[float]:
 def constraints_followed(completions, constraints, **kwargs) -> list[float]:
     """The fraction of the row's `constraints` (a JSON list of specs, trl_guided/constraints.py) the completion
     follows: partial credit. A bad spec is an error that names it."""
-    return [
-        sum(checks) / len(checks)
-        for checks in (followed(parse_specs(specs), _text(c)) for c, specs in zip(completions, constraints, strict=True))
-    ]
+    verdicts = (followed(parse_specs(specs), _text(c)) for c, specs in zip(completions, constraints, strict=True))
+    return [sum(checks) / len(checks) for checks in verdicts]
 
 
 def constraints_all_followed(completions, constraints, **kwargs) -> list[float]:
     """1 if the completion follows every one of the row's `constraints`, else 0 (IFEval's strict prompt-level
     score)."""
     return [
-        float(all(followed(parse_specs(specs), _text(c))))
-        for c, specs in zip(completions, constraints, strict=True)
+        float(all(followed(parse_specs(specs), _text(c)))) for c, specs in zip(completions, constraints, strict=True)
     ]
 
 

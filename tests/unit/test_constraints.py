@@ -3,7 +3,9 @@ instructions task (split, uniqueness, loading) and its rewards."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from trl_guided.constraints import KINDS, ConstraintError, check, describe, pars
 from trl_guided.data import load_task
 from trl_guided.rewards import constraints_all_followed, constraints_followed, get_reward
 
+ROOT = Path(__file__).resolve().parents[2]
 BULLETS = "Here you go:\n* first point\n* second point\n- third point"
 PROSE = "The sea is wide. It is deep! Is it cold? Dr. Smith says yes, e.g. in winter."
 
@@ -201,3 +204,27 @@ def test_instructions_from_a_file_and_a_bad_row_is_one_line(tmp_path):
     bad.write_text(good.read_text() + json.dumps({"instruction": "x", "constraints": '[{"kind": "max_words"}]'}))
     with pytest.raises(ValueError, match=r"bad.jsonl row 1: constraint .*max_words takes the parameters n \(int\)"):
         load_task("instructions", "train", dataset_path=str(bad))
+
+
+def _bench_answer_position():
+    spec = importlib.util.spec_from_file_location("answer_position", ROOT / "bench" / "answer_position.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_answer_position_finds_where_each_constraint_is_decided():
+    module = _bench_answer_position()
+
+    def decided(spec, text):  # one token per character
+        return module.constraint_decisions(spec, [text[: i + 1] for i in range(len(text))])
+
+    assert decided({"kind": "include_keywords", "keywords": ["river"]}, "The river flows.") == (8, "passed")
+    assert decided({"kind": "avoid_word", "word": "very"}, "It is very cold") == (9, "failed")
+    assert decided({"kind": "avoid_word", "word": "very"}, "It is cold") == (None, "kept")
+    assert decided({"kind": "lowercase"}, "Upper") == (0, "failed")
+    assert decided({"kind": "min_words", "n": 5}, "one two") == (None, "never_met")
+    assert decided({"kind": "end_with", "phrase": "bye."}, "ok bye.") == (6, "passed")
+    assert decided({"kind": "max_words", "n": 2}, "one two three") == (8, "failed")
+    steps = "3 + 4 = 7\n7 * 2 = 14\nAnswer: 14"
+    assert module.answer_start(steps) == len(steps) - 2

@@ -38,6 +38,9 @@ def chat(text):
         ("First 5 apples, then 7 more, so the answer is 12.", Fraction(12)),
         ("\\boxed{3/4}", Fraction(3, 4)),
         ("It drops to -3 degrees.", Fraction(-3)),
+        ("3 + 4 = 7\n7 * 2 = 14\nAnswer: 14", Fraction(14)),
+        ("Step 1: 5 - 9 = -4\n**Answer:** -4", Fraction(-4)),
+        ("Answer: 12\nCheck: 3 + 4 = 7, 7 + 5 = 12 so we have 99 left", Fraction(12)),  # the Answer line wins
         ("no numbers here", None),
         ("", None),
         ("9" * 500, None),  # a huge number is not an answer
