@@ -144,16 +144,17 @@ def main() -> None:
     counts = {name: {"prefix": 0, "guidance": 0, "postfix": 0} for name in args.branch_point}
     empty = dict.fromkeys(args.branch_point, 0)
     decided_how: dict[str, int] = {}
-    positions_seen, lengths = [], []
+    positions_seen, lengths, with_positions = [], [], 0
     for record in records:
         ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
         positions, how = deciding_tokens(record, ids, tokenizer, problems)
+        lengths.append(len(ids))
         for kind, count in how.items():
             decided_how[kind] = decided_how.get(kind, 0) + count
         if not positions:
             continue
         positions_seen += positions
-        lengths.append(len(ids))
+        with_positions += 1
         signals = scorer(record["problem_id"], ids) if scorer else None
         for name in args.branch_point:
             rule, rng = BranchRule(name), random.Random(0)  # the same draws for every branch point
@@ -181,7 +182,7 @@ def main() -> None:
                     where: round(count / max(len(positions_seen) * args.draws, 1), 3)
                     for where, count in counts[name].items()
                 },
-                "empty_prefix": round(empty[name] / max(args.draws * len(lengths), 1), 3),
+                "empty_prefix": round(empty[name] / max(args.draws * with_positions, 1), 3),
             }
             for name in args.branch_point
         },
