@@ -228,3 +228,18 @@ def test_answer_position_finds_where_each_constraint_is_decided():
     assert decided({"kind": "max_words", "n": 2}, "one two three") == (8, "failed")
     steps = "3 + 4 = 7\n7 * 2 = 14\nAnswer: 14"
     assert module.answer_start(steps) == len(steps) - 2
+
+
+@pytest.mark.parametrize("recipe", ["instructions_cpu.yaml", "arithmetic_steps_cpu.yaml"])
+def test_trl_guided_eval_runs_on_the_new_recipes(tiny_llama, tmp_path, recipe):
+    from trl_guided import cli
+
+    output = tmp_path / "result.json"
+    argv = ["eval", "--config", str(ROOT / "recipes" / "smollm2-135m-instruct" / recipe), "--model", tiny_llama]
+    argv += ["--limit", "3", "--max-new-tokens", "6", "--quality-model", "none", "--no-progress"]
+    assert cli.main([*argv, "--output", str(output)]) == 0
+    metrics = json.loads(output.read_text())["metrics"]
+    rewards = ["constraints_followed", "constraints_all_followed"]
+    rewards = rewards if "instructions" in recipe else ["arithmetic_accuracy"]
+    assert all(0.0 <= metrics[f"{name}/mean"]["value"] <= 1.0 for name in rewards)
+    assert metrics["completion_tokens"]["value"] <= 6
