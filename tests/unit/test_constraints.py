@@ -230,12 +230,14 @@ def test_answer_position_finds_where_each_constraint_is_decided():
     assert module.answer_start(steps) == len(steps) - 2
 
 
-@pytest.mark.parametrize("recipe", ["instructions_cpu.yaml", "arithmetic_steps_cpu.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["smollm2-135m-instruct/instructions_cpu.yaml", "qwen2.5-1.5b-instruct/arithmetic_steps.yaml"]
+)
 def test_trl_guided_eval_runs_on_the_new_recipes(tiny_llama, tmp_path, recipe):
     from trl_guided import cli
 
     output = tmp_path / "result.json"
-    argv = ["eval", "--config", str(ROOT / "recipes" / "smollm2-135m-instruct" / recipe), "--model", tiny_llama]
+    argv = ["eval", "--config", str(ROOT / "recipes" / recipe), "--model", tiny_llama]
     argv += ["--limit", "3", "--max-new-tokens", "6", "--quality-model", "none", "--no-progress"]
     assert cli.main([*argv, "--output", str(output)]) == 0
     metrics = json.loads(output.read_text())["metrics"]
