@@ -216,6 +216,7 @@ def _add_eval_command(commands) -> None:
 DEFAULT_TASK_REWARDS = {
     "arithmetic": ["arithmetic_accuracy"],
     "countdown": ["countdown"],
+    "instructions": ["constraints_followed", "constraints_all_followed"],
     "gsm8k": ["gsm8k_accuracy"],
     "math": ["math_accuracy"],
     "length": ["smooth_length"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Callable
 from fractions import Fraction
@@ -10,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 
 from datasets import Dataset
+
+from .constraints import ConstraintError, describe, parse_specs
 
 LENGTH_SYSTEM_PROMPT = "You are a helpful assistant. Answer the user's request."
 GSM8K_SYSTEM_PROMPT = "Solve the math word problem step by step. End your answer with a final line '#### <number>'."
@@ -153,11 +156,12 @@ def load_arithmetic(
     system_prompt: str = THINK_ANSWER_SYSTEM_PROMPT,
 ) -> Dataset:
     """Synthetic arithmetic, generated locally, deterministic by seed and split, exact answers in
-    `answer`. `mode="evaluate"`: an integer expression with + - * and parentheses. `mode="expand"`: a product
+    `answer`. `mode="evaluate"`: an integer expression with + - * and parentheses. `mode="steps"`: the same
+    expressions, worked one operation per line and closed by a line `Answer: N`. `mode="expand"`: a product
     `(a x + b)(c x + d)` to expand into `p x^2 + q x + r`. The test split shares no expression with train; a small
     problem space (e.g. 2 terms up to 9: 243 expressions) holds about a fifth of it as test problems."""
-    if mode not in ("evaluate", "expand"):
-        raise ValueError(f"arithmetic mode={mode!r} is unknown; choose 'evaluate' or 'expand'.")
+    if mode not in ("evaluate", "expand", "steps"):
+        raise ValueError(f"arithmetic mode={mode!r} is unknown; choose 'evaluate', 'expand' or 'steps'.")
 
     def draw(rng: random.Random) -> tuple[str, str, str]:
         if mode == "expand":
@@ -169,6 +173,8 @@ def load_arithmetic(
         for _ in range(terms - 1):
             expression = f"({expression} {rng.choice('+-*')} {rng.randint(1, max_number)})"
         expression = expression[1:-1] if expression.startswith("(") else expression
+        if mode == "steps":
+            return expression, None, STEPS_PROMPT.format(expression=expression)
         return expression, None, f"Evaluate {expression}. Put the final number in <answer> </answer> tags."
 
     rows = _draw_split(random.Random(_split_seed(seed, split)), draw, lambda row: row[0], split, size)
@@ -179,6 +185,138 @@ def load_arithmetic(
             "prompt": [_chat(system_prompt, prompt) for _, _, prompt in rows],
             "expression": [expression for expression, _, _ in rows],
             "answer": [answer for _, answer, _ in rows],
+        }
+    )
+
+
+STEPS_PROMPT = (
+    "Evaluate {expression} step by step. Write one line per operation, such as '3 + 4 = 7', and finish with a "
+    "final line 'Answer: N'."
+)
+
+# ------------------------------------------------------------------------------------------- instruction following
+
+INSTRUCTIONS_SYSTEM_PROMPT = "You are a helpful assistant. Follow every instruction of the user's request exactly."
+INSTRUCTION_TOPICS = (
+    "the ocean", "learning to cook", "a rainy day in the city", "public libraries", "growing tomatoes",
+    "the first day at a new job", "honey bees", "riding a bicycle", "the moon", "saving money", "a mountain village",
+    "playing chess", "recycling", "a family dinner", "learning a new language", "the history of bread",
+    "autumn leaves", "a visit to the dentist", "train travel", "volcanoes", "keeping a diary", "dogs as pets",
+    "the night sky", "a school science fair", "coffee", "a small bakery", "desert animals", "winter sports",
+    "the invention of the telephone", "a lost umbrella", "public parks", "solar power", "birthday parties",
+    "a long walk", "the internet", "old photographs", "a lighthouse keeper", "rainforests", "making friends",
+    "a museum trip",
+)  # fmt: skip
+INSTRUCTION_REQUESTS = (
+    "Write a short blog post about {topic}.",
+    "Write a short story about {topic}.",
+    "Explain {topic} to a ten-year-old.",
+    "Write a letter to a friend about {topic}.",
+    "Describe {topic} in a few sentences.",
+    "Give a beginner some advice about {topic}.",
+)
+_KEYWORDS = (
+    "light", "morning", "family", "journey", "balance", "window", "river", "story", "simple", "garden", "future",
+    "music", "color", "friend", "memory", "energy", "silence", "history", "surprise", "weather", "patience", "home",
+)  # fmt: skip
+_AVOIDED = ("important", "also", "very", "really", "many", "great", "help", "people", "good", "make", "can")
+_OPENINGS = ("Here is", "Imagine", "In short", "Once upon a time", "Dear reader", "Today", "Let me explain")
+_ENDINGS = (
+    "Is there anything else I can help with?",
+    "Thank you for reading.",
+    "That is all.",
+    "Any other questions?",
+)
+# Constraint kinds that cannot be asked together (a JSON answer has no bullet lines, one word budget per prompt, ...).
+_CONFLICTS = {
+    "json": {
+        "bullet_points",
+        "min_sentences",
+        "max_sentences",
+        "start_with",
+        "end_with",
+        "title",
+        "postscript",
+        "no_commas",
+    },
+    "bullet_points": {"min_sentences", "max_sentences"},
+    "lowercase": {"start_with", "end_with"},
+    "end_with": {"postscript"},
+    "min_words": {"max_words"},
+    "min_sentences": {"max_sentences"},
+}
+
+
+def _conflict(a: str, b: str) -> bool:
+    return a == b or b in _CONFLICTS.get(a, ()) or a in _CONFLICTS.get(b, ())
+
+
+def _constraint(rng: random.Random, kind: str) -> dict:
+    """One spec of `kind` with parameters drawn from the catalogue."""
+    parameters = {
+        "include_keywords": lambda: {"keywords": rng.sample(_KEYWORDS, rng.randint(1, 2))},
+        "avoid_word": lambda: {"word": rng.choice(_AVOIDED)},
+        "min_sentences": lambda: {"n": rng.randint(3, 6)},
+        "max_sentences": lambda: {"n": rng.randint(2, 4)},
+        "bullet_points": lambda: {"n": rng.randint(2, 4)},
+        "min_words": lambda: {"n": rng.choice((40, 50, 60, 80))},
+        "max_words": lambda: {"n": rng.choice((30, 50, 70))},
+        "start_with": lambda: {"phrase": rng.choice(_OPENINGS)},
+        "end_with": lambda: {"phrase": rng.choice(_ENDINGS)},
+    }.get(kind, dict)()
+    return {"kind": kind, **parameters}
+
+
+# How often each kind is drawn (the common IFEval kinds more often).
+_KIND_WEIGHTS = {
+    "include_keywords": 4, "avoid_word": 3, "min_sentences": 2, "max_sentences": 2, "bullet_points": 2,
+    "min_words": 2, "max_words": 2, "start_with": 2, "end_with": 2, "lowercase": 1, "no_commas": 1, "title": 2,
+    "postscript": 2, "json": 1,
+}  # fmt: skip
+
+
+def _instruction_problem(rng: random.Random, max_constraints: int) -> tuple[str, str]:
+    """(user request, constraints as JSON): a topic, a kind of text and 1..max_constraints compatible constraints."""
+    request = rng.choice(INSTRUCTION_REQUESTS).format(topic=rng.choice(INSTRUCTION_TOPICS))
+    kinds: list[str] = []
+    for _ in range(rng.randint(1, max_constraints)):
+        allowed = [k for k in _KIND_WEIGHTS if not any(_conflict(k, chosen) for chosen in kinds)]
+        kinds.append(rng.choices(allowed, weights=[_KIND_WEIGHTS[k] for k in allowed])[0])
+    specs = [_constraint(rng, kind) for kind in kinds]
+    text = " ".join([request, *(describe(spec) for spec in specs)])
+    return text, json.dumps(specs)
+
+
+def load_instructions(
+    split: str = "train",
+    size: int = 1000,
+    seed: int = 0,
+    dataset_path: str | None = None,
+    system_prompt: str = INSTRUCTIONS_SYSTEM_PROMPT,
+) -> Dataset:
+    """Verifiable instruction following (IFEval-style): a short writing request with one to three constraints that
+    a program can check (keywords, a word to avoid, sentence/word/bullet counts, opening/closing phrase, lowercase,
+    no commas, a <<title>>, a postscript, JSON; trl_guided/constraints.py). Generated from a fixed catalogue of
+    topics and constraints, deterministic by seed and split; the test split shares no prompt with train. Or a local
+    .jsonl/.json/.csv/.parquet file (`dataset_path`) with an `instruction` and a `constraints` column (a JSON list of
+    specs such as `[{"kind": "min_words", "n": 50}]`), checked when loaded."""
+    if dataset_path is None:
+        rng = random.Random(_split_seed(seed, split))
+        rows = _draw_split(rng, lambda r: _instruction_problem(r, 3), lambda row: row[0], split, size)
+    else:
+        loaded = _load_rows("", None, split, dataset_path)
+        _need(loaded, ("instruction", "constraints"), "instructions")
+        rows = [(row["instruction"], row["constraints"]) for row in loaded]
+    for index, (_, constraints) in enumerate(rows):
+        try:
+            specs = parse_specs(constraints)
+        except ConstraintError as error:
+            raise ValueError(f"{dataset_path or 'instructions task'} row {index}: {error}") from None
+        rows[index] = (rows[index][0], json.dumps(specs))
+    return Dataset.from_dict(
+        {
+            "prompt": [_chat(system_prompt, text) for text, _ in rows],
+            "constraints": [constraints for _, constraints in rows],
         }
     )
 
@@ -274,6 +412,7 @@ TASKS = {
     "length": load_length,
     "countdown": load_countdown,
     "arithmetic": load_arithmetic,
+    "instructions": load_instructions,
     "gsm8k": load_gsm8k,
     "math": load_math,
     "tldr": load_tldr,
@@ -292,6 +431,12 @@ TASK_OPTIONS = {
         "arithmetic_mode": "mode",
         "arithmetic_terms": "terms",
         "arithmetic_max_number": "max_number",
+    },
+    "instructions": {
+        "dataset_size": "size",
+        "dataset_seed": "seed",
+        "dataset_path": "dataset_path",
+        "system_prompt": "system_prompt",
     },
     "gsm8k": {"dataset_path": "dataset_path", "system_prompt": "system_prompt"},
     "math": {"dataset_path": "dataset_path", "system_prompt": "system_prompt"},

@@ -19,11 +19,14 @@ from fractions import Fraction
 
 from trl import rewards as trl_rewards
 
+from .constraints import followed, parse_specs
+
 # ------------------------------------------------------------------------------------------------ answer extraction
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _HASHES = re.compile(r"####\s*(.+)")
+_ANSWER_LINE = re.compile(r"^[ \t*#]*answer[ \t*]*:(.*)$", re.I | re.M)  # a line `Answer: 42` (also **Answer:**)
 # 1,234 | 1234 | 18.0 | -3 | .5 | 3/4, with an optional $ in front; at most 40 digits (huge numbers are not answers)
 _NUMBER = re.compile(
     r"(?<![\w.])-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d{1,40})(?:\.\d{1,20})?(?:/\d{1,20})?(?![\d])|-?\.\d+", re.ASCII
@@ -65,8 +68,8 @@ def last_number(text: str) -> Fraction | None:
 
 def extract_answer(text: str) -> Fraction | None:
     """The numeric answer of a completion: `<answer>...</answer>`, then `#### n`, then `\\boxed{n}`, then the last
-    number of the text."""
-    for pattern in (_ANSWER_TAG, _HASHES, _BOXED):
+    line `Answer: n`, then the last number of the text."""
+    for pattern in (_ANSWER_TAG, _HASHES, _BOXED, _ANSWER_LINE):
         found = pattern.findall(text)
         if found:
             return last_number(found[-1])
@@ -233,6 +236,24 @@ def countdown(completions, nums, target, **kwargs) -> list[float]:
     return rewards
 
 
+# ------------------------------------------------------------------------------------------- instruction following
+
+
+def constraints_followed(completions, constraints, **kwargs) -> list[float]:
+    """The fraction of the row's `constraints` (a JSON list of specs, trl_guided/constraints.py) the completion
+    follows: partial credit. A bad spec is an error that names it."""
+    verdicts = (followed(parse_specs(specs), _text(c)) for c, specs in zip(completions, constraints, strict=True))
+    return [sum(checks) / len(checks) for checks in verdicts]
+
+
+def constraints_all_followed(completions, constraints, **kwargs) -> list[float]:
+    """1 if the completion follows every one of the row's `constraints`, else 0 (IFEval's strict prompt-level
+    score)."""
+    return [
+        float(all(followed(parse_specs(specs), _text(c)))) for c, specs in zip(completions, constraints, strict=True)
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------- format
 
 _STRICT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\n?$", re.S)
@@ -290,6 +311,8 @@ REWARD_FUNCS: dict[str, Callable] = {
     "math_accuracy": math_accuracy,
     "countdown": countdown,
     "arithmetic_accuracy": arithmetic_accuracy,
+    "constraints_followed": constraints_followed,
+    "constraints_all_followed": constraints_all_followed,
     "strict_format": strict_format,
     "soft_format": soft_format,
     "xml_count": xml_count,

@@ -37,10 +37,10 @@ class TaskArguments:
     task: str = field(default="length", metadata={"help": "Task name (trl_guided.data.TASKS)."})
     dataset_path: str | None = field(default=None, metadata={"help": "Local data file instead of the default."})
     eval_size: int = field(default=8, metadata={"help": "Prompts held out for the test split (length task)."})
-    dataset_size: int = field(default=1000, metadata={"help": "Rows of a generated task (countdown, arithmetic)."})
-    dataset_seed: int = field(default=0, metadata={"help": "Seed of a generated task (countdown, arithmetic)."})
+    dataset_size: int = field(default=1000, metadata={"help": "Rows of a generated task (countdown, ...)."})
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of a generated task (countdown, ...)."})
     system_prompt: str | None = field(default=None, metadata={"help": "Replaces the task's system prompt."})
-    arithmetic_mode: str = field(default="evaluate", metadata={"help": "arithmetic task: 'evaluate' or 'expand'."})
+    arithmetic_mode: str = field(default="evaluate", metadata={"help": "arithmetic: 'evaluate', 'steps' or 'expand'."})
     arithmetic_terms: int = field(default=3, metadata={"help": "arithmetic task: numbers per expression."})
     arithmetic_max_number: int = field(default=20, metadata={"help": "arithmetic task: largest number."})
     reward_funcs: list[str] = field(

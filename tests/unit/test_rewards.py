@@ -38,6 +38,9 @@ def chat(text):
         ("First 5 apples, then 7 more, so the answer is 12.", Fraction(12)),
         ("\\boxed{3/4}", Fraction(3, 4)),
         ("It drops to -3 degrees.", Fraction(-3)),
+        ("3 + 4 = 7\n7 * 2 = 14\nAnswer: 14", Fraction(14)),
+        ("Step 1: 5 - 9 = -4\n**Answer:** -4", Fraction(-4)),
+        ("Answer: 12\nCheck: 3 + 4 = 7, 7 + 5 = 12 so we have 99 left", Fraction(12)),  # the Answer line wins
         ("no numbers here", None),
         ("", None),
         ("9" * 500, None),  # a huge number is not an answer
@@ -197,6 +200,24 @@ def test_own_reward_module_in_the_working_directory(tmp_path, monkeypatch):
     reward = get_reward("my_task.reward_polite")
     assert reward.__name__ == "reward_polite"
     assert reward([chat("Please sit."), chat("Sit.")]) == [1.0, 0.0]
+
+
+def test_arithmetic_steps_mode():
+    rows = load_task("arithmetic", size=30, seed=3, mode="steps", terms=4)
+    assert rows["expression"] == load_task("arithmetic", size=30, seed=3, terms=4)["expression"]
+    assert rows[0]["prompt"][-1]["content"].startswith(f"Evaluate {rows[0]['expression']} step by step.")
+    assert "'Answer: N'" in rows[0]["prompt"][-1]["content"]
+    worked = [chat(f"Step 1: 1 + 2 = 3\nStep 2: 3 * 4 = 12\nAnswer: {a}") for a in rows["answer"]]
+    assert arithmetic_accuracy(worked, rows["answer"]) == [1.0] * 30
+    gold = ["-3"]
+    for text, reward in [
+        ("(7 - 4) = 3\n3 - 6 = -3\nAnswer: -3", 1.0),
+        ("7 - 4 = 3\n3 - 6 = -3\n\n**Answer:** -3", 1.0),
+        ("7 - 4 = 3\n3 - 6 = -3\nAnswer: 3\nSo the result is -3.", 0.0),  # the Answer line is the answer
+        ("7 - 4 = 3\n3 - 6 = -3", 1.0),  # no Answer line: the last number
+        ("Answer:", 0.0),
+    ]:
+        assert arithmetic_accuracy([chat(text)], gold) == [reward], text
 
 
 def test_arithmetic_expand_mode():
