@@ -312,7 +312,9 @@ def prefix_advantages(rewards: torch.Tensor, group_size: int, set_size: int, sca
     return torch.nan_to_num((set_means - group_means) / _spread(rewards, group_size, scale), nan=0.0)
 
 
-def treerl_prefix_advantages(rewards: torch.Tensor, group_size: int, set_size: int, scale: str = "group") -> torch.Tensor:
+def treerl_prefix_advantages(
+    rewards: torch.Tensor, group_size: int, set_size: int, scale: str = "group"
+) -> torch.Tensor:
     """Per row, TreeRL's advantage of its shared prefix node: (global + local) / sqrt(leaves below the node).
 
     In the two-level tree (prompt -> K prefixes -> `set_size` branches each) a prefix's parent is the root, so its

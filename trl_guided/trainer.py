@@ -718,7 +718,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
     def _log_trained_tokens(self, inputs: dict[str, Any], view: _LossView) -> None:
         """`guidance/trained_fraction`: the share of completion tokens that carry the policy loss (scope, probability
         and entropy masks together); `guidance/trained_prob`: their mean probability under the sampling-time policy
-        (TRL's old log-probs, or the loss forward's own when the old policy is the current one). Guided batches only."""
+        (TRL's old log-probs, or the loss forward's own when the old policy is the current one). Guided batches only.
+        """
         completion_tokens = inputs.get("guidance_completion_tokens")
         if completion_tokens is None or view.logps is None:
             return
