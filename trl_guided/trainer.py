@@ -104,14 +104,18 @@ class GuidedGRPOTrainer(GRPOTrainer):
       from `generation_config` / `generation_kwargs` / `vllm_generation.max_completion_length` at call time.
     - `_generate_and_score_completions`: restricts TRL's scored batch to the trained tokens of `guidance_loss_scope`
       (binary mask in the `tool_mask` slot, fractional weights as (B, T) advantages, postfix columns dropped in the
-      `guidance` scope), applies `tree_advantage` / `prefix_advantage_weight`, and attaches OT reference states.
+      `guidance` scope; the `low_prob` scope's mask from the sampling-time log-probs), applies `tree_advantage` /
+      `prefix_advantage_weight`, attaches OT reference states and, per row, the prefix length and completion tokens.
       Relies on: `_compute_loss` multiplying `tool_mask` into the loss, its normaliser, KL and entropy, and accepting
       2-D advantages; TRL summing `rewards_per_func * reward_weights` and keeping this process's contiguous slice.
     - `_get_per_token_logps_and_entropies`: the shared-prefix forward (each group's prompt + prefix encoded once).
       Relies on: the fused LM head (`fused_lm_head=True`, `shift_labels`) that TRL 1.15+ patches into scored models.
     - `compute_loss`: adds the OT penalty on the backbone's last hidden states captured during the parent's forward
-      (left out on a step where it is not finite), and turns a non-finite loss into a zero-gradient step. Relies on:
-      `_compute_loss` running exactly one policy forward per micro-batch.
+      (left out on a step where it is not finite), turns a non-finite loss into a zero-gradient step, and logs
+      `guidance/trained_fraction` / `trained_prob`. Relies on: `_compute_loss` running exactly one policy forward per
+      micro-batch.
+    - `get_high_entropy_mask` (`top_entropy_quantile`): a shared prefix token counts once in the entropy quantile
+      and every copy takes that decision. Relies on: `_compute_loss` calling it once per micro-batch with its mask.
     - `_calculate_rewards`: reads an infinite reward as None (no reward), which TRL handles (advantage 0 for a
       completion without any reward); counts both as `guidance/nonfinite_rewards`; keeps the matrix for the tree
       advantages. Relies on: its (N, F) gathered reward matrix with NaN for None.
@@ -468,8 +472,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         trained_per_row = self.accelerator.gather(loss_mask.sum(dim=1).float())
         self._metrics[mode]["guidance/trained_tokens"].append(trained_per_row.mean().item())
-        # Per row, for the loss-time view (`_loss_view`): the micro-batches TRL shuffles out of this batch still know
-        # where each row's shared prefix ends and how many completion tokens it had before columns were dropped.
+        # Per row, for the loss-time view (`_loss_view_of`): the micro-batches TRL shuffles out of this batch still
+        # know where each row's shared prefix ends and how many completion tokens it had before columns were dropped.
         output["guidance_prefix_tokens"] = prefix_lengths
         output["guidance_completion_tokens"] = completion_tokens
         return output
