@@ -180,3 +180,7 @@ def same_low_prob_mask_as_the_trainer_forward(
         sampling = torch.nan_to_num(batch["sampling_per_token_logps"], nan=0.0)
         differ_from_vllm += int((expected != low_prob_mask(sampling, live, threshold)).sum())
     return dict(low_prob_tokens=int(sum(int(m.sum()) for m in masks)), low_prob_vllm_disagreements=differ_from_vllm)
+
+
+if __name__ == "__main__":
+    common.run(main)
