@@ -189,12 +189,14 @@ def test_low_prob_gradient_reaches_exactly_the_unlikely_tokens_on_the_embedded_m
         dict(guidance_loss_scope="guidance_postfix"),
         dict(guidance_loss_scope="completion", top_entropy_quantile=0.2),
         dict(guidance_loss_scope="low_prob", loss_prob_threshold=0.05, shared_prefix_loss=False),
+        dict(guidance_loss_scope="low_prob", loss_prob_threshold=0.05, num_iterations=2, max_steps=2),
     ],
-    ids=["guidance", "guidance_postfix", "completion_top20", "low_prob"],
+    ids=["guidance", "guidance_postfix", "completion_top20", "low_prob", "low_prob_two_iterations"],
 )
 def test_trained_fraction_and_probability_are_logged_for_every_scope(tiny_llama, tmp_path, overrides):
     trainer = trainer_for(tiny_llama, tmp_path, **overrides)
     trainer.train()
+    assert all(math.isfinite(x) for x in losses(trainer))
     logged = trainer.state.log_history[0]
     fraction, probability = logged["guidance/trained_fraction"], logged["guidance/trained_prob"]
     assert 0 < fraction <= 1 and 0 < probability < 1
