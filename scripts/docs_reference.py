@@ -41,6 +41,7 @@ CONFIG_GROUPS = {
         "guidance_loss_normalization",
         "postfix_decay",
         "postfix_min_weight",
+        "loss_prob_threshold",
         "shared_prefix_loss",
     ],
     "Parameters that control the optimal-transport (OT) regularizer": [

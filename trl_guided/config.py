@@ -70,7 +70,9 @@ class GuidedGRPOConfig(GRPOConfig):
         tree_advantage (`str`, defaults to `"group"`):
             The advantage of a branch with K > 1: `"group"` (TRL's, normalised across all `num_generations`),
             `"branch"` (normalised within its branch set of `num_generations / K`), `"group+branch"` (their sum,
-            TreeRL's global + local).
+            TreeRL's global + local), `"treerl"` (`"group+branch"` for the branch tokens, and each shared prefix token
+            TreeRL's `(global + local) / sqrt(leaves)`: twice its set's mean reward against the group's, over
+            `sqrt(num_generations / K)`; needs `guidance_loss_scope` `"completion"` or `"low_prob"`).
         prefix_advantage_weight (`float`, defaults to `0.0`):
             K > 1: train each prefix's tokens with this weight times its branch set's mean reward against the
             group's (normalised as TRL's group advantage). 0: prefix tokens are not trained.
@@ -88,7 +90,9 @@ class GuidedGRPOConfig(GRPOConfig):
             Which completion tokens the loss trains. `"guidance"`: the guidance tokens only (weight 1; the loss
             forward stops after the last guidance token). `"guidance_postfix"`: guidance weight 1, the `k`-th postfix
             token (k = 0, 1, ...) `max(postfix_decay ** (k + 1), postfix_min_weight)`, prefix 0. `"completion"`: every
-            completion token, as plain GRPO.
+            completion token, as plain GRPO. `"low_prob"`: SPO's probability mask, every completion token (shared
+            prefix included) whose probability under the sampling-time policy was below `loss_prob_threshold`.
+            TRL's `top_entropy_quantile` applies on top of any scope (docs/training.md).
         guidance_loss_normalization (`str`, defaults to `"trained"`):
             What the loss is divided by: the trained tokens (`"trained"`), or every completion token as plain GRPO
             would (`"completion"`).
@@ -96,6 +100,8 @@ class GuidedGRPOConfig(GRPOConfig):
             Decay of the postfix weights in the `"guidance_postfix"` scope.
         postfix_min_weight (`float`, defaults to `0.0`):
             Floor of the postfix weights in the `"guidance_postfix"` scope.
+        loss_prob_threshold (`float`, defaults to `0.9`):
+            The `"low_prob"` scope trains the tokens whose sampling probability was strictly below it (0 < it <= 1).
         shared_prefix_loss (`bool`, defaults to `True`):
             Encode each group's shared prompt + prefix once in the loss forward (same log-probs and gradients).
 
@@ -191,6 +197,13 @@ class GuidedGRPOConfig(GRPOConfig):
     postfix_min_weight: float = field(
         default=0.0, metadata={"help": "guidance_postfix scope: floor of the postfix weights."}
     )
+    loss_prob_threshold: float = field(
+        default=0.9,
+        metadata={
+            "help": "low_prob scope: train the completion tokens whose sampling probability was below this "
+            "(SPO's probability mask), in (0, 1]."
+        },
+    )
     prefix_eos_retries: int = field(
         default=2,
         metadata={
@@ -279,6 +292,8 @@ class GuidedGRPOConfig(GRPOConfig):
             )
         if not 0.0 < self.postfix_decay <= 1.0:
             errors.append(f"postfix_decay={self.postfix_decay} must be in (0, 1].")
+        if not 0.0 < self.loss_prob_threshold <= 1.0:
+            errors.append(f"loss_prob_threshold={self.loss_prob_threshold} must be in (0, 1] (SPO uses 0.9).")
         if not 0.0 <= self.postfix_min_weight <= 1.0:
             errors.append(f"postfix_min_weight={self.postfix_min_weight} must be in [0, 1].")
         if self.prefix_eos_retries < 0:
@@ -344,6 +359,16 @@ class GuidedGRPOConfig(GRPOConfig):
             errors.append(
                 "tree_advantage other than 'group' and prefix_advantage_weight > 0 normalise the summed reward; they "
                 "need multi_objective_aggregation='sum_then_normalize'."
+            )
+        if self.tree_advantage == "treerl" and self.guidance_loss_scope not in ("completion", "low_prob"):
+            errors.append(
+                f"tree_advantage='treerl' weights the shared prefix tokens, which guidance_loss_scope="
+                f"{self.guidance_loss_scope!r} does not train; use 'completion' or 'low_prob', or 'group+branch'."
+            )
+        if self.tree_advantage == "treerl" and self.prefix_advantage_weight > 0:
+            errors.append(
+                "tree_advantage='treerl' sets the prefix tokens' advantage itself; set prefix_advantage_weight=0 "
+                "or use tree_advantage='group+branch'."
             )
         if self.prefix_advantage_weight < 0:
             errors.append(f"prefix_advantage_weight={self.prefix_advantage_weight} must be >= 0.")

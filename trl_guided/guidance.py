@@ -5,6 +5,7 @@ Nothing here touches a model or a trainer, so every rule is unit-testable on tok
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ DEFAULT_PUNCTUATION = ("\n", ".", ",", "!", "?")
 # Characters that may follow the mark in a kept prefix: BPE merges marks with closing quotes/brackets and whitespace
 # (`".\n"`, `"),"`, `"?\""`), and such a token still ends a sentence or clause.
 CLOSERS = "\"')]}\u00bb\u201d\u2019 \t\r\n"
-LOSS_SCOPES = ("guidance", "guidance_postfix", "completion")
+LOSS_SCOPES = ("guidance", "guidance_postfix", "completion", "low_prob")
 
 
 def _mark_pattern(marks: Sequence[str]) -> re.Pattern:
@@ -201,7 +202,10 @@ class Segments:
 def loss_weights(
     segments: Segments, width: int, scope: str, postfix_decay: float = 0.9, postfix_min_weight: float = 0.0
 ) -> torch.Tensor:
-    """(rows, width) float weights of completion tokens for the loss, by `scope` (see `GuidedGRPOConfig`)."""
+    """(rows, width) float weights of completion tokens for the loss, by `scope` (see `GuidedGRPOConfig`).
+
+    `"low_prob"` gives the whole completion here; `low_prob_mask` then keeps its low-probability tokens.
+    """
     if scope not in LOSS_SCOPES:
         raise ValueError(f"Unknown guidance_loss_scope {scope!r}; choose one of {list(LOSS_SCOPES)}.")
     position = torch.arange(width).unsqueeze(0)
@@ -211,7 +215,7 @@ def loss_weights(
     in_guidance = ((position >= prefix) & (position < guide_end)).float()
     if scope == "guidance":
         return in_guidance
-    if scope == "completion":
+    if scope in ("completion", "low_prob"):
         return (position < end).float()
     steps_after = (position - guide_end).clamp(min=0).float()
     postfix_weight = torch.clamp(postfix_decay ** (steps_after + 1), min=postfix_min_weight)
@@ -219,8 +223,59 @@ def loss_weights(
     return in_guidance + in_postfix * postfix_weight
 
 
+def low_prob_mask(sampling_logps: torch.Tensor, completion_mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """SPO's probability mask: (rows, width) bool, True for the completion tokens whose sampling probability was
+    strictly below `threshold`. Compared in the log domain in float64 (`logp < log(threshold)`), so a token exactly at
+    the threshold is not trained; a NaN log-prob is never trained; padding (mask 0) never is."""
+    below = sampling_logps.double() < math.log(threshold)
+    return below & completion_mask.bool()
+
+
+def prefix_columns(prefix_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(rows, width) bool: the columns of each row's shared prefix."""
+    position = torch.arange(width, device=prefix_lengths.device).unsqueeze(0)
+    return position < prefix_lengths.unsqueeze(1)
+
+
+def prefix_source_rows(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """(rows,) for every row, the first row of the batch with the same prompt and the same shared prefix (itself when
+    it is the first, has no prefix, or has no completion token left, e.g. masked as truncated). Rows with one source
+    hold one node of the rollout tree in their prefix columns: the same tokens in the same context, so one value
+    (probability, entropy, mask decision) per column."""
+    first: dict[tuple, int] = {}
+    sources = []
+    live = (completion_mask.sum(dim=1) > 0).tolist()
+    for row, length in enumerate(prefix_lengths.tolist()):
+        if not (length and live[row]):
+            sources.append(row)
+            continue
+        prompt = tuple(prompt_ids[row][prompt_mask[row].bool()].tolist())
+        key = (prompt, tuple(completion_ids[row, :length].tolist()))
+        sources.append(first.setdefault(key, row))
+    return torch.tensor(sources, dtype=torch.long, device=completion_ids.device)
+
+
+def share_prefix(values: torch.Tensor, sources: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
+    """`values` (rows, width) with each row's prefix columns taken from its source row (see `prefix_source_rows`)."""
+    in_prefix = prefix_columns(prefix_lengths, values.size(1)).to(values.device)
+    return torch.where(in_prefix, values[sources], values)
+
+
+def prefix_copies(sources: torch.Tensor, prefix_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(rows, width) bool: prefix columns of rows that are not their node's source row (the repeats of a shared
+    prefix token, which a batch statistic must count once)."""
+    repeated = sources != torch.arange(sources.numel(), device=sources.device)
+    return prefix_columns(prefix_lengths, width) & repeated.unsqueeze(1)
+
+
 # `GuidedGRPOConfig.tree_advantage`: how a row's advantage is built when a group holds K branch sets.
-TREE_ADVANTAGES = ("group", "branch", "group+branch")
+TREE_ADVANTAGES = ("group", "branch", "group+branch", "treerl")
 
 
 def _nanstd(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -255,3 +310,15 @@ def prefix_advantages(rewards: torch.Tensor, group_size: int, set_size: int, sca
     set_means = torch.nanmean(rewards.view(-1, set_size), dim=1).repeat_interleave(set_size)
     group_means = torch.nanmean(rewards.view(-1, group_size), dim=1).repeat_interleave(group_size)
     return torch.nan_to_num((set_means - group_means) / _spread(rewards, group_size, scale), nan=0.0)
+
+
+def treerl_prefix_advantages(
+    rewards: torch.Tensor, group_size: int, set_size: int, scale: str = "group"
+) -> torch.Tensor:
+    """Per row, TreeRL's advantage of its shared prefix node: (global + local) / sqrt(leaves below the node).
+
+    In the two-level tree (prompt -> K prefixes -> `set_size` branches each) a prefix's parent is the root, so its
+    global and local advantages are both its set's mean reward against the group's (`prefix_advantages`), and its
+    leaves are the `set_size` branches. Every branch row carries the prefix tokens, so the node's total weight is
+    `set_size / sqrt(set_size) = sqrt(set_size)` times its advantage instead of `set_size` times."""
+    return 2 * prefix_advantages(rewards, group_size, set_size, scale) / math.sqrt(set_size)

@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,19 @@ from trl.trainer.utils import (
 from .backends import RolloutBackend, decoder_of, unwrap
 from .checkpoints import last_complete_checkpoint
 from .config import GuidedGRPOConfig
-from .guidance import Segments, branch_advantages, loss_weights, prefix_advantages, representable_marks
+from .guidance import (
+    Segments,
+    branch_advantages,
+    loss_weights,
+    low_prob_mask,
+    prefix_advantages,
+    prefix_columns,
+    prefix_copies,
+    prefix_source_rows,
+    representable_marks,
+    share_prefix,
+    treerl_prefix_advantages,
+)
 from .models import resolve_model_path
 from .ot import banded_sinkhorn_with_stats
 from .preemption import StopOnSignal
@@ -49,6 +62,17 @@ _COMPLETION_COLUMNS = (
 )
 # Tensors with one column per prompt + completion token.
 _SEQUENCE_COLUMNS = ("token_type_ids", "mm_token_type_ids")
+
+
+@dataclass
+class _LossView:
+    """What TRL's `_compute_loss` decided about one micro-batch's tokens: the policy forward's log-probs, the
+    high-entropy mask (`top_entropy_quantile` < 1), and where each row's shared prefix lies (see `_loss_view_of`)."""
+
+    prefix_lengths: torch.Tensor | None = None
+    sources: torch.Tensor | None = None
+    logps: torch.Tensor | None = None
+    entropy_mask: torch.Tensor | None = None
 
 
 class GuidedGRPOTrainer(GRPOTrainer):
@@ -81,14 +105,18 @@ class GuidedGRPOTrainer(GRPOTrainer):
       from `generation_config` / `generation_kwargs` / `vllm_generation.max_completion_length` at call time.
     - `_generate_and_score_completions`: restricts TRL's scored batch to the trained tokens of `guidance_loss_scope`
       (binary mask in the `tool_mask` slot, fractional weights as (B, T) advantages, postfix columns dropped in the
-      `guidance` scope), applies `tree_advantage` / `prefix_advantage_weight`, and attaches OT reference states.
+      `guidance` scope; the `low_prob` scope's mask from the sampling-time log-probs), applies `tree_advantage` /
+      `prefix_advantage_weight`, attaches OT reference states and, per row, the prefix length and completion tokens.
       Relies on: `_compute_loss` multiplying `tool_mask` into the loss, its normaliser, KL and entropy, and accepting
       2-D advantages; TRL summing `rewards_per_func * reward_weights` and keeping this process's contiguous slice.
     - `_get_per_token_logps_and_entropies`: the shared-prefix forward (each group's prompt + prefix encoded once).
       Relies on: the fused LM head (`fused_lm_head=True`, `shift_labels`) that TRL 1.15+ patches into scored models.
     - `compute_loss`: adds the OT penalty on the backbone's last hidden states captured during the parent's forward
-      (left out on a step where it is not finite), and turns a non-finite loss into a zero-gradient step. Relies on:
-      `_compute_loss` running exactly one policy forward per micro-batch.
+      (left out on a step where it is not finite), turns a non-finite loss into a zero-gradient step, and logs
+      `guidance/trained_fraction` / `trained_prob`. Relies on: `_compute_loss` running exactly one policy forward per
+      micro-batch.
+    - `get_high_entropy_mask` (`top_entropy_quantile`): a shared prefix token counts once in the entropy quantile
+      and every copy takes that decision. Relies on: `_compute_loss` calling it once per micro-batch with its mask.
     - `_calculate_rewards`: reads an infinite reward as None (no reward), which TRL handles (advantage 0 for a
       completion without any reward); counts both as `guidance/nonfinite_rewards`; keeps the matrix for the tree
       advantages. Relies on: its (N, F) gathered reward matrix with NaN for None.
@@ -106,6 +134,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
     """
 
     _tag_names = ["trl", "grpo", "trl-guided", "guided-grpo"]
+    _current_loss_view: _LossView | None = None  # set while `compute_loss` runs
     _name = "Guided GRPO"
 
     def __init__(
@@ -402,6 +431,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
         if args.tree_advantage != "group":
             branch = branch_advantages(rewards, set_size, self.scale_rewards)[local].to(advantages)
             output["advantages"] = branch if args.tree_advantage == "branch" else advantages + branch
+        if args.tree_advantage == "treerl":  # leaves: global + local as "group+branch"; prefix nodes: TreeRL's weight
+            return treerl_prefix_advantages(rewards, group_size, set_size, self.scale_rewards)[local].to(advantages)
         if args.prefix_advantage_weight == 0:
             return None
         prefix = prefix_advantages(rewards, group_size, set_size, self.scale_rewards)[local]
@@ -433,6 +464,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 if key in output:
                     output[key] = output[key][:, : output[key].size(1) - (width - keep)]
             weights = weights[:, :keep]
+        prefix_lengths = torch.tensor(segments.prefix, device=weights.device)
+        if args.guidance_loss_scope == "low_prob":
+            weights = weights * self._low_prob_mask(output, prefix_lengths).to(weights.dtype)
         trained = (weights > 0).to(completion_mask.dtype)
         if "tool_mask" in output:
             trained = trained * output["tool_mask"]
@@ -440,13 +474,13 @@ class GuidedGRPOTrainer(GRPOTrainer):
         if args.guidance_loss_scope == "guidance_postfix":
             output["advantages"] = output["advantages"].unsqueeze(1) * weights
         if prefix_advantage is not None:
-            columns = torch.arange(weights.size(1), device=weights.device).unsqueeze(0)
-            in_prefix = columns < torch.tensor(segments.prefix, device=weights.device).unsqueeze(1)
+            in_prefix = prefix_columns(prefix_lengths, weights.size(1))
             advantages = output["advantages"]
             if advantages.dim() == 1:
                 advantages = advantages.unsqueeze(1) * weights
             output["advantages"] = torch.where(in_prefix, prefix_advantage.unsqueeze(1), advantages)
-            trained = torch.maximum(trained, in_prefix.to(trained.dtype))
+            if args.guidance_loss_scope != "low_prob":  # low_prob trains only the prefix's low-probability tokens
+                trained = torch.maximum(trained, in_prefix.to(trained.dtype))
             output["tool_mask"] = trained
         loss_mask = output["completion_mask"] * trained
         output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
@@ -455,7 +489,45 @@ class GuidedGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         trained_per_row = self.accelerator.gather(loss_mask.sum(dim=1).float())
         self._metrics[mode]["guidance/trained_tokens"].append(trained_per_row.mean().item())
+        # Per row, for the loss-time view (`_loss_view_of`): the micro-batches TRL shuffles out of this batch still
+        # know where each row's shared prefix ends and how many completion tokens it had before columns were dropped.
+        output["guidance_prefix_tokens"] = prefix_lengths
+        output["guidance_completion_tokens"] = completion_tokens
         return output
+
+    def _low_prob_mask(self, output: dict[str, Any], prefix_lengths: torch.Tensor) -> torch.Tensor:
+        """`guidance_loss_scope="low_prob"`: the completion tokens whose probability under the sampling-time policy
+        was below `loss_prob_threshold`, one decision per shared-prefix token (taken from the first row holding it).
+
+        The probabilities are the trainer's own forward of the weights that sampled (`_sampling_time_logps`), never
+        the backend's sampling log-probs: the mask is fixed when the batch is scored (so `num_iterations` > 1 trains
+        the same tokens every iteration, and `num_items_in_batch` counts them) and the same on every backend.
+        """
+        logps = self._sampling_time_logps(output)
+        completion_mask = output["completion_mask"]
+        sources = prefix_source_rows(
+            output["prompt_ids"], output["prompt_mask"], output["completion_ids"], completion_mask, prefix_lengths
+        )
+        logps = share_prefix(logps, sources, prefix_lengths)
+        return low_prob_mask(logps, completion_mask, self.args.loss_prob_threshold)
+
+    def _sampling_time_logps(self, output: dict[str, Any]) -> torch.Tensor:
+        """(B, T) log-probs of the completion tokens under the policy that sampled them, at the sampling temperature:
+        TRL's `old_per_token_logps` when it computed them; otherwise the policy is still the sampling one (TRL's
+        on-policy case) and one no-grad forward scores the batch, the same call TRL makes for old log-probs."""
+        old = output.get("old_per_token_logps")
+        if old is not None:
+            return old
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        batch_size = (
+            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        )
+        with torch.no_grad():
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, output["completion_ids"].size(1), batch_size
+            )
+        return logps
 
     def _normalize_by_completion(
         self, output: dict[str, Any], trained_tokens: torch.Tensor, completion_tokens: torch.Tensor
@@ -514,6 +586,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 nested=self.args.num_prefixes_per_group > 1,
             )
             result = (logps, entropies, None)
+        view = self._current_loss_view
+        if view is not None and view.logps is None:  # the policy forward of `_compute_loss`
+            view.logps = result[0].detach()
         if torch.is_grad_enabled() and self.model.training:  # the loss forward (old/ref log-probs run without grad)
             self._log_nll("quality/policy_nll", result[0].detach(), attention_mask[:, -logits_to_keep:])
         return result
@@ -617,11 +692,70 @@ class GuidedGRPOTrainer(GRPOTrainer):
             handle.remove()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.ot_coef <= 0:
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        else:
-            loss = self._loss_with_ot(model, inputs, return_outputs, num_items_in_batch)
+        with self._loss_view_of(inputs) as view:
+            if self.args.ot_coef <= 0:
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            else:
+                loss = self._loss_with_ot(model, inputs, return_outputs, num_items_in_batch)
+        self._log_trained_tokens(inputs, view)
         return self._finite_or_zero(model, loss)
+
+    @contextlib.contextmanager
+    def _loss_view_of(self, inputs: dict[str, Any]):
+        """Collect, while TRL's `_compute_loss` runs on `inputs`, what it decides about their tokens (`_LossView`)."""
+        view = _LossView()
+        prefix_lengths = inputs.get("guidance_prefix_tokens")
+        if prefix_lengths is not None and self.top_entropy_quantile < 1.0:
+            view.prefix_lengths = prefix_lengths
+            view.sources = prefix_source_rows(
+                inputs["prompt_ids"],
+                inputs["prompt_mask"],
+                inputs["completion_ids"],
+                inputs["completion_mask"],
+                prefix_lengths,
+            )
+        self._current_loss_view = view
+        try:
+            yield view
+        finally:
+            self._current_loss_view = None
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        # Override (`top_entropy_quantile` < 1): TRL takes the entropy quantile over every masked token of the
+        # micro-batch, and a shared-prefix token sits in every row of its group the micro-batch holds, so it would
+        # count that many times. Its repeats are left out of the quantile and take the decision of the row that
+        # counted it: one node of the rollout tree, one vote, one decision (trained in every row that holds it).
+        view = self._current_loss_view
+        if view is None or view.sources is None:
+            high = super().get_high_entropy_mask(entropies, mask, threshold)
+        else:
+            copies = prefix_copies(view.sources, view.prefix_lengths, mask.size(1))
+            high = super().get_high_entropy_mask(entropies, mask * ~copies, threshold)
+            high = share_prefix(high, view.sources, view.prefix_lengths) & mask.bool()
+        if view is not None:
+            view.entropy_mask = high
+        return high
+
+    def _log_trained_tokens(self, inputs: dict[str, Any], view: _LossView) -> None:
+        """`guidance/trained_fraction`: the share of completion tokens that carry the policy loss (scope, probability
+        and entropy masks together); `guidance/trained_prob`: their mean probability under the sampling-time policy
+        (TRL's old log-probs, or the loss forward's own when the old policy is the current one). Guided batches only.
+        """
+        completion_tokens = inputs.get("guidance_completion_tokens")
+        if completion_tokens is None or view.logps is None:
+            return
+        mask = inputs["completion_mask"].float()
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        if view.entropy_mask is not None:
+            mask = mask * view.entropy_mask
+        old = inputs.get("old_per_token_logps")
+        logps = (old if old is not None else view.logps).float()
+        local = torch.stack([mask.sum(), completion_tokens.sum().float(), (logps.exp() * mask).sum()])
+        trained, tokens, probability = self.accelerator.reduce(local, reduction="sum").tolist()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["guidance/trained_fraction"].append(trained / tokens if tokens else float("nan"))
+        self._metrics[mode]["guidance/trained_prob"].append(probability / trained if trained else float("nan"))
 
     def _loss_with_ot(self, model, inputs, return_outputs, num_items_in_batch):
         reference = inputs.get("ot_reference_states")  # kept: num_iterations > 1 reuses these inputs

@@ -86,6 +86,7 @@ def test_colocate_two_guided_steps(vllm_python, tmp_path):
     # bfloat16 engine vs float32 trainer: close when aligned, far when shifted by a token or sampled stale.
     assert report["max_logp_diff"] < 0.25 < report["shifted_mean_logp_diff"]
     assert report["step2_stale_logp_diff"] > 3 * report["step2_synced_logp_diff"]
+    assert report["low_prob_tokens"] > 0  # the mask equals the trainer forward's (checked in the script)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-3 for real on CPU: `accelerate launch`, 2 processes (gloo), guided GRPO with OT on, entropy branch
-points and two prefixes per group."""
+points, two prefixes per group, the `low_prob` scope and TRL's high-entropy mask."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def test_zero3_two_processes_guided_with_ot_entropy_branches_and_two_prefixes(ti
         # One rollout per step (steps_per_generation = 1), each gathering the sharded parameters once for its three
         # phases and the entropy scoring forward, not once per phase.
         assert report["gathers_per_rollout"] == [1, 1, 1], report["gathers_per_rollout"]
+        # low_prob at 0.05 under the top-50 % entropy mask: some tokens, all of them unlikely when sampled.
+        assert all(0 < f < 1 for f in report["trained_fractions"]), report["trained_fractions"]
+        assert all(p < 0.05 for p in report["trained_probs"]), report["trained_probs"]
     assert reports[0]["losses"] == reports[1]["losses"]  # logged losses are reduced across ranks
     checkpoint = out / "checkpoint-3"
     assert (checkpoint / "trainer_state.json").exists()

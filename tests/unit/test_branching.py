@@ -109,7 +109,7 @@ PREFIX = torch.tensor(
 )
 
 
-@pytest.mark.parametrize("tree_advantage", ["group", "branch", "group+branch"])
+@pytest.mark.parametrize("tree_advantage", ["group", "branch", "group+branch", "treerl"])
 def test_k_prefixes_per_group_and_their_advantages(tiny_llama, tmp_path, tree_advantage):
     trainer = trainer_for(
         tiny_llama,
@@ -120,6 +120,7 @@ def test_k_prefixes_per_group_and_their_advantages(tiny_llama, tmp_path, tree_ad
         num_prefixes_per_group=2,
         tree_advantage=tree_advantage,
         prefix_advantage_weight=0.5 if tree_advantage == "group+branch" else 0.0,
+        guidance_loss_scope="completion" if tree_advantage == "treerl" else "guidance",
     )
     seen = {}
     focus = trainer._focus_loss
@@ -138,8 +139,22 @@ def test_k_prefixes_per_group_and_their_advantages(tiny_llama, tmp_path, tree_ad
         assert prefixes[0] == prefixes[1] and prefixes[2] == prefixes[3], "a branch set does not share its prefix"
         distinct_groups += prefixes[0] != prefixes[2]
     assert distinct_groups > 0, "the K prefixes of a group are not distinct samples"
-    expected = {"group": GROUP, "branch": BRANCH, "group+branch": GROUP + BRANCH}[tree_advantage]
+    expected = {"group": GROUP, "branch": BRANCH, "group+branch": GROUP + BRANCH, "treerl": GROUP + BRANCH}[
+        tree_advantage
+    ]
     advantages = batch["advantages"]
+    if tree_advantage == "treerl":
+        # Every completion token is trained: the prefix's with TreeRL's (global + local) / sqrt(2 leaves), the
+        # branch's with global + local (the "group+branch" advantage).
+        trained = batch["tool_mask"].bool() & batch["completion_mask"].bool()
+        assert torch.equal(trained, batch["completion_mask"].bool())
+        for row in range(2 * G):
+            prefix = segments.prefix[row]
+            assert prefix > 0, "this seed should give every set a prefix"
+            torch.testing.assert_close(advantages[row, :prefix], (2 * PREFIX[row] / 2**0.5).expand(prefix))
+            end = prefix + segments.guidance[row] + segments.postfix[row]
+            torch.testing.assert_close(advantages[row, prefix:end], expected[row].expand(end - prefix))
+        return
     if tree_advantage != "group+branch":
         torch.testing.assert_close(advantages, expected)
         return

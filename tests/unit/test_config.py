@@ -29,6 +29,22 @@ from .common import config
             dict(num_prefixes_per_group=2, tree_advantage="branch", multi_objective_aggregation="normalize_then_sum"),
             "need multi_objective_aggregation='sum_then_normalize'",
         ),
+        (dict(guidance_loss_scope="low_prob", loss_prob_threshold=0.0), "loss_prob_threshold=0.0 must be in"),
+        (dict(loss_prob_threshold=1.5), "loss_prob_threshold=1.5 must be in"),
+        (
+            dict(num_prefixes_per_group=2, tree_advantage="treerl"),
+            "tree_advantage='treerl' weights the shared prefix tokens, which guidance_loss_scope='guidance'",
+        ),
+        (
+            dict(
+                num_prefixes_per_group=2,
+                tree_advantage="treerl",
+                guidance_loss_scope="completion",
+                prefix_advantage_weight=0.5,
+            ),
+            "treerl' sets the prefix tokens' advantage itself",
+        ),
+        (dict(tree_advantage="treerl", guidance_loss_scope="completion"), "needs num_prefixes_per_group > 1"),
         (dict(punctuation=[]), "punctuation"),
         (dict(postfix_decay=0.0, guidance_loss_scope="guidance_postfix"), "postfix_decay"),
     ],

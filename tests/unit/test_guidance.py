@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -23,9 +24,14 @@ from trl_guided.guidance import (
     cut_before_min_logprob,
     draw_lengths,
     loss_weights,
+    low_prob_mask,
     prefix_advantages,
     prefix_candidate,
+    prefix_copies,
+    prefix_source_rows,
     prefix_window,
+    share_prefix,
+    treerl_prefix_advantages,
 )
 from trl_guided.tiny_models import build_tiny_tokenizer
 
@@ -274,3 +280,80 @@ def test_prefix_advantages_on_a_hand_computed_table():
     torch.testing.assert_close(scaled[:4], torch.tensor([-0.25, -0.25, 0.25, 0.25]) / (0.5 + 1e-4))
     # K = G / 1 set per group: a prefix has the group's mean, so its advantage is 0.
     assert prefix_advantages(REWARDS[:4], 4, 4, "group").tolist() == [0.0] * 4
+
+
+def test_treerl_weights_on_a_hand_computed_tree_of_two_prefixes():
+    # Group 0 of REWARDS: prefix A -> leaves {1, 0}, prefix B -> leaves {1, 1}. Root value 0.75, V(A) = 0.5,
+    # V(B) = 1. A prefix's parent is the root, so global = local = V(prefix) - V(root), and each prefix has 2 leaves:
+    # A: (-0.25 - 0.25) / sqrt(2), B: (0.25 + 0.25) / sqrt(2). Leaves: global + local = (r - 0.75) + (r - V(prefix)).
+    rewards = REWARDS[:4]
+    prefix = treerl_prefix_advantages(rewards, 4, 2, "none")
+    a, b = -0.5 / math.sqrt(2), 0.5 / math.sqrt(2)
+    torch.testing.assert_close(prefix, torch.tensor([a, a, b, b]))
+    leaves = rewards - rewards.mean() + branch_advantages(rewards, 2, "none")
+    torch.testing.assert_close(leaves, torch.tensor([0.75, -1.25, 0.25, 0.25]))
+    # Every leaf row carries its prefix's tokens: node A weighs 2 * a = -0.5 * sqrt(2) in all, not 2 * (-0.5).
+    assert prefix[:2].sum().item() == pytest.approx(-0.5 * math.sqrt(2))
+    # Scaled as TRL's group advantage: divided by the group's std (0.5) like the group term.
+    torch.testing.assert_close(treerl_prefix_advantages(rewards, 4, 2, "group"), prefix / (0.5 + 1e-4))
+
+
+P = 0.9
+
+
+def _logps(*probabilities):
+    return torch.tensor(probabilities, dtype=torch.float64).log().unsqueeze(0)
+
+
+def test_low_prob_mask_keeps_exactly_the_tokens_below_the_threshold():
+    # Below, at (a tie: not below), above the threshold; then padding, which is never trained even when unlikely.
+    logps = torch.cat([_logps(0.5, P, 0.95, 0.1), _logps(0.89999, 0.90001, 0.2, 0.3)])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    assert low_prob_mask(logps, mask, P).tolist() == [[True, False, False, True], [True, False, True, False]]
+
+
+@pytest.mark.parametrize(
+    ("probability", "expected"), [(0.3, True), (P, False), (0.99, False)], ids=["all_below", "all_equal", "all_above"]
+)
+def test_low_prob_mask_when_every_token_is_alike(probability, expected):
+    logps = _logps(*[probability] * 5)
+    assert low_prob_mask(logps, torch.ones(1, 5), P).tolist() == [[expected] * 5]
+
+
+def test_low_prob_mask_on_eos_an_empty_completion_and_nan():
+    # Row 0 ends in an unlikely EOS (a completion token like any other), then padding. Row 1 is an empty completion.
+    logps = torch.cat([_logps(0.99, 0.4, 1.0), _logps(0.1, 0.1, 0.1)])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    assert low_prob_mask(logps, mask, P).tolist() == [[False, True, False], [False, False, False]]
+    assert not low_prob_mask(torch.full((1, 2), float("nan")), torch.ones(1, 2), P).any()
+    # Threshold 1: every token that was not certain.
+    assert low_prob_mask(_logps(0.999, 1.0), torch.ones(1, 2), 1.0).tolist() == [[True, False]]
+
+
+def _tree_batch():
+    """Rows 0-3: one prompt; rows 0, 2, 3 share the 2-token prefix [5, 6], row 1 is a second branch set's [5, 7]
+    (K = 2); row 4 another prompt with the same prefix ids; row 5 has no prefix; row 6 repeats row 0's prefix but its
+    completion was masked out (truncated)."""
+    prompt_ids = torch.tensor([[0, 1, 2]] * 4 + [[0, 1, 3], [0, 1, 2], [0, 1, 2]])
+    prompt_mask = torch.ones_like(prompt_ids)
+    completion_ids = torch.tensor(
+        [[5, 6, 8, 9], [5, 7, 8, 9], [5, 6, 9, 9], [5, 6, 4, 0], [5, 6, 8, 9], [5, 6, 8, 9], [5, 6, 8, 9]]
+    )
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[3, 3] = 0
+    completion_mask[6] = 0
+    prefix = torch.tensor([2, 2, 2, 2, 2, 0, 2])
+    return prompt_ids, prompt_mask, completion_ids, completion_mask, prefix
+
+
+def test_prefix_sources_name_one_row_per_tree_node():
+    prompt_ids, prompt_mask, completion_ids, completion_mask, prefix = _tree_batch()
+    sources = prefix_source_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, prefix)
+    assert sources.tolist() == [0, 1, 0, 0, 4, 5, 6]
+    copies = prefix_copies(sources, prefix, 4)
+    assert copies.nonzero().tolist() == [[2, 0], [2, 1], [3, 0], [3, 1]]
+    # A row's prefix columns take its source row's values (one decision per node); other columns are its own.
+    values = torch.arange(28.0).view(7, 4)
+    shared = share_prefix(values, sources, prefix)
+    assert shared[2].tolist() == [0.0, 1.0, 10.0, 11.0] and shared[3].tolist() == [0.0, 1.0, 14.0, 15.0]
+    assert torch.equal(shared[[0, 1, 4, 5, 6]], values[[0, 1, 4, 5, 6]])

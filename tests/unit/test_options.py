@@ -178,6 +178,7 @@ GUIDED_FIELD_EFFECTS = {
     "guidance_loss_normalization": ({}, "completion", _fingerprint),
     "postfix_decay": (POSTFIX, 0.3, _fingerprint),
     "postfix_min_weight": (POSTFIX, 0.5, _fingerprint),
+    "loss_prob_threshold": ({"guidance_loss_scope": "low_prob"}, 0.003, _fingerprint),
     "prefix_eos_retries": ({}, 0, "sampler"),
     "eval_guidance": ({}, False, lambda t: _fingerprint(t, "eval")),
     "shared_prefix_loss": ({}, False, _uses_shared_prefix),

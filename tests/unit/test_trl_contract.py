@@ -32,6 +32,7 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
         "_save_rng_state": ["self", "output_dir"],
         "_load_rng_state": ["self", "checkpoint"],
         "train": ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"],
+        "get_high_entropy_mask": ["self", "entropies", "mask", "threshold"],
     }
     for name, params in expected.items():
         method = getattr(GRPOTrainer, name, None)
@@ -46,7 +47,10 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
     # Tree advantages re-normalise TRL's summed rewards and slice them as TRL slices the advantages.
     for key in ("rewards_per_func * self.reward_weights", "self.accelerator.process_index * len(prompts)"):
         assert key in source, f"GRPOTrainer._generate_and_score_completions no longer uses {key}"
-    assert "advantages.dim() == 1" in inspect.getsource(GRPOTrainer._compute_loss), "(B, T) advantages unsupported"
+    loss_source = inspect.getsource(GRPOTrainer._compute_loss)
+    assert "advantages.dim() == 1" in loss_source, "(B, T) advantages unsupported"
+    # The entropy mask: one call per micro-batch, over the tokens in the loss (`mask` includes `tool_mask`).
+    assert "self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)" in loss_source
     # A completion without any reward (all NaN) gets advantage 0 in TRL; infinite rewards are mapped onto that case.
     assert "unscorable_mask" in source, "TRL no longer zeroes the advantage of completions without any reward"
     assert "self.generation_kwargs" in inspect.getsource(GRPOTrainer._generate_single_turn)

@@ -1,5 +1,7 @@
 """Run by test_zero3.py under `accelerate launch` (2 CPU processes, ZeRO-3): 3 guided steps with OT on, branching at
-the highest-entropy token (one scoring forward per rollout inside its gather) into K = 2 prefixes per group.
+the highest-entropy token (one scoring forward per rollout inside its gather) into K = 2 prefixes per group, training
+the `low_prob` scope (its sampling-time forward runs on the sharded model) under TRL's high-entropy mask (its quantile
+gathers entropies from both processes).
 
 Each rank writes `report-rank{N}.json` into the output folder. Besides the losses it counts the ZeRO-3 parameter
 gathers made during each rollout (`_generate_single_turn`): TRL's `_unwrap_model_for_generation` enters
@@ -77,6 +79,9 @@ def main(model_path: str, output_dir: str) -> None:
         num_prefixes_per_group=2,
         tree_advantage="group+branch",
         prefix_advantage_weight=0.5,
+        guidance_loss_scope="low_prob",
+        loss_prob_threshold=0.05,  # the tiny random model is unsure of nearly every token
+        top_entropy_quantile=0.5,
     )
     trainer = GuidedGRPOTrainer(
         model=model_path, reward_funcs=reward_len, args=args, train_dataset=Dataset.from_dict({"prompt": prompts})
@@ -97,6 +102,8 @@ def main(model_path: str, output_dir: str) -> None:
         "branch_entropies": [e["guidance/branch_entropy"] for e in logs],
         "mean_entropies": [e["guidance/mean_entropy"] for e in logs],
         "gathers_per_rollout": gathers,
+        "trained_fractions": [e["guidance/trained_fraction"] for e in logs],
+        "trained_probs": [e["guidance/trained_prob"] for e in logs],
         "steps": trainer.state.global_step,
     }
     # A file per rank: the two processes share stdout, where their lines can interleave.

@@ -1,5 +1,6 @@
 """Guided GRPO with vLLM colocate on CPU: two real training steps of a tiny model through the real vLLM engine,
-branching at the highest-entropy token into two prefixes per group; the cut equals the transformers backend's.
+branching at the highest-entropy token into two prefixes per group; the cut equals the transformers backend's, and
+the `low_prob` scope's mask is the trainer forward's (not vLLM's sampling log-probs).
 
 Run with the .venv-vllm python: `python colocate.py WORKDIR`. Prints
 `REPORT {json}`; exits 1 when a check fails.
@@ -89,6 +90,8 @@ def main() -> dict[str, Any]:
         branch_point="entropy",
         num_prefixes_per_group=2,
         tree_advantage="group+branch",
+        guidance_loss_scope="low_prob",
+        loss_prob_threshold=0.05,  # the tiny random model is unsure of nearly every token
     )
     # Count TRL's weight syncs (the real method runs): one per training step, not one per phase.
     syncs: list[int] = []
@@ -106,6 +109,7 @@ def main() -> dict[str, Any]:
     init_seconds = time.perf_counter() - start
     cuts = same_cut_as_transformers(trainer, model, config)
     recorder = common.Recorder(trainer)
+    focused = record_focus(trainer)
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
@@ -134,7 +138,48 @@ def main() -> dict[str, Any]:
     common.check(stale > 3 * synced, f"step 2 sampled from stale weights? synced {synced:.3f}, stale {stale:.3f}")
     common.check(syncs == [0, 1], f"weight syncs at steps {syncs}, expected one per step: [0, 1]")
     report["syncs"] = syncs
+    low_prob = same_low_prob_mask_as_the_trainer_forward(
+        recorder.scored, recorder.rollouts, focused, config.loss_prob_threshold
+    )
+    report.update(low_prob)
     return report
+
+
+def record_focus(trainer: Any) -> list[Any]:
+    """Keep the trained-token mask (`completion_mask * tool_mask`) of every batch the guided loss focus returns."""
+    masks: list[Any] = []
+    focus = trainer._focus_loss
+
+    def recorded(output, segments, *rest):
+        output = focus(output, segments, *rest)
+        masks.append((output["completion_mask"] * output["tool_mask"]).bool())
+        return output
+
+    trainer._focus_loss = recorded
+    return masks
+
+
+def same_low_prob_mask_as_the_trainer_forward(
+    scored: list[dict], rollouts: list[dict], masks: list[Any], threshold: float
+) -> dict[str, Any]:
+    """The low_prob mask reads the trainer's own forward of the sampling weights (TRL's `old_per_token_logps`, one
+    decision per shared prefix token), not vLLM's sampling log-probs: the tokens the transformers backend would train.
+    """
+    import torch
+
+    from trl_guided.guidance import low_prob_mask, prefix_source_rows, share_prefix
+
+    common.check(len(masks) == len(scored), f"{len(masks)} focused batches for {len(scored)} scored ones")
+    differ_from_vllm = 0
+    for batch, rollout, mask in zip(scored, rollouts, masks, strict=True):
+        live = batch["completion_mask"].bool()
+        prefix = torch.tensor(rollout["segments"].prefix)
+        sources = prefix_source_rows(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], live, prefix)
+        expected = low_prob_mask(share_prefix(batch["old_per_token_logps"], sources, prefix), live, threshold)
+        common.check(torch.equal(mask, expected), "the low_prob mask is not the trainer forward's")
+        sampling = torch.nan_to_num(batch["sampling_per_token_logps"], nan=0.0)
+        differ_from_vllm += int((expected != low_prob_mask(sampling, live, threshold)).sum())
+    return dict(low_prob_tokens=int(sum(int(m.sum()) for m in masks)), low_prob_vllm_disagreements=differ_from_vllm)
 
 
 if __name__ == "__main__":
