@@ -620,6 +620,8 @@ class Study:
             for batch in self.pairing_specs():
                 self.run_phase(batch, group=lambda spec: 0, allow_ballast=False)
         self.run_phase([self.before_spec(validation)])
+        if self.args.stop_after == "before":
+            return
         rates = {}
         if self.tuned_arms():
             self.run_phase(self.tune_specs(validation))
@@ -627,29 +629,49 @@ class Study:
             grid = lr_grid(self.runs, metric)
             rates = {arm: grid[arm]["chosen"] for arm in self.tuned_arms()}
             print(f"[learning] tuned learning rates: {rates}", file=sys.stderr)
+            if self.args.stop_after == "tune":
+                return
         self.run_phase(self.final_specs(rates))
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def describe(self) -> str:
-        """The plan: how many runs per phase, batches, and the training minutes they hold (a lower bound on time)."""
-        tuned = self.tuned_arms()
-        lines = []
-        tune_runs = len(tuned) * len(self.args.lr_grid or []) * len(self.args.tune_seeds) if tuned else 0
-        final_runs = len(self.arms) * len(self.args.seeds)
-        parallel = self.args.parallel
-        tune_batches = (
-            sum(-(-len(tuned) * len(self.args.lr_grid) // parallel) for _ in self.args.tune_seeds) if tuned else 0
-        )
-        final_batches = len(self.args.seeds) * -(-len(self.arms) // parallel)
-        lines.append(f"arms ({len(self.arms)}): {', '.join(self.arms)}; tuned: {', '.join(tuned) or 'none'}")
-        lines.append(f"tuning: {tune_runs} runs in {tune_batches} batches x {self.args.tune_minutes} min of training")
+        """The plan: runs and batches per phase, their training minutes, and (once the starting model has been
+        evaluated: its seconds per problem, and the measured start-up of finished runs) an estimate of the total."""
+        tuned, parallel, args = self.tuned_arms(), self.args.parallel, self.args
+        tune_batches = len(args.tune_seeds) * -(-len(tuned) * len(args.lr_grid or []) // parallel) if tuned else 0
+        final_batches = len(args.seeds) * -(-len(self.arms) // parallel)
+        pairing = 2 if parallel > 1 and args.pairing_check_minutes else 0
+        lines = [
+            f"arms ({len(self.arms)}): {', '.join(self.arms)}; tuned: {', '.join(tuned) or 'none'}",
+            f"tuning: {len(tuned) * len(args.lr_grid or []) * len(args.tune_seeds) if tuned else 0} runs in "
+            f"{tune_batches} batches x {args.tune_minutes} min of training",
+            f"test runs: {len(self.arms) * len(args.seeds)} runs in {final_batches} batches x {args.budget_minutes} "
+            "min of training",
+        ]
+        training = tune_batches * args.tune_minutes + final_batches * args.budget_minutes
+        training += pairing * args.pairing_check_minutes
+        lines.append(f"training wall-clock: {training:.0f} min")
+        before = self.runs / "before" / "run.json"
+        record = json.loads(before.read_text()) if before.exists() else {}
+        if "eval_seconds" not in record or "problems" not in record["evals"][0]:
+            lines.append("estimate of the total: after the starting model's evaluation (--stop-after before)")
+            return "\n".join(lines)
+        per_problem = record["eval_seconds"] / record["evals"][0]["problems"]
+        setups = [json.loads(p.read_text()).get("setup_seconds") for p in self.runs.glob("**/run.json")]
+        setups = [value for value in setups if value is not None]
+        setup = float(np.median(setups)) if setups else 60.0
+        snapshots = int(args.budget_minutes // args.eval_every_minutes) if args.eval_every_minutes else 0
+        test = args.test_problems or record["evals"][0]["problems"]
+        tune = args.tune_minutes * 60 + setup + args.validation_problems * 1.3 * per_problem
+        final = args.budget_minutes * 60 + setup + (test + snapshots * args.curve_problems) * per_problem
+        total = (
+            tune_batches * tune + final_batches * final + pairing * (args.pairing_check_minutes * 60 + setup)
+        ) / 60
         lines.append(
-            f"test runs: {final_runs} runs in {final_batches} batches x {self.args.budget_minutes} min of training"
+            f"estimate: {total:.0f} min ({record['eval_seconds'] / 60:.1f} min for the starting model's "
+            f"{record['evals'][0]['problems']} test problems: {per_problem:.2f} s each; start-up "
+            f"{setup:.0f} s per run{'' if setups else ' (assumed)'}; a trained model's answers may be longer)"
         )
-        minutes = tune_batches * self.args.tune_minutes + final_batches * self.args.budget_minutes
-        if parallel > 1 and self.args.pairing_check_minutes:
-            minutes += 2 * self.args.pairing_check_minutes
-        lines.append(f"training wall-clock: {minutes:.0f} min, plus model loading and evaluation per batch")
         return "\n".join(lines)
 
 
@@ -783,6 +805,11 @@ def study_machine_time(runs_dir: Path, before: dict, runs: dict, tune_runs: list
     core-minutes (training clock, evaluation, loading/saving/start-up: the rest of each child process)."""
     ledger_path = runs_dir / "ledger.jsonl"
     ledger = [json.loads(line) for line in ledger_path.read_text().splitlines()] if ledger_path.exists() else []
+    if not ledger:  # a study from before the ledger ran one child at a time: their wall-clocks add up
+        ledger = [
+            {"phase": r.get("phase", "final"), "wall_seconds": r.get("wall_seconds", 0.0)} for r in runs.values()
+        ]
+        ledger += [{"phase": "before", "wall_seconds": before.get("wall_seconds", 0.0)}]
     by_phase = {}
     for entry in ledger:
         by_phase[entry["phase"]] = by_phase.get(entry["phase"], 0.0) + entry["wall_seconds"] / 60
@@ -798,7 +825,7 @@ def study_machine_time(runs_dir: Path, before: dict, runs: dict, tune_runs: list
         }
 
     return {
-        "wall_minutes": round(sum(by_phase.values()), 2) if ledger else None,
+        "wall_minutes": round(sum(by_phase.values()), 2),
         "wall_minutes_by_phase": {phase: round(minutes, 2) for phase, minutes in by_phase.items()},
         "core_minutes": {
             "before": kinds([before]),
@@ -886,10 +913,7 @@ def analyse(out: Path, name: str = "learning", arm_order: list[str] | None = Non
     tune_runs = [json.loads(p.read_text()) for p in sorted((runs_dir / "tune").glob("*/run.json"))]
     machine_time = study_machine_time(runs_dir, before_run, runs, tune_runs)
     report = {
-        # The batches' wall-clock from the ledger; a study from before the ledger: each run's child process, summed.
-        "study_seconds": round(machine_time["wall_minutes"] * 60, 1)
-        if machine_time["wall_minutes"] is not None
-        else round(sum(r.get("wall_seconds", 0.0) for r in [before_run, *runs.values()]), 1),
+        "study_seconds": round(machine_time["wall_minutes"] * 60, 1),  # the batches' wall-clock, summed
         "question": "Does guided GRPO reach a better model than plain GRPO for the same wall-clock?",
         "metric": f"{metric} on the test split, greedy, plain sampling",
         "problems": len(problems),
@@ -1117,7 +1141,8 @@ def markdown_table(report: dict) -> str:
             f"{entry['accuracy_before']:.3f} -> {np.mean(entry['accuracy_after']):.3f} | "
             f"{_interval(entry['gain'], entry['gain_ci95'])} | {versus} | {nll} |"
         )
-        lines.append(line + (f" {entry['learning_rate']:g} |" if tuned else ""))
+        rate = entry["learning_rate"]
+        lines.append(line + ((" - |" if rate is None else f" {rate:g} |") if tuned else ""))
     if tuned:
         lines += ["", lr_grid_table(report)]
     return "\n".join(lines)
@@ -1128,15 +1153,17 @@ def lr_grid_table(report: dict) -> str:
     grid = report["lr_grid"]
     rates = sorted({rate for entry in grid.values() for rate in entry["rates"]})
     validation = report["validation"]
+    minutes = report.get("settings", {}).get("tune_minutes", "?")
     lines = [
         f"Validation score ({validation['problems']} problems, none in the test split or the training set; the "
-        f"starting model: {validation['score_before']:.3f}) after {report['settings'].get('tune_minutes', '?')} min "
+        f"starting model: {validation['score_before']:.3f}) after {minutes} min "
         "of training at each learning rate; bold: the rate the test runs used.",
         "",
         "| arm | " + " | ".join(f"{rate:g}" for rate in rates) + " |",
         "|---|" + "---|" * len(rates),
     ]
-    for arm, entry in grid.items():
+    order = [arm for arm in report["arms"] if arm in grid] + [arm for arm in grid if arm not in report["arms"]]
+    for arm, entry in ((arm, grid[arm]) for arm in order):
         scores = dict(zip(entry["rates"], entry["scores"], strict=True))
         cells = []
         for rate in rates:
@@ -1188,6 +1215,7 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="Override a recipe field in every arm (a diagnostic variant; give it its own --out).",
     )
+    parser.add_argument("--stop-after", choices=["before", "tune"], default=None, help="Stop after this phase.")
     parser.add_argument("--fresh", action="store_true", help="Redo runs that finished earlier.")
     parser.add_argument("--report-only", action="store_true", help="Only recompute <name>.json and <name>.png.")
     parser.add_argument("--markdown", action="store_true", help="Print <name>.json as the README tables and exit.")
@@ -1218,6 +1246,10 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
             known = sorted(p.stem.removesuffix("_cpu") for p in recipe.parent.glob("*_cpu.yaml"))
             parser.error(f"--task {args.task}: no recipe {_shown(recipe)}; tasks with a CPU recipe: {known}")
         args.recipe = str(recipe)
+    for option in ("arms_file", "recipe"):  # a study file's paths may be relative to the repository
+        path = getattr(args, option)
+        if path and not Path(path).exists() and (ROOT / path).exists():
+            setattr(args, option, str(ROOT / path))
     args.arm_overlays = load_arms(args.arms_file)
     args.arms = args.arms or list(args.arm_overlays)
     unknown = sorted(set(args.arms) - set(args.arm_overlays))
@@ -1258,6 +1290,9 @@ def main(argv: list[str] | None = None) -> None:
         args.model = build_tiny_model(Path(args.out) / "tiny-model")
     if not args.report_only:
         Study(args).run()
+    if args.stop_after:
+        print(Study(args).describe())
+        return
     report = write_report(args)
     print_table(report)
     print(f"wrote {report_path} and {plot_path}")
