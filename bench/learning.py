@@ -74,8 +74,9 @@ TINY = {
     "eval_limit": 8,
     "dataset_size": 40,
 }
-# With --task (a CPU recipe written for training, not for this study): what the study needs from every run. A
-# wall-clock budget, not max_steps, ends a run, so the schedule must not depend on max_steps; one log row per step.
+# Over a training recipe (--task, or a --recipe outside bench/; bench's own study recipes hold these already): what
+# the study needs from every run. A wall-clock budget, not max_steps, ends a run, so the schedule must not depend on
+# max_steps; one log row per step; no checkpoints, trackers or evaluation inside the run (the study evaluates).
 STUDY_SETTINGS = {
     "lr_scheduler_type": "constant_with_warmup",
     "warmup_steps": 2,
@@ -401,7 +402,7 @@ class Study:
         self.arms = {arm: args.arm_overlays[arm] for arm in args.arms}
         self.scratch = Path(tempfile.gettempdir()) / f"learning-{os.getpid()}"
         self.overrides = {"disable_tqdm": True}
-        if args.task:
+        if Path(args.recipe).resolve().parent != BENCH:  # a training recipe, not one written for this study
             self.overrides.update(STUDY_SETTINGS)
         if args.tiny:
             self.overrides.update(TINY, model_name_or_path=args.model)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("learning", ROOT / "bench" / "learning.py")
@@ -414,3 +415,14 @@ def test_ballast_keeps_running_until_stopped():
     assert process.poll() is None
     process.terminate()
     assert process.wait(timeout=10) != 0
+
+
+@pytest.mark.parametrize("name", ["learning_regime_study.yaml", "learning_regime_gpu_study.yaml"])
+def test_the_study_files_use_known_options_and_arms(name):
+    options = yaml.safe_load((ROOT / "bench" / name).read_text())
+    known = {action.dest for action in learning.make_parser()._actions}
+    assert set(options) <= known
+    arms = learning.load_arms(str(ROOT / options["arms_file"]))
+    assert len(arms) >= 7 and "plain" in arms
+    assert len(options["lr_grid"]) >= 3 and max(options["lr_grid"]) / min(options["lr_grid"]) >= 16
+    assert not set(options["tune_seeds"]) & set(options["seeds"]) and len(options["seeds"]) >= 3
