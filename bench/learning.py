@@ -609,9 +609,9 @@ class Study:
             done += len(batch)
 
     def run(self) -> None:
-        self.runs.mkdir(parents=True, exist_ok=True)
-        self.scratch.mkdir(parents=True, exist_ok=True)
         parsed = self.preflight()
+        self.runs.mkdir(parents=True, exist_ok=True)
+        self.scratch.mkdir(parents=True, exist_ok=True)  # kept when a run fails: its log is there
         validation = None
         if self.tuned_arms():
             validation = validation_plan(parsed["task_args"], parsed["training_args"], self.args.validation_problems)

@@ -426,3 +426,22 @@ def test_the_study_files_use_known_options_and_arms(name):
     assert len(arms) >= 7 and "plain" in arms
     assert len(options["lr_grid"]) >= 3 and max(options["lr_grid"]) / min(options["lr_grid"]) >= 16
     assert not set(options["tune_seeds"]) & set(options["seeds"]) and len(options["seeds"]) >= 3
+
+
+def test_plan_counts_batches_and_estimates_from_the_measured_evaluation(tmp_path):
+    argv = ["--out", str(tmp_path), "--name", "s", "--arms", "plain", "guided", "guided_postfix", "--seeds", "0", "1"]
+    argv += ["--lr-grid", "1e-5", "4e-5", "--tune-minutes", "1", "--budget-minutes", "4", "--parallel", "2"]
+    argv += ["--cores", "0,1", "--test-problems", "100", "--validation-problems", "10"]
+    study = learning.Study(learning.parse_arguments(argv))
+    plan = study.describe().splitlines()
+    assert plan[1] == "tuning: 6 runs in 3 batches x 1.0 min of training"
+    assert plan[2] == "test runs: 6 runs in 4 batches x 4.0 min of training"  # 3 arms per seed: a pair and a lone run
+    assert plan[3] == "training wall-clock: 19 min" and "--stop-after before" in plan[4]
+    before = tmp_path / "s_runs" / "before"
+    before.mkdir(parents=True)
+    (before / "run.json").write_text(json.dumps({"eval_seconds": 50.0, "evals": [{"problems": 100}]}))
+    (tmp_path / "s_runs" / "plain-seed0").mkdir()
+    (tmp_path / "s_runs" / "plain-seed0" / "run.json").write_text(json.dumps({"setup_seconds": 30.0}))
+    # Tuning batch: 60 s + 30 s + 10 x 1.3 x 0.5 s; test batch: 240 s + 30 s + 100 x 0.5 s.
+    expected = (3 * (60 + 30 + 6.5) + 4 * (240 + 30 + 50)) / 60
+    assert study.describe().splitlines()[4].startswith(f"estimate: {expected:.0f} min (0.8 min for the starting")
