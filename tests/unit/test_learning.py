@@ -445,3 +445,17 @@ def test_plan_counts_batches_and_estimates_from_the_measured_evaluation(tmp_path
     # Tuning batch: 60 s + 30 s + 10 x 1.3 x 0.5 s; test batch: 240 s + 30 s + 100 x 0.5 s.
     expected = (3 * (60 + 30 + 6.5) + 4 * (240 + 30 + 50)) / 60
     assert study.describe().splitlines()[4].startswith(f"estimate: {expected:.0f} min (0.8 min for the starting")
+
+
+def test_a_training_recipe_gets_the_study_settings_and_every_arm_is_parsed_first(tmp_path):
+    argv = ["--task", "arithmetic", "--out", str(tmp_path), "--lr-grid", "1e-5", "4e-5", "--arms", "plain", "guided"]
+    study = learning.Study(learning.parse_arguments(argv))
+    parsed = study.preflight()["training_args"]
+    assert parsed.max_steps == 100000 and parsed.save_strategy == "no" and parsed.logging_steps == 1
+    assert parsed.lr_scheduler_type == "constant_with_warmup"  # a str enum
+    assert not (tmp_path / "learning_runs").exists()  # nothing written before every arm parsed
+    bad = tmp_path / "arms.yaml"
+    bad.write_text("plain: {guidance: false}\nodd: {guidance: true, guidance_loss_scope: nowhere}\n")
+    study = learning.Study(learning.parse_arguments([*argv[:4], "--arms-file", str(bad)]))
+    with pytest.raises(SystemExit, match="arm 'odd' .* cannot run: .*nowhere"):
+        study.preflight()
