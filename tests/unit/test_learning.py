@@ -345,8 +345,15 @@ def test_validation_problems_are_neither_test_problems_nor_training_prompts():
     assert len([h for h in validation if h not in train]) == plan["problems"] == 64
 
 
-@pytest.mark.parametrize("task", ["arithmetic", "countdown"])
+def _generated_tasks() -> list[str]:
+    from trl_guided.data import TASK_OPTIONS
+
+    return sorted(name for name, options in TASK_OPTIONS.items() if "dataset_seed" in options)
+
+
+@pytest.mark.parametrize("task", _generated_tasks())
 def test_generated_tasks_keep_validation_and_test_apart(task):
+    """Every generated task (any task with a seed, new ones included): no validation problem is a test problem."""
     from trl_guided.data import load_task
 
     options = {"size": 300, "seed": 3}
