@@ -1,18 +1,36 @@
 """Does guidance help? Guided vs plain GRPO at equal wall-clock, evaluated on held-out problems.
 
-    python bench/learning.py                        # the full study -> bench/learning.json, bench/learning.png
+    python bench/learning.py                        # the arithmetic study -> bench/learning.json, bench/learning.png
+    python bench/learning.py --study bench/learning_regime_study.yaml   # the regime study -> bench/learning_regime.*
     python bench/learning.py --tiny --out DIR       # a tiny local model, seconds: checks the pipeline, not the result
     python bench/learning.py --fresh                # redo the runs that already finished
     python bench/learning.py --report-only          # statistics and plot again from the per-run records
+    python bench/learning.py --plan                 # the runs, batches and training minutes, without running
 
-Every arm (ARMS: a recipe overlay on bench/learning.yaml) trains once per seed for the same wall-clock budget
-(`--budget-minutes`, counted from the first training step; the guided arms fit more steps in it). Runs go seed-major
-(seed 0 of every arm, then seed 1, ...) so machine load hits the arms alike; each is a child process pinned to the
-same cores. After training, the final model answers every test problem greedily with plain sampling
-(`trl_guided.evaluate`, the same code as `trl-guided eval`); the starting model is evaluated once. Each finished run
-leaves `learning_runs/<arm>-seed<k>/run.json` (settings, per-step curve, load average, eval metrics) and `eval.jsonl`
-(one record per test problem) next to the report; a rerun skips finished runs, so a killed study loses at most the
-run in progress. `learning.json` and `learning.png` are recomputed from those files alone.
+Every arm (a recipe overlay: ARMS below, or an `--arms-file`) trains once per seed for the same wall-clock budget
+(`--budget-minutes`, counted from the first training step; the guided arms fit more steps in it). After training,
+the final model answers every test problem greedily with plain sampling (`trl_guided.evaluate`, the same code as
+`trl-guided eval`); the starting model is evaluated once. Each finished run leaves `<name>_runs/<arm>-seed<k>/run.json`
+(settings, per-step curve, load average, eval metrics, timings) and `eval.jsonl` (one record per test problem) next
+to the report; a rerun skips finished runs (a run whose settings changed is moved to `<name>_runs/stale/` and redone),
+so a killed study loses at most the runs in progress. `<name>.json` and `<name>.png` are recomputed from those files.
+
+Learning rate per arm (`--lr-grid`, at least two values): before the test runs, each arm trains a short run
+(`--tune-minutes`) per grid value and tuning seed (`--tune-seeds`, distinct from the test seeds) and is scored on the
+task's `validation` split: problems of neither the test split (the generated tasks' hash partition keeps them apart,
+checked here) nor the training set (validation problems whose prompt is also a training prompt are left out of the
+score; see `validation_plan`). The value with the best mean validation score (ties to the smaller rate) is the arm's
+rate for the test runs. An arm that sets `learning_rate` in its overlay is not tuned.
+
+Two runs at a time (`--parallel 2 --cores 0,1`): each run is pinned to its own core, and the two runs of a batch
+belong to the same seed (tuning: the same tuning seed), so machine load hits the arms alike; a batch with one run left
+loads the idle core with a ballast process. `--pairing-check-minutes` measures what pairing does to the per-step time
+(one run alone, then two side by side, no evaluation).
+
+Learning curve (`--eval-every-minutes`): a test run saves its weights that often (off the training clock) and each
+snapshot is evaluated after training on the first `--curve-problems` test problems; the final model's point on the
+curve is its full evaluation restricted to the same problems. Evaluation never counts as training time; the JSON's
+`machine_time` says how the study's wall-clock splits into tuning, training and evaluation.
 
 Statistics: an arm's gain is its after - before accuracy, averaged over seeds and problems, with a 95 % bootstrap CI
 that resamples seeds and problems; a pair of arms is compared the same way on the per-problem differences, paired by
@@ -56,21 +74,36 @@ TINY = {
     "eval_limit": 8,
     "dataset_size": 40,
 }
+# Over a training recipe (--task, or a --recipe outside bench/; bench's own study recipes hold these already): what
+# the study needs from every run. A wall-clock budget, not max_steps, ends a run, so the schedule must not depend on
+# max_steps; one log row per step; no checkpoints, trackers or evaluation inside the run (the study evaluates).
+STUDY_SETTINGS = {
+    "lr_scheduler_type": "constant_with_warmup",
+    "warmup_steps": 2,
+    "max_steps": 100000,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "eval_temperature": 0.0,
+    "eval_before_after": False,
+    "log_completions": False,
+}
 RESAMPLES = 2000
+TIE = 1e-9  # validation scores closer than this are a tie (equal numbers of solved problems)
 
 
 # ----------------------------------------------------------------------------------------------------- one run
 
 
 def run_one(spec: dict) -> None:
-    """Train one arm for one seed within the budget, evaluate the final model, write run.json and eval.jsonl."""
+    """Train one arm for one seed within the budget, evaluate the final model (and the snapshots), write run.json."""
+    process_start = time.perf_counter()
     import torch
     from transformers import TrainerCallback
 
     from trl_guided.data import load_task
-    from trl_guided.evaluate import evaluate, read_records, write_records
     from trl_guided.models import resolve_model_path
-    from trl_guided.train import eval_settings, make_parser, model_init_kwargs, reward_functions, task_options
+    from trl_guided.train import make_parser, model_init_kwargs, reward_functions, task_options
     from trl_guided.trainer import GuidedGRPOTrainer
 
     torch.set_num_threads(spec["threads"])
@@ -123,22 +156,30 @@ def run_one(spec: dict) -> None:
         train_dataset=load_task(task_args.task, "train", **task_options(task_args)),
         callbacks=[clock],
     )
+    setup_seconds = time.perf_counter() - process_start
     trainer.train()
     train_seconds = clock.elapsed()
     final = work_dir / "final"
-    trainer.save_model(str(final))
+    if spec["eval"] is not None:
+        trainer.save_model(str(final))
     rows_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     del trainer
     gc.collect()
 
-    settings = study_eval_settings(eval_settings(task_args, training_args), spec)
+    eval_started = time.perf_counter()
     evals = []
-    for point in [*clock.snapshots, {"seconds": train_seconds, "step": None, "folder": str(final)}]:
-        records_path = run_dir / ("eval.jsonl" if point["folder"] == str(final) else f"eval-{point['step']}.jsonl")
-        result = evaluate(point["folder"], settings, records_path, progress=False)
-        write_records([compact(r) for r in read_records(records_path)], records_path)
-        point = {"seconds": point["seconds"], "step": point["step"], "records": records_path.name}
-        evals.append({**point, **summary(result)})
+    for point in clock.snapshots:
+        records = f"eval-{point['step']}.jsonl"
+        limit = spec["curve_problems"]
+        settings = study_eval_settings(task_args, training_args, spec, "test", limit, quality=False)
+        evals.append({"seconds": point["seconds"], "step": point["step"], "records": records, "subset": True})
+        evals[-1].update(evaluate_into(point["folder"], settings, run_dir / records))
+    if spec["eval"] is not None:
+        split, limit, records = spec["eval"]["split"], spec["eval"]["limit"], spec["eval"]["records"]
+        settings = study_eval_settings(task_args, training_args, spec, split, limit, quality=split == "test")
+        evals.append({"seconds": train_seconds, "step": None, "records": records, "split": split})
+        evals[-1].update(evaluate_into(str(final), settings, run_dir / records))
+    eval_seconds = time.perf_counter() - eval_started
     shutil.rmtree(work_dir, ignore_errors=True)
 
     G = training_args.num_generations
@@ -150,50 +191,104 @@ def run_one(spec: dict) -> None:
         row["tokens"] = round(tokens)
     record = {
         "arm": spec["arm"],
+        "arm_overlay": spec["arm_overlay"],
         "seed": spec["seed"],
+        "phase": spec["phase"],
+        "name": spec["name"],
+        "identity": identity(spec),
         "overrides": spec["overrides"],
+        "learning_rate": training_args.learning_rate,
         "budget_seconds": spec["budget"],
+        "setup_seconds": round(setup_seconds, 2),
         "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
         "steps": clock.curve[-1]["step"] if clock.curve else 0,
         "tokens": round(tokens),
         "load_average": {"start": load_before, "end": os.getloadavg()},
         "curve": clock.curve,
         "evals": evals,
     }
-    evals[-1]["step"] = record["steps"]
+    if evals and evals[-1]["step"] is None:
+        evals[-1]["step"] = record["steps"]
+    record["process_seconds"] = round(time.perf_counter() - process_start, 2)
     (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")  # written last: the run is complete
 
 
 def evaluate_start(spec: dict) -> None:
-    """The starting model, evaluated once: the shared `before` of every arm."""
+    """The starting model, evaluated once on the test split (the shared `before` of every arm) and, when the study
+    tunes learning rates, on the validation split."""
+    process_start = time.perf_counter()
     import torch
 
-    from trl_guided.evaluate import evaluate, read_records, write_records
-    from trl_guided.train import eval_settings, make_parser
+    from trl_guided.train import make_parser
 
     torch.set_num_threads(spec["threads"])
     task_args, training_args, model_args = parse(make_parser(), spec)
     run_dir = Path(spec["run_dir"])
-    records_path = run_dir / "eval.jsonl"
-    settings = study_eval_settings(eval_settings(task_args, training_args), spec)
-    result = evaluate(model_args.model_name_or_path, settings, records_path, progress=False)
-    write_records([compact(r) for r in read_records(records_path)], records_path)
+    settings = study_eval_settings(task_args, training_args, spec, "test", spec["eval"]["limit"], quality=True)
+    result = {}
+    evals = [
+        {
+            "seconds": 0.0,
+            "step": 0,
+            "records": "eval.jsonl",
+            **evaluate_into(model_args.model_name_or_path, settings, run_dir / "eval.jsonl", result),
+        }
+    ]
     record = {"model": result["model"], "settings": result["settings"], "versions": result["versions"]}
-    record["evals"] = [{"seconds": 0.0, "step": 0, "records": records_path.name, **summary(result)}]
+    record["identity"] = identity(spec)
+    record["evals"] = evals
+    if spec.get("validation") is not None:
+        limit = spec["validation"]["limit"]
+        settings = study_eval_settings(task_args, training_args, spec, "validation", limit, quality=False)
+        path = run_dir / "validation.jsonl"
+        record["validation"] = {"records": path.name, **evaluate_into(model_args.model_name_or_path, settings, path)}
+    record["eval_seconds"] = record["process_seconds"] = round(time.perf_counter() - process_start, 2)
     (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
+def ballast() -> None:
+    """Keeps one core busy (one thread of matrix products) until terminated: the load of a run for a lone run."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((256, 256)), rng.standard_normal((256, 256))
+    while True:
+        a = np.tanh(a @ b)
+
+
 def parse(parser, spec: dict):
+    return parser.parse_args_and_config(args=argv_for(spec))
+
+
+def argv_for(spec: dict) -> list[str]:
+    """The training command line of a run: the base recipe, then the run's overrides, seed and output folder."""
     argv = ["--config", spec["recipe"]]
     for key, value in {**spec["overrides"], "seed": spec["seed"], "output_dir": spec["work_dir"]}.items():
         argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return parser.parse_args_and_config(args=argv)
+    return argv
 
 
-def study_eval_settings(settings, spec: dict):
-    settings.quality_model = spec["quality_model"]
+def study_eval_settings(task_args, training_args, spec: dict, split: str, limit: int | None, quality: bool):
+    from trl_guided.train import eval_settings
+
+    settings = eval_settings(task_args, training_args)
+    settings.split = split
+    if limit is not None:
+        settings.limit = limit
+    # Fluency (the starting model's NLL of the answers) only for the test evaluations the table reports.
+    settings.quality_model = spec["quality_model"] if quality else None
     settings.seed = 0  # the bootstrap seed of the eval result, not the training seed: same for every run
     return settings
+
+
+def evaluate_into(model: str, settings, records_path: Path, result_out: dict | None = None) -> dict:
+    """Evaluate `model`, keep compact per-problem records at `records_path`, return the summary metrics."""
+    from trl_guided.evaluate import evaluate, read_records, write_records
+
+    result = evaluate(model, settings, records_path, progress=False)
+    write_records([compact(r) for r in read_records(records_path)], records_path)
+    if result_out is not None:
+        result_out.update(result)
+    return {"problems": result["settings"]["problems"], **summary(result)}
 
 
 def compact(record: dict) -> dict:
@@ -212,6 +307,13 @@ def summary(result: dict) -> dict:
     return {key: result["metrics"][key]["value"] for key in keys if key in result["metrics"]}
 
 
+def identity(spec: dict) -> dict:
+    """What decides a run's result: a finished run whose identity differs from the planned one is redone."""
+    keys = ("overrides", "seed", "budget", "eval", "validation", "eval_every_seconds", "curve_problems")
+    # The recipe by its path in the repository, so that a study resumes from another checkout.
+    return {"recipe": _shown(Path(spec["recipe"])), **{key: spec.get(key) for key in keys}}
+
+
 # ------------------------------------------------------------------------------------------------- the study
 
 
@@ -219,68 +321,400 @@ def run_name(arm: str, seed: int) -> str:
     return f"{arm}-seed{seed}"
 
 
-def launch(kind: str, spec: dict, cores: str | None, log: Path) -> None:
-    """One run in a child process (fresh memory and threads), pinned to `cores` when given; its output goes to
-    `log`, whose end is shown if the run fails."""
-    spec_path = Path(spec["run_dir"]) / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=1) + "\n")
-    command = [sys.executable, str(Path(__file__).resolve()), kind, str(spec_path)]
-    if cores and shutil.which("taskset"):
-        command = ["taskset", "-c", cores, *command]
-    env = {"HF_HUB_OFFLINE": "1", **os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "WANDB_MODE": "disabled"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    with open(log, "w") as handle:
-        code = subprocess.run(command, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise SystemExit(f"{tail}\n[learning] the run failed (exit {code}); its whole output: {log}")
+def tune_name(arm: str, rate: float, seed: int) -> str:
+    return f"{arm}-lr{rate:g}-seed{seed}"
 
 
-def run_study(args: argparse.Namespace) -> None:
-    runs = Path(args.out) / "learning_runs"
-    scratch = Path(tempfile.mkdtemp(prefix="learning-"))
-    overrides = {"disable_tqdm": True, **(dict(TINY, model_name_or_path=args.model) if args.tiny else {})}
-    base = {
-        "recipe": str(Path(args.recipe).resolve()),
-        "threads": args.threads,
-        "quality_model": args.model if args.tiny else "embedded:smollm2-135m-instruct",
-        "budget": args.budget_minutes * 60,
-        "eval_every_seconds": (args.eval_every_minutes or 0) * 60,
-    }
-    metric = headline(yaml.safe_load(Path(args.recipe).read_text())["reward_funcs"])
-    plan = [("before", None, None)] + [(arm, seed, ARMS[arm]) for seed in args.seeds for arm in args.arms]
-    started = time.perf_counter()
-    for index, (arm, seed, overlay) in enumerate(plan, 1):
-        name = "before" if arm == "before" else run_name(arm, seed)
-        run_dir = runs / name
-        if (run_dir / "run.json").exists() and not args.fresh:
-            print(f"[learning] {index}/{len(plan)} {name}: finished earlier, skipped", file=sys.stderr)
-            continue
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        spec = {
-            **base,
-            "arm": arm,
-            "seed": seed or 0,
-            "overrides": {**overrides, **(overlay or {}), **(dict(args.set) if overlay else {})},
-            "run_dir": str(run_dir),
-            "work_dir": str(scratch / name),
+def study_paths(out: Path, name: str) -> tuple[Path, Path, Path]:
+    """(report JSON, plot PNG, per-run folder) of the study called `name` in `out`."""
+    return out / f"{name}.json", out / f"{name}.png", out / f"{name}_runs"
+
+
+def load_arms(path: str | None) -> dict[str, dict]:
+    """The arms: ARMS, or a YAML file mapping each arm's name to its recipe overlay (fields of the recipe's config)."""
+    if path is None:
+        return dict(ARMS)
+    arms = yaml.safe_load(Path(path).read_text())
+    if not isinstance(arms, dict) or not arms or not all(isinstance(v, dict) for v in arms.values()):
+        raise SystemExit(
+            f"{path}: an arms file maps each arm's name to a mapping of recipe fields, e.g. plain: {{guidance: false}}"
+        )
+    if "plain" not in arms:
+        raise SystemExit(f"{path}: the arms need a 'plain' arm (guidance: false): every arm is compared with it")
+    return arms
+
+
+def batches(items: list, parallel: int, group=lambda item: None) -> list[list]:
+    """Consecutive items in batches of up to `parallel`, a batch never mixing two groups (two seeds)."""
+    out = []
+    for item in items:
+        if out and len(out[-1]) < parallel and group(out[-1][0]) == group(item):
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
+
+
+def final_order(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """Seed-major; the arm order rotates by one per seed, so a batch's partners (and a lone last run) change."""
+    order = []
+    for index, seed in enumerate(seeds):
+        shift = index % len(arms)
+        order += [(arm, seed) for arm in arms[shift:] + arms[:shift]]
+    return order
+
+
+def select_rate(scores: dict[float, float]) -> float:
+    """The learning rate with the best validation score; a tie (within TIE) goes to the smaller rate."""
+    best = max(scores.values())
+    return min(rate for rate, score in scores.items() if score >= best - TIE)
+
+
+def finished(run_dir: Path, spec: dict) -> bool | None:
+    """True: done with these settings; None: not done; False: done with other settings (stale)."""
+    path = run_dir / "run.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if "identity" not in record:  # a run of the first study (before identities): its overrides decide
+        return (
+            spec["phase"] == "before"
+            and spec.get("validation") is None
+            or record.get("overrides") == spec["overrides"]
+        )
+    return record["identity"] == identity(spec)
+
+
+def move_stale(run_dir: Path, runs: Path) -> Path:
+    stale = runs / "stale" / f"{run_dir.parent.name}-{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run_dir), stale)
+    return stale
+
+
+class Study:
+    """One invocation of the study: the plan (phases of runs) and its execution in batches of child processes."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.report_path, self.plot_path, self.runs = study_paths(self.out, args.name)
+        self.arms = {arm: args.arm_overlays[arm] for arm in args.arms}
+        self.scratch = Path(tempfile.gettempdir()) / f"learning-{os.getpid()}"
+        self.overrides = {"disable_tqdm": True}
+        if Path(args.recipe).resolve().parent != BENCH:  # a training recipe, not one written for this study
+            self.overrides.update(STUDY_SETTINGS)
+        if args.tiny:
+            self.overrides.update(TINY, model_name_or_path=args.model)
+        self.base = {
+            "recipe": str(Path(args.recipe).resolve()),
+            "threads": args.threads,
+            "quality_model": args.model if args.tiny else "embedded:smollm2-135m-instruct",
+            "eval_every_seconds": 0,
+            "curve_problems": None,
         }
-        so_far = (time.perf_counter() - started) / 60
-        print(f"[learning] {index}/{len(plan)} {name} (study time so far {so_far:.1f} min)", file=sys.stderr)
-        run_started = time.perf_counter()
-        launch("evaluate-start" if arm == "before" else "run-one", spec, args.cores, scratch / f"{name}.log")
-        (run_dir / "spec.json").unlink()
-        record = json.loads((run_dir / "run.json").read_text())
-        record["wall_seconds"] = round(time.perf_counter() - run_started, 1)  # training, saving, evaluation, loading
-        (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
-        last = record["evals"][-1]
+        self.test_eval = {"split": "test", "limit": args.test_problems, "records": "eval.jsonl"}
+        self.started = time.perf_counter()
+
+    # --- specs
+    def overlay(self, arm: str, rate: float | None = None) -> dict:
+        overrides = {**self.overrides, **self.arms[arm], **dict(self.args.set)}
+        if rate is not None:
+            overrides["learning_rate"] = rate
+        return overrides
+
+    def spec(self, phase: str, name: str, arm: str, seed: int, overrides: dict, run_dir: Path, **extra) -> dict:
+        return {
+            **self.base,
+            "phase": phase,
+            "name": name,
+            "arm": arm,
+            "arm_overlay": self.arms.get(arm),
+            "seed": seed,
+            "overrides": overrides,
+            "run_dir": str(run_dir),
+            "work_dir": str(self.scratch / phase / name),
+            **extra,
+        }
+
+    def tuned_arms(self) -> list[str]:
+        if len(self.args.lr_grid or []) < 2:
+            return []
+        return [
+            arm
+            for arm in self.arms
+            if "learning_rate" not in self.arms[arm] and "learning_rate" not in dict(self.args.set)
+        ]
+
+    def before_spec(self, validation: dict | None) -> dict:
+        spec = self.spec(
+            "before", "before", "before", 0, dict(self.overrides), self.runs / "before", eval=self.test_eval
+        )
+        spec["validation"] = validation
+        spec["budget"] = 0
+        return spec
+
+    def tune_specs(self, validation: dict) -> list[dict]:
+        specs = []
+        evaluation = {"split": "validation", "limit": validation["limit"], "records": "validation.jsonl"}
+        for seed in self.args.tune_seeds:
+            for arm in self.tuned_arms():
+                for rate in self.args.lr_grid:
+                    name = tune_name(arm, rate, seed)
+                    overrides = self.overlay(arm, rate)
+                    spec = self.spec("tune", name, arm, seed, overrides, self.runs / "tune" / name, eval=evaluation)
+                    specs.append({**spec, "budget": self.args.tune_minutes * 60})
+        return specs
+
+    def final_specs(self, rates: dict[str, float]) -> list[dict]:
+        specs = []
+        for arm, seed in final_order(list(self.arms), self.args.seeds):
+            name = run_name(arm, seed)
+            spec = self.spec("final", name, arm, seed, self.overlay(arm, rates.get(arm)), self.runs / name)
+            spec.update(
+                budget=self.args.budget_minutes * 60,
+                eval=self.test_eval,
+                eval_every_seconds=(self.args.eval_every_minutes or 0) * 60,
+                curve_problems=self.args.curve_problems if self.args.eval_every_minutes else None,
+            )
+            specs.append(spec)
+        return specs
+
+    def pairing_specs(self) -> list[list[dict]]:
+        arm, minutes = next(iter(self.arms)), self.args.pairing_check_minutes
+        folder = self.runs / "pairing"
+
+        def one(name: str, seed: int) -> dict:
+            spec = self.spec("pairing", name, arm, seed, self.overlay(arm), folder / name, eval=None)
+            return {**spec, "budget": minutes * 60}
+
+        return [[one("alone", 0)], [one("paired-a", 0), one("paired-b", 1)]]
+
+    # --- checks before anything runs
+    def preflight(self) -> dict:
+        """Every run's settings parse (one line naming the arm otherwise); returns the base run's parsed config."""
+        from trl_guided.train import parse_args
+
+        parsed = None
+        for arm in self.arms:
+            for rate in self.args.lr_grid if arm in self.tuned_arms() else [None]:
+                spec = self.spec("check", arm, arm, 0, self.overlay(arm, rate), self.scratch)
+                try:
+                    task_args, training_args, model_args = parse_args(argv_for(spec))
+                except SystemExit as error:
+                    raise SystemExit(
+                        f"[learning] arm {arm!r} (overlay {self.arms[arm]}) cannot run: {error}"
+                    ) from None
+                if arm == "plain" and training_args.guidance:
+                    raise SystemExit(
+                        "[learning] the 'plain' arm must be plain GRPO: set guidance: false in its overlay"
+                    )
+                parsed = parsed or (task_args, training_args, model_args)
+        return {"task_args": parsed[0], "training_args": parsed[1]}
+
+    # --- execution
+    def launch(self, kind: str, spec: dict, cores: str | None) -> tuple[subprocess.Popen, Path]:
+        run_dir = Path(spec["run_dir"])
+        spec_path = run_dir / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+        log = self.scratch / f"{spec['phase']}-{spec['name']}.log"
+        command = [sys.executable, str(Path(__file__).resolve()), kind, str(spec_path)]
+        if cores and shutil.which("taskset"):
+            command = ["taskset", "-c", cores, *command]
+        env = {"HF_HUB_OFFLINE": "1", **os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "WANDB_MODE": "disabled"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        with open(log, "w") as handle:
+            process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+        return process, log
+
+    def slot_cores(self) -> list[str | None]:
+        cores = self.args.cores or ""
+        if self.args.parallel == 1:
+            return [cores or None]
+        parts = [part for part in cores.split(",") if part]
+        return parts if parts else [None] * self.args.parallel
+
+    def execute(self, batch: list[dict], done: int, total: int, allow_ballast: bool = True) -> None:
+        """Run a batch side by side (one core each), then record its wall-clock in the ledger."""
+        for spec in batch:
+            run_dir = Path(spec["run_dir"])
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+        cores = self.slot_cores()
+        names = ", ".join(f"{s['phase']}/{s['name']}" for s in batch)
+        so_far = (time.perf_counter() - self.started) / 60
         print(
-            f"[learning] {name}: {record.get('steps', 0)} steps, {metric} {last[metric]:.3f}, "
-            f"{record['wall_seconds'] / 60:.1f} min",
+            f"[learning] {done + 1}-{done + len(batch)}/{total} {names} (this call so far {so_far:.1f} min)",
             file=sys.stderr,
         )
-    shutil.rmtree(scratch, ignore_errors=True)
+        started = time.perf_counter()
+        running = []
+        for slot, spec in enumerate(batch):
+            kind = "evaluate-start" if spec["phase"] == "before" else "run-one"
+            running.append((spec, *self.launch(kind, spec, cores[slot % len(cores)])))
+        extra = None
+        free = [c for c in cores[len(batch) :] if c]
+        if allow_ballast and self.args.parallel > 1 and free and batch[0]["phase"] != "before":
+            command = [sys.executable, str(Path(__file__).resolve()), "ballast"]
+            if shutil.which("taskset"):
+                command = ["taskset", "-c", free[0], *command]
+            extra = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+        failures = []
+        for spec, process, log in running:
+            code = process.wait()
+            if code != 0:
+                tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+                failures.append(
+                    f"{tail}\n[learning] {spec['phase']}/{spec['name']} failed (exit {code}); its output: {log}"
+                )
+        if extra is not None:
+            extra.terminate()
+            extra.wait()
+        wall = time.perf_counter() - started
+        if failures:
+            raise SystemExit("\n".join(failures))
+        partners = [s["name"] for s in batch]
+        for spec in batch:
+            run_dir = Path(spec["run_dir"])
+            (run_dir / "spec.json").unlink()
+            record = json.loads((run_dir / "run.json").read_text())
+            record["wall_seconds"] = round(wall, 1)  # the batch's: loading, training, saving, evaluation
+            record["concurrent_with"] = [n for n in partners if n != spec["name"]] + (["ballast"] if extra else [])
+            (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+            last = record["evals"][-1] if record.get("evals") else {}
+            metric = next((key for key in last if key.endswith("/mean")), None)
+            score = f", {metric} {last[metric]:.3f}" if metric else ""
+            print(f"[learning] {spec['name']}: {record.get('steps', 0)} steps{score}", file=sys.stderr)
+        entry = {"phase": batch[0]["phase"], "runs": partners, "wall_seconds": round(wall, 1), "ballast": bool(extra)}
+        with open(self.runs / "ledger.jsonl", "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def run_phase(self, specs: list[dict], group=lambda spec: spec["seed"], allow_ballast: bool = True) -> None:
+        pending = []
+        for spec in specs:
+            state = finished(Path(spec["run_dir"]), spec)
+            if state and not self.args.fresh:
+                print(f"[learning] {spec['phase']}/{spec['name']}: finished earlier, skipped", file=sys.stderr)
+                continue
+            if state is False and not self.args.fresh:
+                moved = move_stale(Path(spec["run_dir"]), self.runs)
+                print(
+                    f"[learning] {spec['phase']}/{spec['name']}: settings changed, old run moved to {moved}",
+                    file=sys.stderr,
+                )
+            pending.append(spec)
+        done = 0
+        for batch in batches(pending, self.args.parallel, group):
+            self.execute(batch, done, len(pending), allow_ballast)
+            done += len(batch)
+
+    def run(self) -> None:
+        parsed = self.preflight()
+        self.runs.mkdir(parents=True, exist_ok=True)
+        self.scratch.mkdir(parents=True, exist_ok=True)  # kept when a run fails: its log is there
+        validation = None
+        if self.tuned_arms():
+            validation = validation_plan(parsed["task_args"], parsed["training_args"], self.args.validation_problems)
+            (self.runs / "validation.json").write_text(json.dumps(validation, indent=1) + "\n")
+            validation = {"limit": validation["limit"]}
+        if self.args.parallel > 1 and self.args.pairing_check_minutes:
+            for batch in self.pairing_specs():
+                self.run_phase(batch, group=lambda spec: 0, allow_ballast=False)
+        self.run_phase([self.before_spec(validation)])
+        if self.args.stop_after == "before":
+            return
+        rates = {}
+        if self.tuned_arms():
+            self.run_phase(self.tune_specs(validation))
+            metric = headline(parsed["task_args"].reward_funcs)
+            grid = lr_grid(self.runs, metric)
+            rates = {arm: grid[arm]["chosen"] for arm in self.tuned_arms()}
+            print(f"[learning] tuned learning rates: {rates}", file=sys.stderr)
+            if self.args.stop_after == "tune":
+                return
+        self.run_phase(self.final_specs(rates))
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def describe(self) -> str:
+        """The plan: runs and batches per phase, their training minutes, and (once the starting model has been
+        evaluated: its seconds per problem, and the measured start-up of finished runs) an estimate of the total."""
+        tuned, parallel, args = self.tuned_arms(), self.args.parallel, self.args
+        tune_batches = len(args.tune_seeds) * -(-len(tuned) * len(args.lr_grid or []) // parallel) if tuned else 0
+        final_batches = len(args.seeds) * -(-len(self.arms) // parallel)
+        pairing = 2 if parallel > 1 and args.pairing_check_minutes else 0
+        lines = [
+            f"arms ({len(self.arms)}): {', '.join(self.arms)}; tuned: {', '.join(tuned) or 'none'}",
+            f"tuning: {len(tuned) * len(args.lr_grid or []) * len(args.tune_seeds) if tuned else 0} runs in "
+            f"{tune_batches} batches x {args.tune_minutes} min of training",
+            f"test runs: {len(self.arms) * len(args.seeds)} runs in {final_batches} batches x {args.budget_minutes} "
+            "min of training",
+        ]
+        training = tune_batches * args.tune_minutes + final_batches * args.budget_minutes
+        training += pairing * args.pairing_check_minutes
+        lines.append(f"training wall-clock: {training:.0f} min")
+        before = self.runs / "before" / "run.json"
+        record = json.loads(before.read_text()) if before.exists() else {}
+        if "eval_seconds" not in record or "problems" not in record["evals"][0]:
+            lines.append("estimate of the total: after the starting model's evaluation (--stop-after before)")
+            return "\n".join(lines)
+        per_problem = record["eval_seconds"] / record["evals"][0]["problems"]
+        setups = [json.loads(p.read_text()).get("setup_seconds") for p in self.runs.glob("**/run.json")]
+        setups = [value for value in setups if value is not None]
+        setup = float(np.median(setups)) if setups else 60.0
+        snapshots = int(args.budget_minutes // args.eval_every_minutes) if args.eval_every_minutes else 0
+        test = args.test_problems or record["evals"][0]["problems"]
+        tune = args.tune_minutes * 60 + setup + args.validation_problems * 1.3 * per_problem
+        final = args.budget_minutes * 60 + setup + (test + snapshots * args.curve_problems) * per_problem
+        total = (
+            tune_batches * tune + final_batches * final + pairing * (args.pairing_check_minutes * 60 + setup)
+        ) / 60
+        lines.append(
+            f"estimate: {total:.0f} min ({record['eval_seconds'] / 60:.1f} min for the starting model's "
+            f"{record['evals'][0]['problems']} test problems: {per_problem:.2f} s each; start-up "
+            f"{setup:.0f} s per run{'' if setups else ' (assumed)'}; a trained model's answers may be longer)"
+        )
+        return "\n".join(lines)
+
+
+def validation_plan(task_args, training_args, size: int) -> dict:
+    """How many validation problems to evaluate so that `size` of them are not training prompts, and which ids are
+    left out of the score. A validation problem is never a test problem (checked: an overlap is an error); it may be
+    drawn again in the training set of a generated task (train and validation share the non-test partition), and
+    such problems are excluded, so that the rate is chosen on problems the model has not trained on, like the test."""
+    from trl_guided.evaluate import load_problems
+    from trl_guided.train import eval_settings
+
+    def ids(split: str, limit: int | None) -> list[str]:
+        settings = eval_settings(task_args, training_args)
+        settings.split, settings.limit = split, limit
+        try:
+            return load_problems(settings)[1]
+        except Exception as error:
+            raise SystemExit(
+                f"[learning] tuning the learning rate needs a validation split of task {task_args.task!r}: {error}"
+            ) from None
+
+    def prompt_hash(problem_id: str) -> str:
+        return problem_id.split("-", 1)[1]
+
+    train = {prompt_hash(i) for i in ids("train", None)}
+    test = {prompt_hash(i) for i in ids("test", None)}
+    limit = size
+    while True:
+        validation = ids("validation", limit)
+        if set(map(prompt_hash, validation)) & test:
+            shared = len(set(map(prompt_hash, validation)) & test)
+            raise SystemExit(f"[learning] {shared} validation problems of task {task_args.task!r} are test problems")
+        kept = [i for i in validation if prompt_hash(i) not in train]
+        if len(kept) >= size or len(validation) < limit:
+            break
+        limit *= 2
+    kept = kept[:size]
+    if not kept:
+        raise SystemExit(f"[learning] every validation problem of task {task_args.task!r} is a training prompt")
+    last = validation.index(kept[-1]) + 1
+    excluded = [i for i in validation[:last] if prompt_hash(i) in train]
+    return {"limit": last, "problems": len(kept), "excluded_training_prompts": excluded}
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -312,9 +746,108 @@ def reward_at(curve: list[dict], key: str, limit: float, window: int = 5) -> flo
     return float(np.mean(rows)) if rows else None
 
 
-def analyse(out: Path) -> dict:
-    """learning.json's content, from run.json and eval.jsonl files alone."""
-    runs_dir = out / "learning_runs"
+def step_seconds(curve: list[dict]) -> list[float]:
+    """Seconds of each training step after the first (the first one also warms up)."""
+    seconds = [row["seconds"] for row in curve]
+    return [round(b - a, 4) for a, b in zip(seconds, seconds[1:], strict=False)]
+
+
+def median_step_seconds(curve: list[dict]) -> float | None:
+    steps = step_seconds(curve)
+    return float(np.median(steps)) if steps else None
+
+
+def validation_score(run_dir: Path, metric: str, excluded: set[str]) -> float:
+    """Mean validation score over the problems that are not training prompts."""
+    values = per_problem(run_dir, metric, "validation.jsonl")
+    kept = [value for problem, value in values.items() if problem not in excluded]
+    return float(np.mean(kept))
+
+
+def lr_grid(runs_dir: Path, metric: str) -> dict:
+    """Per tuned arm: every grid value's validation score (mean over tuning seeds) and the chosen rate. Only rates
+    whose tuning runs all finished enter the choice; `complete` says whether every rate finished for every seed."""
+    validation = (
+        json.loads((runs_dir / "validation.json").read_text()) if (runs_dir / "validation.json").exists() else {}
+    )
+    excluded = set(validation.get("excluded_training_prompts", []))
+    grid = {}
+    for path in sorted((runs_dir / "tune").glob("*/run.json")):
+        record = json.loads(path.read_text())
+        arm = grid.setdefault(record["arm"], {"runs": []})
+        arm["runs"].append(
+            {
+                "learning_rate": record["learning_rate"],
+                "seed": record["seed"],
+                "score": validation_score(path.parent, metric, excluded),
+                "steps": record["steps"],
+                "train_seconds": record["train_seconds"],
+            }
+        )
+    for entry in grid.values():
+        entry["runs"].sort(key=lambda run: (run["learning_rate"], run["seed"]))
+        seeds = sorted({run["seed"] for run in entry["runs"]})
+        rates = sorted({run["learning_rate"] for run in entry["runs"]})
+        scores = {}
+        for rate in rates:
+            values = [run["score"] for run in entry["runs"] if run["learning_rate"] == rate]
+            if len(values) == len(seeds):
+                scores[rate] = float(np.mean(values))
+        entry["rates"] = rates
+        entry["scores"] = [scores.get(rate) for rate in rates]
+        entry["seeds"] = seeds
+        entry["complete"] = len(scores) == len(rates)
+        entry["chosen"] = select_rate(scores) if scores else None
+    return grid
+
+
+def study_machine_time(runs_dir: Path, before: dict, runs: dict, tune_runs: list[dict]) -> dict:
+    """How the study's wall-clock splits: per phase (from the ledger of batches), and per kind of work in
+    core-minutes (training clock, evaluation, loading/saving/start-up: the rest of each child process)."""
+    ledger_path = runs_dir / "ledger.jsonl"
+    ledger = [json.loads(line) for line in ledger_path.read_text().splitlines()] if ledger_path.exists() else []
+    if not ledger:  # a study from before the ledger ran one child at a time: their wall-clocks add up
+        ledger = [
+            {"phase": r.get("phase", "final"), "wall_seconds": r.get("wall_seconds", 0.0)} for r in runs.values()
+        ]
+        ledger += [{"phase": "before", "wall_seconds": before.get("wall_seconds", 0.0)}]
+    by_phase = {}
+    for entry in ledger:
+        by_phase[entry["phase"]] = by_phase.get(entry["phase"], 0.0) + entry["wall_seconds"] / 60
+
+    def kinds(records: list[dict]) -> dict:
+        train = sum(r.get("train_seconds", 0.0) for r in records)
+        evaluation = sum(r.get("eval_seconds", 0.0) for r in records)
+        total = sum(r.get("process_seconds", r.get("wall_seconds", 0.0)) for r in records)
+        return {
+            "training": round(train / 60, 2),
+            "evaluation": round(evaluation / 60, 2),
+            "other": round(max(total - train - evaluation, 0.0) / 60, 2),
+        }
+
+    return {
+        "wall_minutes": round(sum(by_phase.values()), 2),
+        "wall_minutes_by_phase": {phase: round(minutes, 2) for phase, minutes in by_phase.items()},
+        "core_minutes": {
+            "before": kinds([before]),
+            "tune": kinds(tune_runs),
+            "final": kinds(list(runs.values())),
+        },
+        "note": "wall minutes come from the ledger of batches (two runs side by side count once); core minutes sum "
+        "each run's own clock: training (the budget), evaluation (test, validation and snapshot evaluations), other "
+        "(start-up, model loading, saving).",
+    }
+
+
+def completion_tokens(run_dir: Path, records: str = "eval.jsonl") -> list[int]:
+    from trl_guided.evaluate import read_records
+
+    return [r["tokens"] for r in read_records(run_dir / records)]
+
+
+def analyse(out: Path, name: str = "learning", arm_order: list[str] | None = None) -> dict:
+    """The report's content, from run.json and eval.jsonl files alone."""
+    runs_dir = study_paths(out, name)[2]
     before_run = json.loads((runs_dir / "before" / "run.json").read_text())
     metric = headline(before_run["settings"]["reward_funcs"])
     before = per_problem(runs_dir / "before", metric)
@@ -323,7 +856,8 @@ def analyse(out: Path) -> dict:
     for path in sorted(runs_dir.glob("*/run.json")):
         if path.parent.name != "before":
             runs[path.parent.name] = json.loads(path.read_text())
-    arms = [arm for arm in ARMS if any(r["arm"] == arm for r in runs.values())]
+    present = {r["arm"] for r in runs.values()}
+    arms = [arm for arm in (arm_order or list(ARMS)) if arm in present] + sorted(present - set(arm_order or ARMS))
     seeds = sorted({r["seed"] for r in runs.values()})
     complete = [s for s in seeds if all(run_name(arm, s) in runs for arm in arms)]
     after = {run_name(arm, s): per_problem(runs_dir / run_name(arm, s), metric) for arm in arms for s in complete}
@@ -338,23 +872,37 @@ def analyse(out: Path) -> dict:
     for arm in arms:
         arm_runs = [runs[run_name(arm, s)] for s in complete]
         gains = matrix(arm) - base
-        report_arms[arm] = {
-            "overrides": ARMS[arm],
+        first = arm_runs[0] if arm_runs else {}
+        entry = {
+            # The arm's own overlay (the study-wide settings and the tuned rate apart): what names its configuration.
+            "overrides": first.get("arm_overlay") or ARMS.get(arm) or first.get("overrides"),
+            "learning_rate": arm_runs[0].get("learning_rate") if arm_runs else None,
             "seeds": complete,
             "steps": [r["steps"] for r in arm_runs],
             "tokens": [r["tokens"] for r in arm_runs],
             "train_seconds": [r["train_seconds"] for r in arm_runs],
+            "median_step_seconds": [median_step_seconds(r["curve"]) for r in arm_runs],
             "accuracy_before": float(base.mean()),
             "accuracy_after": [float(row.mean()) for row in matrix(arm)],
             "gain": float(gains.mean()),
             "gain_ci95": hierarchical_ci(gains),
             "nll_per_token_before": before_run["evals"][0].get("nll_per_token"),
             "nll_per_token_after": [r["evals"][-1].get("nll_per_token") for r in arm_runs],
+            "repetition_before": before_run["evals"][0].get("repetition"),
+            "repetition_after": [r["evals"][-1].get("repetition") for r in arm_runs],
+            "median_completion_tokens_after": [
+                float(np.median(completion_tokens(runs_dir / run_name(arm, s)))) for s in complete
+            ],
             "truncated_after": [r["evals"][-1].get("truncated") for r in arm_runs],
             "train_reward_at_end": [reward_at(r["curve"], "seconds", float("inf")) for r in arm_runs],
             "train_reward_at_equal_steps": [reward_at(r["curve"], "step", equal_steps) for r in arm_runs],
             "train_reward_at_equal_tokens": [reward_at(r["curve"], "tokens", equal_tokens) for r in arm_runs],
         }
+        if "plain" in arms and arm != "plain" and complete:
+            difference = matrix(arm) - matrix("plain")
+            entry["difference_to_plain"] = float(difference.mean())
+            entry["difference_to_plain_ci95"] = hierarchical_ci(difference)
+        report_arms[arm] = entry
     pairs = {}
     for i, first in enumerate(arms):
         for second in arms[i + 1 :]:
@@ -363,12 +911,14 @@ def analyse(out: Path) -> dict:
                 "difference": float(difference.mean()),
                 "ci95": hierarchical_ci(difference),
             }
-    return {
-        # Summed over the runs (each child process from start to exit), so a resumed study still adds up.
-        "study_seconds": round(sum(r.get("wall_seconds", 0.0) for r in [before_run, *runs.values()]), 1),
+    tune_runs = [json.loads(p.read_text()) for p in sorted((runs_dir / "tune").glob("*/run.json"))]
+    machine_time = study_machine_time(runs_dir, before_run, runs, tune_runs)
+    report = {
+        "study_seconds": round(machine_time["wall_minutes"] * 60, 1),  # the batches' wall-clock, summed
         "question": "Does guided GRPO reach a better model than plain GRPO for the same wall-clock?",
         "metric": f"{metric} on the test split, greedy, plain sampling",
         "problems": len(problems),
+        "base_median_completion_tokens": float(np.median(completion_tokens(runs_dir / "before"))),
         "seeds_complete": complete,
         "equal_steps": equal_steps,
         "equal_tokens": equal_tokens,
@@ -377,7 +927,66 @@ def analyse(out: Path) -> dict:
         "pairs": pairs,
         "runs": {name: {k: v for k, v in run.items() if k != "curve"} for name, run in runs.items()},
         "curves": {name: run["curve"] for name, run in runs.items()},
+        "learning_curves": {name: learning_curve(runs_dir / name, run, metric) for name, run in runs.items()},
+        "machine_time": machine_time,
     }
+    if tune_runs:
+        validation = json.loads((runs_dir / "validation.json").read_text())
+        excluded = set(validation["excluded_training_prompts"])
+        report["validation"] = {
+            "problems": validation["problems"],
+            "evaluated": validation["limit"],
+            "excluded_training_prompts": len(excluded),
+            "score_before": validation_score(runs_dir / "before", metric, excluded),
+        }
+        report["lr_grid"] = lr_grid(runs_dir, metric)
+    pairing = pairing_check(runs_dir)
+    if pairing:
+        report["pairing_check"] = pairing
+    return report
+
+
+def learning_curve(run_dir: Path, run: dict, metric: str) -> list[dict]:
+    """Held-out score over training wall-clock: each snapshot on its test subset, then the final model on the same
+    subset (its full evaluation restricted to those problems). Without snapshots, the final score alone."""
+    snapshots = [e for e in run["evals"] if e.get("subset")]
+    final = run["evals"][-1]
+    full = per_problem(run_dir, metric, final["records"])
+    if not snapshots:
+        return [{"seconds": final["seconds"], "step": final["step"], "score": float(np.mean(list(full.values())))}]
+    subset = per_problem(run_dir, metric, snapshots[0]["records"])
+    points = [{"seconds": e["seconds"], "step": e["step"], "score": e[metric]} for e in snapshots]
+    score = float(np.mean([full[p] for p in subset]))
+    return points + [{"seconds": final["seconds"], "step": final["step"], "score": score}]
+
+
+def pairing_check(runs_dir: Path) -> dict | None:
+    """Median seconds per training step of one run alone and of two runs side by side (one core each)."""
+    folder = runs_dir / "pairing"
+    names = ("alone", "paired-a", "paired-b")
+    if not all((folder / n / "run.json").exists() for n in names):
+        return None
+    medians = {n: median_step_seconds(json.loads((folder / n / "run.json").read_text())["curve"]) for n in names}
+    paired = float(np.mean([medians["paired-a"], medians["paired-b"]]))
+    return {
+        "median_step_seconds_alone": medians["alone"],
+        "median_step_seconds_paired": paired,
+        "paired_over_alone": paired / medians["alone"] if medians["alone"] else None,
+    }
+
+
+PALETTE = (
+    "#444444",
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -386,11 +995,14 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = dict(zip(ARMS, ("#444444", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"), strict=False))
+    colours = dict(zip(report["arms"], PALETTE * 3, strict=False))
     fig, (reward_ax, accuracy_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     before = report["arms"][next(iter(report["arms"]))]["accuracy_before"] if report["arms"] else None
+    subset = False
     for arm in report["arms"]:
         names = [run_name(arm, s) for s in report["arms"][arm]["seeds"]]
+        if not names:
+            continue
         grid = np.linspace(0, max(report["runs"][n]["train_seconds"] for n in names) / 60, 60)
         smoothed = []
         for name in names:
@@ -406,20 +1018,23 @@ def plot(report: dict, path: Path) -> None:
             reward_ax.plot(grid, np.mean(smoothed, axis=0), color=colours[arm], linewidth=2.5, label=arm)
         points = []
         for name in names:
-            evals = report["runs"][name]["evals"]
-            xs = [0.0] + [e["seconds"] / 60 for e in evals]
-            ys = [before] + [e[report["metric"].split()[0]] for e in evals]
+            curve = report["learning_curves"][name]
+            subset = subset or len(curve) > 1
+            xs = [0.0] + [point["seconds"] / 60 for point in curve]
+            ys = [before] + [point["score"] for point in curve]
             accuracy_ax.plot(xs, ys, color=colours[arm], alpha=0.3, linewidth=0.8, marker="o", markersize=3)
             points.append((xs, ys))
-        xs = np.mean([p[0] for p in points], axis=0)
-        ys = np.mean([p[1] for p in points], axis=0)
-        accuracy_ax.plot(xs, ys, color=colours[arm], linewidth=2.5, marker="o", label=arm)
+        if len({len(p[0]) for p in points}) == 1:  # seeds with as many snapshots: their mean
+            xs = np.mean([p[0] for p in points], axis=0)
+            ys = np.mean([p[1] for p in points], axis=0)
+            accuracy_ax.plot(xs, ys, color=colours[arm], linewidth=2.5, marker="o", label=arm)
     reward_ax.set(title="Training reward (moving mean of 5 steps)", xlabel="training wall-clock (min)")
     reward_ax.set(ylabel="reward")
+    problems = "the first test problems" if subset else f"{report['problems']} test problems"
     accuracy_ax.set(
-        title=f"Held-out accuracy ({report['problems']} test problems, greedy)",
+        title=f"Held-out score ({problems}, greedy)",
         xlabel="training wall-clock (min)",
-        ylabel="accuracy",
+        ylabel=report["metric"].split()[0],
     )
     for ax in (reward_ax, accuracy_ax):
         ax.grid(alpha=0.3)
@@ -452,15 +1067,25 @@ def machine() -> dict:
 
 def write_report(args: argparse.Namespace) -> dict:
     out = Path(args.out)
-    report = analyse(out)
+    report_path, plot_path, _ = study_paths(out, args.name)
+    report = analyse(out, args.name, list(args.arm_overlays))
     report = {
         "command": " ".join(["python bench/learning.py", *sys.argv[1:]]),
         "settings": {
+            "name": args.name,
             "recipe": _shown(Path(args.recipe)),
-            "arms": {arm: ARMS[arm] for arm in report["arms"]},  # every arm with finished runs, not only this call's
+            "task": args.task,
+            "arms": {arm: entry["overrides"] for arm, entry in report["arms"].items()},  # every arm with runs
             "seeds": args.seeds,
             "budget_minutes": args.budget_minutes,
             "eval_every_minutes": args.eval_every_minutes,
+            "curve_problems": args.curve_problems,
+            "test_problems": args.test_problems,
+            "lr_grid": args.lr_grid,
+            "tune_minutes": args.tune_minutes,
+            "tune_seeds": args.tune_seeds,
+            "validation_problems": args.validation_problems,
+            "parallel": args.parallel,
             "threads": args.threads,
             "cores": args.cores,
             "tiny": args.tiny,
@@ -469,14 +1094,16 @@ def write_report(args: argparse.Namespace) -> dict:
         "machine": machine(),
         **report,
     }
-    (out / "learning.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out / "learning.png")
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, plot_path)
     return report
 
 
 def print_table(report: dict) -> None:
     print(f"{'arm':<16}{'steps':>12}{'tokens':>16}{'accuracy':>22}{'gain [95% CI]':>28}")
     for arm, entry in report["arms"].items():
+        if not entry["seeds"]:
+            continue
         after = np.mean(entry["accuracy_after"])
         low, high = entry["gain_ci95"]
         print(
@@ -488,47 +1115,99 @@ def print_table(report: dict) -> None:
         print(f"{pair}: {entry['difference']:+.3f} [{low:+.3f}, {high:+.3f}]")
 
 
+def _interval(value: float, ci: list[float]) -> str:
+    return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
 def markdown_table(report: dict) -> str:
     """The README table: per arm, mean steps and generated tokens per run, accuracy before -> after, the gain and the
-    difference to plain GRPO with their 95 % CIs, and the base model's NLL/token of the arm's test answers."""
+    difference to plain GRPO with their 95 % CIs, the base model's NLL/token of the arm's test answers, and (when the
+    study tuned it) the arm's learning rate; then the learning-rate grid with every validation score."""
+    tuned = "lr_grid" in report
     lines = [
         "| arm | steps | tokens | accuracy before -> after | gain [95% CI] | vs plain [95% CI] "
-        "| NLL/token before -> after |",
-        "|---|---|---|---|---|---|---|",
+        "| NLL/token before -> after |" + (" learning rate |" if tuned else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if tuned else ""),
     ]
     for arm, entry in report["arms"].items():
-        low, high = entry["gain_ci95"]
-        pair = report["pairs"].get(f"plain - {arm}")
-        versus = (
-            "" if pair is None else f"{-pair['difference']:+.3f} [{-pair['ci95'][1]:+.3f}, {-pair['ci95'][0]:+.3f}]"
-        )
+        if not entry["seeds"]:
+            continue
+        versus = entry.get("difference_to_plain")
+        versus = "-" if versus is None else _interval(versus, entry["difference_to_plain_ci95"])
         after = [v for v in entry["nll_per_token_after"] if v is not None]
         before = entry["nll_per_token_before"]
         nll = f"{before:.2f} -> {np.mean(after):.2f}" if before is not None and after else "-"
-        lines.append(
+        line = (
             f"| {arm} | {np.mean(entry['steps']):.1f} | {np.mean(entry['tokens']):.0f} | "
             f"{entry['accuracy_before']:.3f} -> {np.mean(entry['accuracy_after']):.3f} | "
-            f"{entry['gain']:+.3f} [{low:+.3f}, {high:+.3f}] | {versus or '-'} | "
-            f"{nll} |"
+            f"{_interval(entry['gain'], entry['gain_ci95'])} | {versus} | {nll} |"
         )
+        rate = entry["learning_rate"]
+        lines.append(line + ((" - |" if rate is None else f" {rate:g} |") if tuned else ""))
+    if tuned:
+        lines += ["", lr_grid_table(report)]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("run-one", "evaluate-start"):
-        spec = json.loads(Path(argv[1]).read_text())
-        (run_one if argv[0] == "run-one" else evaluate_start)(spec)
-        return
+def lr_grid_table(report: dict) -> str:
+    """One row per tuned arm: the validation score at each grid value (mean over tuning seeds), the chosen one bold."""
+    grid = report["lr_grid"]
+    rates = sorted({rate for entry in grid.values() for rate in entry["rates"]})
+    validation = report["validation"]
+    minutes = report.get("settings", {}).get("tune_minutes", "?")
+    lines = [
+        f"Validation score ({validation['problems']} problems, none in the test split or the training set; the "
+        f"starting model: {validation['score_before']:.3f}) after {minutes} min "
+        "of training at each learning rate; bold: the rate the test runs used.",
+        "",
+        "| arm | " + " | ".join(f"{rate:g}" for rate in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    order = [arm for arm in report["arms"] if arm in grid] + [arm for arm in grid if arm not in report["arms"]]
+    for arm, entry in ((arm, grid[arm]) for arm in order):
+        scores = dict(zip(entry["rates"], entry["scores"], strict=True))
+        cells = []
+        for rate in rates:
+            score = scores.get(rate)
+            text = "-" if score is None else f"{score:.3f}"
+            cells.append(f"**{text}**" if rate == entry["chosen"] else text)
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(BENCH), help="Where learning.json, learning.png, learning_runs/ go.")
+    parser.add_argument("--study", default=None, help="A YAML file of this command's options (the command line wins).")
+    parser.add_argument("--out", default=str(BENCH), help="Where <name>.json, <name>.png and <name>_runs/ go.")
+    parser.add_argument("--name", default="learning", help="The study's name: <name>.json, <name>.png, <name>_runs/.")
     parser.add_argument("--recipe", default=str(RECIPE), help="The base recipe the arms overlay (bench/GPU.md).")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="Use the task's CPU recipe (recipes/smollm2-135m-instruct/<task>_cpu.yaml) as the base recipe, with the "
+        "study's fixed settings (constant learning rate, one log row per step, no checkpoints) over it.",
+    )
+    parser.add_argument("--arms-file", default=None, help="YAML: arm name -> recipe overlay (default: ARMS).")
+    parser.add_argument("--arms", nargs="+", default=None, help="Run these arms only (default: all).")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget-minutes", type=float, default=6.0, help="Training wall-clock per run.")
+    parser.add_argument("--budget-minutes", type=float, default=6.0, help="Training wall-clock per test run.")
     parser.add_argument("--eval-every-minutes", type=float, default=None, help="Also evaluate snapshots this often.")
+    parser.add_argument("--curve-problems", type=int, default=64, help="Test problems each snapshot is scored on.")
+    parser.add_argument("--test-problems", type=int, default=None, help="Test problems (default: the recipe's).")
+    parser.add_argument("--lr-grid", nargs="+", type=float, default=None, help="Learning rates to tune each arm over.")
+    parser.add_argument("--tune-minutes", type=float, default=2.0, help="Training wall-clock per tuning run.")
+    parser.add_argument("--tune-seeds", nargs="+", type=int, default=[100], help="Seeds of the tuning runs.")
+    parser.add_argument("--validation-problems", type=int, default=64, help="Validation problems a tuning run scores.")
+    parser.add_argument("--parallel", type=int, default=1, choices=[1, 2], help="Runs side by side (one core each).")
+    parser.add_argument(
+        "--pairing-check-minutes", type=float, default=0.0, help="With --parallel 2: step time alone vs paired."
+    )
     parser.add_argument("--threads", type=int, default=1, help="Torch threads per run.")
-    parser.add_argument("--cores", default="0", help="taskset core list for the runs ('' for none).")
+    parser.add_argument(
+        "--cores",
+        default="0",
+        help="taskset core list for the runs ('' for none); with --parallel 2 one core per run.",
+    )
     parser.add_argument(
         "--set",
         nargs="+",
@@ -537,27 +1216,87 @@ def main(argv: list[str] | None = None) -> None:
         metavar="FIELD=VALUE",
         help="Override a recipe field in every arm (a diagnostic variant; give it its own --out).",
     )
+    parser.add_argument("--stop-after", choices=["before", "tune"], default=None, help="Stop after this phase.")
     parser.add_argument("--fresh", action="store_true", help="Redo runs that finished earlier.")
-    parser.add_argument("--report-only", action="store_true", help="Only recompute learning.json and learning.png.")
-    parser.add_argument("--markdown", action="store_true", help="Print learning.json as the README table and exit.")
+    parser.add_argument("--report-only", action="store_true", help="Only recompute <name>.json and <name>.png.")
+    parser.add_argument("--markdown", action="store_true", help="Print <name>.json as the README tables and exit.")
+    parser.add_argument("--plan", action="store_true", help="Print the runs and batches the study holds and exit.")
     parser.add_argument("--tiny", action="store_true", help="A tiny local model and a few seconds per run (CI).")
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The command line over the `--study` file's options over the defaults; every choice checked in one line."""
+    parser = make_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.study:
+        options = yaml.safe_load(Path(first.study).read_text()) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            parser.error(f"{first.study}: unknown options {unknown}; use the command's option names with _ for -")
+        parser.set_defaults(**options)
     args = parser.parse_args(argv)
+    if isinstance(args.set, dict):
+        args.set = list(args.set.items())
+    args.set = [tuple(item) for item in args.set]
+    if args.task:
+        recipe = ROOT / "recipes" / "smollm2-135m-instruct" / f"{args.task}_cpu.yaml"
+        if not recipe.is_file():
+            known = sorted(p.stem.removesuffix("_cpu") for p in recipe.parent.glob("*_cpu.yaml"))
+            parser.error(f"--task {args.task}: no recipe {_shown(recipe)}; tasks with a CPU recipe: {known}")
+        args.recipe = str(recipe)
+    for option in ("arms_file", "recipe"):  # a study file's paths may be relative to the repository
+        path = getattr(args, option)
+        if path and not Path(path).exists() and (ROOT / path).exists():
+            setattr(args, option, str(ROOT / path))
+    args.arm_overlays = load_arms(args.arms_file)
+    args.arms = args.arms or list(args.arm_overlays)
+    unknown = sorted(set(args.arms) - set(args.arm_overlays))
+    if unknown:
+        parser.error(f"--arms {unknown}: not in the arms ({', '.join(args.arm_overlays)})")
+    if args.lr_grid is not None and len(args.lr_grid) == 1:
+        parser.error("--lr-grid needs at least two values to tune over (set one rate with --set learning_rate=X)")
+    if args.lr_grid and set(args.tune_seeds) & set(args.seeds):
+        parser.error("--tune-seeds must differ from --seeds (a tuning run would repeat the start of a test run)")
+    if args.parallel > 1 and args.cores and len([c for c in args.cores.split(",") if c]) < args.parallel:
+        parser.error(f"--parallel {args.parallel} pins each run to its own core: give as many, e.g. --cores 0,1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("run-one", "evaluate-start"):
+        spec = json.loads(Path(argv[1]).read_text())
+        (run_one if argv[0] == "run-one" else evaluate_start)(spec)
+        return
+    if argv and argv[0] == "ballast":
+        ballast()
+        return
+    args = parse_arguments(argv)
+    report_path, plot_path, _ = study_paths(Path(args.out), args.name)
     if args.markdown:
-        print(markdown_table(json.loads((Path(args.out) / "learning.json").read_text())))
+        print(markdown_table(json.loads(report_path.read_text())))
         return
     if args.tiny and args.out == str(BENCH):
-        parser.error("--tiny writes a smoke result: give --out DIR so bench/learning.json is not overwritten")
+        sys.exit(f"--tiny writes a smoke result: give --out DIR so bench/{args.name}.json is not overwritten")
+    if args.plan:
+        print(Study(args).describe())
+        return
     if args.tiny and args.model is None:
         sys.path.insert(0, str(ROOT))
         from trl_guided.tiny_models import build_tiny_model
 
         args.model = build_tiny_model(Path(args.out) / "tiny-model")
     if not args.report_only:
-        run_study(args)
+        Study(args).run()
+    if args.stop_after:
+        print(Study(args).describe())
+        return
     report = write_report(args)
     print_table(report)
-    print(f"wrote {Path(args.out) / 'learning.json'} and {Path(args.out) / 'learning.png'}")
+    print(f"wrote {report_path} and {plot_path}")
 
 
 if __name__ == "__main__":

@@ -111,40 +111,70 @@ def test_compare_runs_reads_two_training_runs(tmp_path):
 
 @pytest.mark.slow
 def test_learning_study_tiny_end_to_end_and_resume(tmp_path):
-    """`bench/learning.py --tiny`: every run trains and evaluates, the JSON and the PNG are written, a rerun skips the
-    finished runs, and the per-arm accuracies in the JSON are the ones the per-run records give."""
+    """`bench/learning.py --tiny`: the learning rate of an arm is tuned on the validation split (an arm that fixes its
+    rate is not), two runs go side by side, every run trains and evaluates (snapshots on a test subset), the JSON and
+    the PNG are written under the study's name, a rerun skips the finished runs, and the per-arm accuracies in the
+    JSON are the ones the per-run records give."""
     from trl_guided.evaluate import read_records
 
+    arms = tmp_path / "arms.yaml"
+    arms.write_text("plain: {guidance: false}\nguided: {guidance: true, learning_rate: 2.0e-5}\n")
     command = [sys.executable, str(ROOT / "bench" / "learning.py"), "--tiny", "--out", str(tmp_path)]
-    command += ["--arms", "plain", "guided", "--seeds", "0", "1", "--budget-minutes", "0.03", "--cores", ""]
+    command += ["--name", "tiny_study", "--arms-file", str(arms), "--seeds", "0", "1", "--cores", ""]
+    command += ["--budget-minutes", "0.04", "--eval-every-minutes", "0.01", "--curve-problems", "4"]
+    command += ["--lr-grid", "1e-5", "4e-5", "--tune-minutes", "0.02", "--validation-problems", "8", "--parallel", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert first.returncode == 0, first.stderr[-4000:]
-    report = json.loads((tmp_path / "learning.json").read_text())
+    report = json.loads((tmp_path / "tiny_study.json").read_text())
+    assert not (tmp_path / "learning.json").exists()
     assert set(report["arms"]) == {"plain", "guided"} and report["seeds_complete"] == [0, 1]
     assert set(report["runs"]) == {"plain-seed0", "guided-seed0", "plain-seed1", "guided-seed1"}
     assert set(report["pairs"]) == {"plain - guided"}
     assert report["problems"] == 8 and report["study_seconds"] > 0
+
+    # Only plain is tuned; its test runs use the chosen rate, guided its own.
+    grid = report["lr_grid"]
+    assert set(grid) == {"plain"} and grid["plain"]["rates"] == [1e-5, 4e-5] and grid["plain"]["complete"]
+    assert all(score is not None and 0 <= score <= 1 for score in grid["plain"]["scores"])
+    assert report["validation"]["problems"] == 8
     for run in report["runs"].values():
+        assert run["learning_rate"] == (grid["plain"]["chosen"] if run["arm"] == "plain" else 2e-5)
+        assert run["concurrent_with"] and run["concurrent_with"][0].endswith(f"seed{run['seed']}")  # same seed
         assert run["steps"] >= 1 and run["tokens"] > 0 and len(run["load_average"]["start"]) == 3
-        assert len(report["curves"][f"{run['arm']}-seed{run['seed']}"]) == run["steps"]
+        assert run["train_seconds"] > 0 and run["eval_seconds"] > 0
+        curve = report["curves"][f"{run['arm']}-seed{run['seed']}"]
+        assert len(curve) == run["steps"]
+        snapshots = [e for e in run["evals"] if e.get("subset")]
+        assert len(report["learning_curves"][f"{run['arm']}-seed{run['seed']}"]) == len(snapshots) + 1
+        assert all(e["problems"] == 4 for e in snapshots)
+    assert any(e.get("subset") for run in report["runs"].values() for e in run["evals"])
+    time = report["machine_time"]
+    assert set(time["wall_minutes_by_phase"]) == {"before", "tune", "final"}
+    assert time["core_minutes"]["tune"]["training"] > 0 and time["core_minutes"]["final"]["evaluation"] > 0
+    assert report["base_median_completion_tokens"] > 0
     for arm, entry in report["arms"].items():
         assert entry["overrides"]["guidance"] == (arm != "plain")
         low, high = entry["gain_ci95"]
         assert low <= entry["gain"] <= high
         for seed, after in zip(entry["seeds"], entry["accuracy_after"], strict=True):
-            records = read_records(tmp_path / "learning_runs" / f"{arm}-seed{seed}" / "eval.jsonl")
+            records = read_records(tmp_path / "tiny_study_runs" / f"{arm}-seed{seed}" / "eval.jsonl")
             assert len(records) == 8 and "prompt" not in records[0]
             assert after == pytest.approx(sum(r["rewards"]["arithmetic_accuracy"] for r in records) / 8)
-    _assert_png_not_blank(tmp_path / "learning.png")
+    assert "difference_to_plain_ci95" in report["arms"]["guided"]
+    _assert_png_not_blank(tmp_path / "tiny_study.png")
 
-    run_json = tmp_path / "learning_runs" / "guided-seed1" / "run.json"
+    run_json = tmp_path / "tiny_study_runs" / "guided-seed1" / "run.json"
     stamp = run_json.stat().st_mtime_ns
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stderr.count("finished earlier, skipped") == 5  # the starting model and the four runs
+    assert again.stderr.count("finished earlier, skipped") == 7  # the starting model, two tuning runs, four runs
     assert run_json.stat().st_mtime_ns == stamp
-    assert json.loads((tmp_path / "learning.json").read_text())["arms"] == report["arms"]
+    assert json.loads((tmp_path / "tiny_study.json").read_text())["arms"] == report["arms"]
+
+    markdown = [sys.executable, str(ROOT / "bench" / "learning.py"), "--markdown", "--out", str(tmp_path)]
+    table = subprocess.run(markdown + ["--name", "tiny_study"], capture_output=True, text=True, timeout=120).stdout
+    assert "| plain | " in table and "| arm | 1e-05 | 4e-05 |" in table and "**" in table
 
 
 def _assert_png_not_blank(path: Path) -> None:
