@@ -86,12 +86,14 @@ class GuidedGRPOConfig(GRPOConfig):
             Sample TRL's evaluation rollouts guided (`True`) or plain (`False`).
 
     Parameters that control the loss:
-        guidance_loss_scope (`str`, defaults to `"guidance"`):
-            Which completion tokens the loss trains. `"guidance"`: the guidance tokens only (weight 1; the loss
-            forward stops after the last guidance token). `"guidance_postfix"`: guidance weight 1, the `k`-th postfix
-            token (k = 0, 1, ...) `max(postfix_decay ** (k + 1), postfix_min_weight)`, prefix 0. `"completion"`: every
-            completion token, as plain GRPO. `"low_prob"`: SPO's probability mask, every completion token (shared
-            prefix included) whose probability under the sampling-time policy was below `loss_prob_threshold`.
+        guidance_loss_scope (`str`, defaults to `"guidance_postfix"`):
+            Which completion tokens the loss trains. `"guidance_postfix"` (the default, chosen by the rule in
+            docs/training.md from the guided-vs-plain studies): guidance weight 1, the `k`-th postfix token (k = 0,
+            1, ...) `max(postfix_decay ** (k + 1), postfix_min_weight)`, prefix 0. `"guidance"` (Guide-GRPO's
+            setting): the guidance tokens only (weight 1; the loss forward stops after the last guidance token).
+            `"completion"`: every completion token, as plain GRPO. `"low_prob"`: SPO's probability mask, every
+            completion token (shared prefix included) whose probability under the sampling-time policy was below
+            `loss_prob_threshold`.
             TRL's `top_entropy_quantile` applies on top of any scope (docs/training.md).
         guidance_loss_normalization (`str`, defaults to `"trained"`):
             What the loss is divided by: the trained tokens (`"trained"`), or every completion token as plain GRPO
@@ -179,7 +181,7 @@ class GuidedGRPOConfig(GRPOConfig):
     min_guide_tokens: int = field(default=2, metadata={"help": "Shortest guidance segment (drawn per group)."})
     max_guide_tokens: int = field(default=8, metadata={"help": "Longest guidance segment (drawn per group)."})
     guidance_loss_scope: str = field(
-        default="guidance",
+        default="guidance_postfix",  # the rule's winner in bench/learning*.json (tests/unit/test_evidence.py)
         metadata={"help": f"Which completion tokens the loss trains. One of: {', '.join(LOSS_SCOPES)}."},
     )
     guidance_loss_normalization: str = field(

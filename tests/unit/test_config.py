@@ -32,7 +32,7 @@ from .common import config
         (dict(guidance_loss_scope="low_prob", loss_prob_threshold=0.0), "loss_prob_threshold=0.0 must be in"),
         (dict(loss_prob_threshold=1.5), "loss_prob_threshold=1.5 must be in"),
         (
-            dict(num_prefixes_per_group=2, tree_advantage="treerl"),
+            dict(num_prefixes_per_group=2, tree_advantage="treerl", guidance_loss_scope="guidance"),
             "tree_advantage='treerl' weights the shared prefix tokens, which guidance_loss_scope='guidance'",
         ),
         (

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from trl_guided import GuidedGRPOConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("evidence", ROOT / "bench" / "evidence.py")
@@ -101,3 +104,28 @@ def test_command_line_prints_the_winner(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["winner"]["arms"] == {"study": "post"}
+
+
+# Guide-GRPO's own setting, kept as a recipe that reproduces the method (docs/training.md).
+NAMED_METHOD_RECIPES = {"qwen2.5-1.5b-instruct/gsm8k_guided.yaml"}
+
+
+def study_reports() -> dict[str, dict]:
+    """The guided-vs-plain studies that have run: bench/learning.json (one-step arithmetic) and, once it has run,
+    bench/learning_regime.json."""
+    paths = [ROOT / "bench" / name for name in ("learning.json", "learning_regime.json")]
+    return {path.stem: json.loads(path.read_text()) for path in paths if path.exists()}
+
+
+def test_the_default_and_the_recipes_are_the_rules_winner(tmp_path):
+
+    winner = evidence.rule_winner(study_reports())["winner"]["overrides"]
+    default = GuidedGRPOConfig(output_dir=str(tmp_path))
+    assert evidence.default_mismatches(winner, default) == {}, "apply the rule: docs/training.md"
+    for recipe in sorted((ROOT / "recipes").glob("*/*.yaml")):
+        name = f"{recipe.parent.name}/{recipe.name}"
+        fields = yaml.safe_load(recipe.read_text())
+        if not fields.get("guidance") or name in NAMED_METHOD_RECIPES:
+            continue
+        differing = {key: fields[key] for key in winner if key in fields and fields[key] != winner[key]}
+        assert not differing, f"{name} sets {differing}, the rule's winner is {winner}"
