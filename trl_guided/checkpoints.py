@@ -30,14 +30,25 @@ def is_complete(checkpoint: str | Path) -> bool:
     return True
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str]]:
-    """(the highest-numbered complete `checkpoint-N` folder or None, the newer incomplete folders it skipped)."""
+def checkpoint_step(path: str | Path) -> int | None:
+    """N of a `checkpoint-N` folder name, None for any other name."""
+    match = _CHECKPOINT.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints_newest_first(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-N` folders of a run directory, highest N first (empty when it is not a directory)."""
     folder = Path(output_dir)
     if not folder.is_dir():
-        return None, []
-    numbered = [(int(m.group(1)), path) for path in folder.iterdir() if (m := _CHECKPOINT.match(path.name))]
+        return []
+    numbered = [(step, path) for path in folder.iterdir() if (step := checkpoint_step(path)) is not None]
+    return [path for _, path in sorted((n, p) for n, p in numbered if p.is_dir())[::-1]]
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str]]:
+    """(the highest-numbered complete `checkpoint-N` folder or None, the newer incomplete folders it skipped)."""
     skipped = []
-    for _, path in sorted((n, p) for n, p in numbered if p.is_dir())[::-1]:
+    for path in checkpoints_newest_first(output_dir):
         if is_complete(path):
             return str(path), skipped
         skipped.append(str(path))

@@ -13,8 +13,9 @@ import torch
 import yaml
 
 from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer
+from trl_guided.locate import load_model, locate_model
 from trl_guided.models import resolve_model_path
-from trl_guided.quality import completion_nll, load_model
+from trl_guided.quality import completion_nll
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 MAIN_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-135m-instruct" / "length_cpu.yaml"
@@ -179,7 +180,7 @@ def test_per_token_update_of_guided_and_plain_under_each_normalization(embedded,
 
 
 def test_completion_nll_scores_fluent_text_below_scrambled_text(embedded):
-    model, tokenizer = load_model(EMBEDDED)
+    model, tokenizer = load_model(locate_model(EMBEDDED))
     fluent = "Paper was invented in China around 105 AD and spread along trade routes to the rest of the world."
     words = fluent.split()
     scrambled = " ".join(words[::2] + words[1::2])
@@ -242,7 +243,7 @@ def test_main_job_recipe_keeps_text_fluent(tmp_path):
     quality = [entry.get("quality/ref_nll") for entry in logged]
     assert any(value is not None and math.isfinite(value) and value > 0 for value in quality), quality
 
-    model, tokenizer = load_model(EMBEDDED)
+    model, tokenizer = load_model(locate_model(EMBEDDED))
     last = pd.concat(
         pd.read_parquet(tmp_path / "completions" / f"completions_{step:05d}.parquet")
         for step in range(FLUENCY_STEPS - 2, FLUENCY_STEPS + 1)
