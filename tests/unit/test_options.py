@@ -137,7 +137,7 @@ def _uses_shared_prefix(trainer):
 
 
 def _has_own_ot_reference(trainer):
-    return trainer._ot_ref_model is not None
+    return trainer._ot is not None and trainer._ot.model is not None
 
 
 def _moves_reference_states_to_cpu(trainer, monkeypatch):
