@@ -79,7 +79,7 @@ def end_of_run_report(output_dir: Path) -> Path | None:
 def _server_errors() -> tuple[type[BaseException], ...]:
     """What TRL's VLLMClient raises when its server is gone (requests comes with the `vllm` extra)."""
     try:
-        import requests
+        import requests  # optional: comes with the `vllm` extra (TRL's VLLMClient)
     except ImportError:
         return (ConnectionError,)
     return (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)
@@ -298,7 +298,7 @@ def evaluate_final(task_args: TaskArguments, training_args: GuidedGRPOConfig, be
 def _log_to_trackers(comparison: dict) -> None:
     """Before/after values into the run summary of an active wandb run."""
     try:
-        import wandb
+        import wandb  # optional: the `wandb` extra
     except ImportError:
         return
     if getattr(wandb, "run", None) is None:
