@@ -263,15 +263,15 @@ def compare(before: dict, after: dict, force: bool = False, seed: int = 0) -> di
     }
 
 
-def headline_metric(result: dict) -> str | None:
-    """The metric a one-line summary reports: the first reward's mean (its accuracy for a 0/1 reward)."""
-    rewards = result["settings"]["reward_funcs"]
-    return f"{rewards[0]}/mean" if rewards else None
+def headline_metric(reward_funcs: list[str]) -> str | None:
+    """The metric a one-line summary (and the learning study) reports for an evaluation with these rewards: the first
+    reward's mean (its accuracy for a 0/1 reward)."""
+    return f"{reward_funcs[0]}/mean" if reward_funcs else None
 
 
 def summary_line(comparison: dict) -> str:
     """E.g. `arithmetic_accuracy: 0.12 -> 0.21 (+0.09, 95% CI +0.03..+0.15, 18 better / 5 worse / 77 ties)`."""
-    name = headline_metric(comparison["before"])
+    name = headline_metric(comparison["before"]["settings"]["reward_funcs"])
     entry = comparison["metrics"].get(name) if name else None
     if entry is None:
         return "no reward metric to compare"

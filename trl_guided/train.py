@@ -282,7 +282,7 @@ def evaluate_final(task_args: TaskArguments, training_args: GuidedGRPOConfig, be
         write_json(comparison, output_dir / "comparison.json")
         line = summary_line(comparison)
         print(f"Held-out evaluation ({after['settings']['problems']} test problems): {line}")
-        headline = headline_metric(after)
+        headline = headline_metric(after["settings"]["reward_funcs"])
         summary["eval"] = {
             "summary": line,
             "problems": after["settings"]["problems"],
