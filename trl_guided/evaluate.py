@@ -34,7 +34,7 @@ from .stats import EvalError, metrics_from_records, per_problem_values
 from .tasks import reward_functions_by_name
 from .trainer import GuidedGRPOTrainer
 
-# per_problem_values: the per-problem numbers of a result's records, read here by bench/learning.py (from trl_guided.stats).
+# per_problem_values (trl_guided.stats): bench/learning.py reads it from here.
 __all__ = ["DEFAULT_QUALITY_MODEL", "EvalError", "EvalSettings", "evaluate", "per_problem_values", "read_records"]
 
 DEFAULT_QUALITY_MODEL = "embedded:smollm2-135m-instruct"
