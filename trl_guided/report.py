@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from . import plots
 from .locate import ModelError, locate_model
 from .ot import banded_sinkhorn_solve
-from .rundir import Group, Run, RunDirError, headline, load_run, message_text, read_groups
+from .rundir import Group, Run, RunDirError, headline, load_run, message_text, read_comparison, read_groups
 from .stats import count_text, directed_counts
 
 __all__ = ["RunDirError", "build_report", "load_run", "log_to_wandb", "write_report"]
@@ -284,13 +284,11 @@ def _model_name(side: Any) -> str:
 
 def _comparison_html(run: Run) -> str:
     """The before/after evaluation from comparison.json (written by `trl-guided eval`), read defensively."""
-    path = run.path / "comparison.json"
-    if not path.is_file():
+    data, error = read_comparison(run.path)
+    if error is not None:
+        return f'<p class="notes">comparison.json is unreadable ({html.escape(error)}).</p>'
+    if data is None:
         return ""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        return f'<p class="notes">comparison.json is unreadable ({html.escape(type(error).__name__)}).</p>'
     metrics = data.get("metrics", data.get("comparison")) if isinstance(data, dict) else None
     rows = []
     if isinstance(metrics, dict):

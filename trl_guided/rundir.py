@@ -102,6 +102,18 @@ def _read_config(run: Run) -> None:
 # ------------------------------------------------------------------------------------------------------ numbers
 
 
+def read_comparison(run_dir: str | Path) -> tuple[Any, str | None]:
+    """`comparison.json` (the before/after evaluation of `eval_before_after`): (its data, None), (None, None) when the
+    run has none, or (None, the error's name) when it cannot be read."""
+    path = Path(run_dir) / "comparison.json"
+    if not path.is_file():
+        return None, None
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError) as error:
+        return None, type(error).__name__
+
+
 def first_last_reward(log_history: list[dict], window: int) -> dict:
     """Mean training reward over the first and the last `window` logged steps (at most half the steps each), with
     the number of steps and the window used; {} when no step logged a reward."""
