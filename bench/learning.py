@@ -297,8 +297,10 @@ def compact(record: dict) -> dict:
 
 
 def headline(reward_funcs: list[str]) -> str:
-    """The metric the study compares: the mean of the recipe's first reward (greedy: 0/1 accuracy per problem)."""
-    return f"{reward_funcs[0]}/mean"
+    """The metric the study compares: `trl_guided.stats.headline_metric` (greedy: 0/1 accuracy per problem)."""
+    from trl_guided.stats import headline_metric
+
+    return headline_metric(reward_funcs)
 
 
 def summary(result: dict) -> dict:

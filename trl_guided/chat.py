@@ -9,50 +9,25 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
-from .models import EMBEDDED_PREFIX, resolve_model_path
+import torch
+from transformers import TextStreamer, set_seed
 
-
-def model_dir(spec: str) -> Path:
-    """The folder to load for `spec`: an embedded name, a model folder, or a run folder (its saved model, else its
-    last checkpoint)."""
-    if spec.startswith(EMBEDDED_PREFIX):
-        return Path(resolve_model_path(spec))
-    path = Path(spec)
-    if not path.is_dir():
-        raise SystemExit(
-            f"{spec} is not a folder or an embedded model name ({EMBEDDED_PREFIX}NAME); give a run folder."
-        )
-    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-        return path
-    numbered = [p for p in path.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
-    checkpoints = sorted(numbered, key=lambda p: int(p.name.removeprefix("checkpoint-")))
-    for checkpoint in reversed(checkpoints):
-        if (checkpoint / "config.json").is_file() or (checkpoint / "adapter_config.json").is_file():
-            return checkpoint
-    raise SystemExit(f"{spec} holds no model (no config.json, adapter_config.json or checkpoint-N with one).")
+from .locate import ModelError, load_model, locate_model
 
 
 class Chat:
     """A conversation with one model: `send` appends the user turn and the model's streamed answer to `messages`."""
 
     def __init__(self, spec: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = model_dir(spec)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            source = locate_model(spec)
+        except ModelError as error:
+            raise SystemExit(f"trl-guided chat: {error}") from None
+        self.model, self.tokenizer = load_model(source, device="cpu")
         if self.tokenizer.chat_template is None:
-            raise SystemExit(f"{path} has no chat template; chat needs an instruction-tuned model's tokenizer.")
-        if (path / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
-
-            self.model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        else:
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        self.model.eval()
-        self.path = path
+            raise SystemExit(f"{source.path} has no chat template; chat needs an instruction-tuned model's tokenizer.")
+        self.path = source.path
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -64,8 +39,6 @@ class Chat:
 
     def send(self, text: str, write: Callable[[str], None] = lambda _: None) -> str:
         """Answer `text` given the conversation so far; `write` receives the answer piece by piece as it is sampled."""
-        import torch
-        from transformers import TextStreamer
 
         class Streamer(TextStreamer):
             def on_finalized_text(self, piece: str, stream_end: bool = False) -> None:
@@ -116,8 +89,6 @@ def run_chat(args) -> int:
     if args.temperature < 0:
         raise SystemExit(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}.")
     if args.seed is not None:
-        from transformers import set_seed
-
         set_seed(args.seed)
     chat = Chat(args.model, args.system, args.max_new_tokens, args.temperature)
     interactive = sys.stdin.isatty()

@@ -10,8 +10,14 @@ transformers' `checkpoint-is-incomplete.txt` (its just-in-time save writes that 
 from __future__ import annotations
 
 import json
+import logging
+import random
 import re
 from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # transformers' marker of a save in progress (`enable_jit_checkpoint`); GuidedGRPOTrainer's stop saves write it too.
@@ -30,15 +36,49 @@ def is_complete(checkpoint: str | Path) -> bool:
     return True
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str]]:
-    """(the highest-numbered complete `checkpoint-N` folder or None, the newer incomplete folders it skipped)."""
+def checkpoint_step(path: str | Path) -> int | None:
+    """N of a `checkpoint-N` folder name, None for any other name."""
+    match = _CHECKPOINT.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints_newest_first(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-N` folders of a run directory, highest N first (empty when it is not a directory)."""
     folder = Path(output_dir)
     if not folder.is_dir():
-        return None, []
-    numbered = [(int(m.group(1)), path) for path in folder.iterdir() if (m := _CHECKPOINT.match(path.name))]
+        return []
+    numbered = [(step, path) for path in folder.iterdir() if (step := checkpoint_step(path)) is not None]
+    return [path for _, path in sorted((n, p) for n, p in numbered if p.is_dir())[::-1]]
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> tuple[str | None, list[str]]:
+    """(the highest-numbered complete `checkpoint-N` folder or None, the newer incomplete folders it skipped)."""
     skipped = []
-    for _, path in sorted((n, p) for n, p in numbered if p.is_dir())[::-1]:
+    for path in checkpoints_newest_first(output_dir):
         if is_complete(path):
             return str(path), skipped
         skipped.append(str(path))
     return None, skipped
+
+
+def save_sampler_state(output_dir: str | Path, rank: int, rng: random.Random, buffer: dict | None) -> None:
+    """Write what else decides a guided run's next steps into a checkpoint, per process: the sampler's generator
+    (segment lengths) and, when the checkpoint falls inside TRL's generation buffer, `buffer` (its step and rows)."""
+    version, state, gauss = rng.getstate()
+    state_file = Path(output_dir) / f"guidance_rng_state_{rank}.json"
+    state_file.write_text(json.dumps({"version": version, "state": list(state), "gauss": gauss}))
+    if buffer is not None and buffer["inputs"] is not None:
+        torch.save(buffer, Path(output_dir) / f"generation_buffer_{rank}.pt")
+
+
+def load_sampler_state(checkpoint: str | Path, rank: int, rng: random.Random, device) -> dict | None:
+    """Restore `rng` from a checkpoint written by `save_sampler_state` (a warning for an older checkpoint without
+    it); return the saved generation buffer, or None when the checkpoint holds none."""
+    state_file = Path(checkpoint) / f"guidance_rng_state_{rank}.json"
+    if state_file.is_file():
+        saved = json.loads(state_file.read_text())
+        rng.setstate((saved["version"], tuple(saved["state"]), saved["gauss"]))
+    else:
+        logger.warning("%s is missing (a checkpoint of an older version): segment lengths will differ", state_file)
+    buffer_file = Path(checkpoint) / f"generation_buffer_{rank}.pt"
+    return torch.load(buffer_file, map_location=device, weights_only=True) if buffer_file.is_file() else None

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+import typing
 
 from . import __version__
+from .chat import run_chat
+from .config import SAMPLER_FIELDS
+from .evaluate import DEFAULT_QUALITY_MODEL, EvalSettings, default_backend, evaluate, read_result, write_json
+from .locate import ModelError, locate_model
 from .models import EMBEDDED_MODELS, EMBEDDED_PREFIX, resolve_model_path
+from .plots import save_pngs
+from .recipe import read_recipe
+from .report import write_report
+from .rundir import RunDirError, load_run
+from .stats import EvalError, compare, format_comparison, format_result
+from .tasks import DEFAULT_TASK_REWARDS, EVAL_TASK_FIELDS, TaskArguments, reward_options, task_options
+from .train import run
 
 
 def _resolve_model(args: argparse.Namespace) -> int:
@@ -15,8 +28,6 @@ def _resolve_model(args: argparse.Namespace) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from .train import run
-
     run(argv)
     return 0
 
@@ -25,8 +36,6 @@ def _train(argv: list[str]) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import RunDirError, write_report
-
     if args.groups < 0:
         raise SystemExit(f"--groups must be >= 0, got {args.groups}.")
     try:
@@ -38,9 +47,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plots import save_pngs
-    from .report import RunDirError, load_run
-
     try:
         run = load_run(args.run_dir)
     except RunDirError as error:
@@ -54,8 +60,6 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .chat import run_chat
-
     return run_chat(args)
 
 
@@ -142,27 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------------- eval
 # `trl-guided eval`: held-out evaluation, comparison of two results (trl_guided/evaluate.py, docs/evaluation.md).
 
-# Task fields a recipe or a flag may set (TaskArguments fields, spelled --dataset-size or --dataset_size).
-EVAL_TASK_FIELDS = (
-    "dataset_path",
-    "eval_size",
-    "dataset_size",
-    "dataset_seed",
-    "system_prompt",
-    "arithmetic_mode",
-    "arithmetic_terms",
-    "arithmetic_max_number",
-    "length_target",
-    "length_tolerance",
-    "length_scale",
-)
-
 
 def _add_eval_command(commands) -> None:
-    import typing
-
-    from .train import TaskArguments
-
     evaluation = commands.add_parser(
         "eval",
         help="evaluate a model on a task's test split, or compare two results (docs/evaluation.md)",
@@ -212,35 +197,9 @@ def _add_eval_command(commands) -> None:
     evaluation.set_defaults(func=_eval)
 
 
-# The reward each task is scored with when neither a flag nor a recipe names one.
-DEFAULT_TASK_REWARDS = {
-    "arithmetic": ["arithmetic_accuracy"],
-    "countdown": ["countdown"],
-    "instructions": ["constraints_followed", "constraints_all_followed"],
-    "gsm8k": ["gsm8k_accuracy"],
-    "math": ["math_accuracy"],
-    "length": ["smooth_length"],
-    "tldr": ["length"],
-}
-
-
 def _eval_settings(args: argparse.Namespace):
     """EvalSettings from the flags, then the recipe (--config), then the defaults; and the model name."""
-    from pathlib import Path
-
-    import yaml
-
-    from .config import SAMPLER_FIELDS
-    from .evaluate import DEFAULT_QUALITY_MODEL, EvalError, EvalSettings, default_backend
-    from .train import TaskArguments, reward_options, task_options
-
-    recipe: dict = {}
-    if args.config:
-        if not Path(args.config).is_file():
-            raise EvalError(f"recipe file not found: {args.config}")
-        recipe = yaml.safe_load(Path(args.config).read_text()) or {}
-        if not isinstance(recipe, dict):
-            raise EvalError(f"{args.config}: a recipe must be a YAML mapping of field: value")
+    recipe = read_recipe(args.config) if args.config else {}
     task_fields = {k: recipe[k] for k in EVAL_TASK_FIELDS if k in recipe}
     task_fields.update({k: getattr(args, k) for k in EVAL_TASK_FIELDS if getattr(args, k) is not None})
     task = args.task or recipe.get("task")
@@ -282,19 +241,6 @@ def _eval_settings(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import time
-
-    from .evaluate import (
-        EvalError,
-        compare,
-        evaluate,
-        format_comparison,
-        format_result,
-        locate_model,
-        read_result,
-        write_json,
-    )
-
     try:
         if args.compare:
             if args.model or args.baseline:
@@ -329,7 +275,7 @@ def _eval(args: argparse.Namespace) -> int:
         if args.output:
             write_json(output, args.output)
         return 0
-    except EvalError as error:
+    except (EvalError, ModelError) as error:
         raise SystemExit(f"trl-guided eval: {error}") from None
 
 

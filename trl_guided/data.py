@@ -10,9 +10,10 @@ from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, load_dataset, load_from_disk
 
 from .constraints import ConstraintError, describe, parse_specs
+from .rewards import evaluate_equation
 
 LENGTH_SYSTEM_PROMPT = "You are a helpful assistant. Answer the user's request."
 GSM8K_SYSTEM_PROMPT = "Solve the math word problem step by step. End your answer with a final line '#### <number>'."
@@ -335,8 +336,6 @@ def _polynomial(square: int, linear: int, constant: int) -> str:
 
 
 def _evaluate_integer(expression: str) -> int:
-    from .rewards import evaluate_equation
-
     result = evaluate_equation(expression)
     if result is None or result[0].denominator != 1:
         raise ValueError(f"generated expression {expression!r} does not evaluate to an integer")
@@ -345,8 +344,6 @@ def _evaluate_integer(expression: str) -> int:
 
 def _load_rows(hub_name: str, hub_config: str | None, split: str, dataset_path: str | None) -> Dataset:
     """Rows from a local file/folder (`dataset_path`: .json/.jsonl/.csv/.parquet or a saved dataset) or the Hub."""
-    from datasets import load_dataset, load_from_disk
-
     if dataset_path is not None:
         path = Path(dataset_path)
         if not path.exists():

@@ -153,17 +153,6 @@ def first_eos(token_ids: Sequence[int], eos_token_ids: Sequence[int]) -> int | N
     return next((i for i, token in enumerate(token_ids) if token in eos), None)
 
 
-def prefix_candidate(
-    sample: Sequence[int], drawn_length: int, eos_token_ids: Sequence[int], cut: Callable[[Sequence[int]], int]
-) -> tuple[list[int], bool]:
-    """The prefix a phase-1 sample yields: its first `drawn_length` tokens, stopped before EOS, cut by `cut`.
-
-    Returns (prefix token ids, whether the sample hit EOS inside the drawn length).
-    """
-    window, hit_eos = prefix_window(sample, drawn_length, eos_token_ids)
-    return window[: cut(window)], hit_eos
-
-
 def prefix_window(sample: Sequence[int], drawn_length: int, eos_token_ids: Sequence[int]) -> tuple[list[int], bool]:
     """The part of a phase-1 sample a branch point may be chosen in: its first `drawn_length` tokens, stopped before
     EOS. Returns (window ids, whether the sample hit EOS inside the drawn length)."""

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
@@ -80,8 +82,6 @@ def _gguf_location(key: str) -> tuple[Path, str]:
 
 
 def _load_from_gguf(key: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, filename = _gguf_location(key)
     logger.warning("Converting %s (GGUF) into a safetensors model in %s (once, ~30 s)", filename, cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)

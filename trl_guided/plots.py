@@ -89,11 +89,11 @@ def series(history: list[dict], group: CurveGroup) -> dict[str, list[tuple[float
 
 def _pyplot():
     try:
-        import matplotlib
+        import matplotlib  # heavy: loaded only when a figure is drawn
     except ImportError as error:
         raise SystemExit("Plots need matplotlib: pip install matplotlib (it comes with trl-guided).") from error
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy, after the Agg backend is chosen
 
     return plt
 
@@ -104,7 +104,7 @@ def figure(history: list[dict], group: CurveGroup):
     if not data:
         return None
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # heavy: matplotlib
 
     # Constrained layout with the legend below the axes: a legend never hides a curve.
     fig, ax = plt.subplots(figsize=(6.4, 3.6), layout="constrained")

@@ -14,7 +14,11 @@ import json
 import math
 from pathlib import Path
 
-import torch
+import pandas as pd
+
+from .evaluate import completion_nll as score_texts
+from .locate import load_model, locate_model
+from .rundir import completion_files
 
 
 def _text(completion) -> str:
@@ -36,30 +40,16 @@ def completion_nll(model, tokenizer, prompts: list, completions: list, batch_siz
     """Per row: (summed NLL of the completion tokens given the prompt, number of completion tokens; 0, 0 if empty).
 
     The scoring of `trl-guided eval` (`trl_guided.evaluate.completion_nll`), on logged prompts and completions."""
-    from .evaluate import completion_nll as score_texts
-
     texts = [_text(completion) for completion in completions]
     scores = score_texts(model, tokenizer, [_messages(p) for p in prompts], texts, batch_size)
     return [score if score is not None else (0.0, 0) for score in scores]
 
 
-def load_model(name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import resolve_model_path
-
-    path = resolve_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
 def run_quality(run_dir: str | Path, model=None, tokenizer=None, model_name: str = "embedded:smollm2-135m-instruct"):
     """{step: NLL per token} of the logged completions of a run, plus the last-3 / first-3 steps ratio."""
-    import pandas as pd
-
     if model is None:
-        model, tokenizer = load_model(model_name)
-    files = sorted(Path(run_dir, "completions").glob("completions_*.parquet"))
+        model, tokenizer = load_model(locate_model(model_name))
+    files = completion_files(run_dir)
     if not files:
         raise FileNotFoundError(f"No completions/*.parquet in {run_dir}: train with log_completions=True.")
     per_step = {}

@@ -13,128 +13,25 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 import math
 import re
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from . import plots
-from .evaluate import count_text, directed_counts
+from .locate import ModelError, locate_model
+from .ot import banded_sinkhorn_solve
+from .rundir import Group, Run, RunDirError, headline, load_run, message_text, read_comparison, read_groups
+from .stats import count_text, directed_counts
 
-logger = logging.getLogger(__name__)
-
-
-class RunDirError(Exception):
-    """A run directory that cannot be reported on; the message is one line saying what is wrong and what to do."""
-
-
-@dataclass
-class Run:
-    path: Path
-    history: list[dict]
-    state: dict
-    training: dict = field(default_factory=dict)  # GuidedGRPOConfig fields
-    task: dict = field(default_factory=dict)  # TaskArguments fields (runs started with `trl-guided train`)
-    model: str | None = None
-    notes: list[str] = field(default_factory=list)  # what is missing or unreadable, shown on the page
-
-    @property
-    def completion_files(self) -> list[Path]:
-        return sorted((self.path / "completions").glob("completions_*.parquet"))
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Read what a run directory holds; raise `RunDirError` only when there is no log history at all."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise RunDirError(f"{path} is not a directory; give the output_dir of a training run.")
-    notes = []
-    state_file = path / "trainer_state.json"
-    if not state_file.is_file():
-        checkpoints = sorted(path.glob("checkpoint-*/trainer_state.json"), key=lambda p: _step_of(p.parent))
-        if not checkpoints:
-            raise RunDirError(
-                f"{path} has no trainer_state.json (nor a checkpoint-*/trainer_state.json): it is not the output_dir "
-                "of a training run, or the run stopped before its first save."
-            )
-        state_file = checkpoints[-1]
-        notes.append(
-            f"No trainer_state.json at the top (the run did not finish?): read {state_file.relative_to(path)}."
-        )
-    try:
-        state = json.loads(state_file.read_text())
-        history = list(state["log_history"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise RunDirError(f"{state_file} is not a readable trainer state ({type(error).__name__}: {error}).") from None
-    run = Run(path=path, history=history, state=state, notes=notes)
-    _read_config(run)
-    return run
-
-
-def _step_of(checkpoint: Path) -> int:
-    match = re.search(r"(\d+)$", checkpoint.name)
-    return int(match.group(1)) if match else -1
-
-
-def _read_config(run: Run) -> None:
-    """Settings from `run_config.json` (written by `trl-guided train`), else from TRL's `training_args.bin`."""
-    config_file = run.path / "run_config.json"
-    if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-            run.training, run.task = dict(config.get("training", {})), dict(config.get("task", {}))
-            run.model = config.get("model", {}).get("model_name_or_path")
-            return
-        except (OSError, ValueError, AttributeError) as error:
-            run.notes.append(f"run_config.json is unreadable ({type(error).__name__}); settings taken from elsewhere.")
-    if (run.path / "training_args.bin").is_file():
-        # A pickle: loading it could run any code the file carries, so the report never unpickles it.
-        run.notes.append(
-            "No run_config.json (written by `trl-guided train`): the settings are unknown; training_args.bin is a "
-            "pickle and is not loaded."
-        )
-    else:
-        run.notes.append("No run_config.json or training_args.bin: the settings are unknown.")
-    if run.model is None:
-        model_config = run.path / "config.json"
-        if model_config.is_file():
-            try:
-                run.model = json.loads(model_config.read_text()).get("_name_or_path") or None
-            except ValueError:
-                pass
-
-
-# ------------------------------------------------------------------------------------------------------ numbers
-
-
-def headline(run: Run) -> dict[str, Any]:
-    """Steps, wall time and the first/last mean training reward (the `summary.json` window when there is one)."""
-    train_steps = [e for e in run.history if "loss" in e and "step" in e]
-    rewards = [e["reward"] for e in train_steps if isinstance(e.get("reward"), (int, float))]
-    window = None
-    summary_file = run.path / "summary.json"
-    if summary_file.is_file():
-        try:
-            window = json.loads(summary_file.read_text()).get("window")
-        except ValueError:
-            pass
-    if not isinstance(window, int) or window < 1:
-        window = max(1, min(10, len(rewards) // 2 or 1))
-    runtime = next((e["train_runtime"] for e in reversed(run.history) if "train_runtime" in e), None)
-    out = {
-        "steps": run.state.get("global_step", train_steps[-1]["step"] if train_steps else 0),
-        "max_steps": run.state.get("max_steps"),
-        "wall_time": runtime,
-        "window": window,
-    }
-    if rewards:
-        window = min(window, len(rewards))
-        out["reward_first"] = sum(rewards[:window]) / window
-        out["reward_last"] = sum(rewards[-window:]) / window
-    return out
+__all__ = ["RunDirError", "build_report", "load_run", "log_to_wandb", "write_report"]
 
 
 def _duration(seconds: float | None) -> str:
@@ -154,119 +51,6 @@ def _number(value: Any, digits: int = 3) -> str:
     if not math.isfinite(value):
         return str(value)
     return f"{value:.{digits}g}" if abs(value) >= 1e4 or (value and abs(value) < 1e-3) else f"{value:.{digits}f}"
-
-
-# ------------------------------------------------------------------------------------------------- sample groups
-
-
-@dataclass
-class Branch:
-    guidance: str
-    postfix: str
-    completion: str
-    rewards: dict[str, float]
-    reward: float
-    advantage: float
-
-
-@dataclass
-class Group:
-    step: int
-    index: int  # position of the group in the logged batch
-    prompt: str
-    system: str
-    prefix: str | None  # None: the parquet has no segment columns (guidance off)
-    branches: list[Branch]
-
-
-def _text(value: Any) -> str:
-    """A prompt/completion cell as text: the last message's content of a conversation, or the string itself."""
-    if isinstance(value, str):
-        return value
-    try:
-        messages = list(value)
-    except TypeError:
-        return str(value)
-    if messages and isinstance(messages[-1], dict):
-        return str(messages[-1].get("content", ""))
-    return str(value)
-
-
-def _system(value: Any) -> str:
-    if isinstance(value, str):
-        return ""
-    try:
-        return next(
-            (str(m.get("content", "")) for m in value if isinstance(m, dict) and m.get("role") == "system"), ""
-        )
-    except TypeError:
-        return ""
-
-
-def read_groups(
-    path: Path, reward_names: list[str], weights: list[float] | None, group_size: int | None
-) -> list[Group]:
-    """The prompt groups of one completions parquet (rows of a group are consecutive, as TRL logs them)."""
-    import pandas as pd
-
-    table = pd.read_parquet(path)
-    if table.empty:
-        return []
-    if not reward_names:
-        fixed = {"step", "prompt", "completion", "advantage", "prefix", "guidance", "postfix", "image"}
-        reward_names = [c for c in table.columns if c not in fixed and pd.api.types.is_numeric_dtype(table[c])]
-    reward_names = [name for name in reward_names if name in table.columns]
-    if not weights or len(weights) != len(reward_names):
-        weights = [1.0] * len(reward_names)
-    segmented = {"prefix", "guidance", "postfix"} <= set(table.columns)
-    keys = [
-        (p if isinstance(p, str) else repr(list(p)), table["prefix"].iat[i] if segmented else "")
-        for i, p in enumerate(table["prompt"])
-    ]
-    if (
-        not group_size
-        or len(table) % group_size
-        or any(
-            keys[i] != keys[start]
-            for start in range(0, len(table), group_size)
-            for i in range(start, start + group_size)
-        )
-    ):
-        # No (or an inconsistent) num_generations: groups are runs of rows with the same prompt and prefix.
-        starts = [i for i in range(len(table)) if i == 0 or keys[i] != keys[i - 1]]
-    else:
-        starts = list(range(0, len(table), group_size))
-    bounds = list(zip(starts, [*starts[1:], len(table)], strict=True))
-    groups = []
-    for index, (start, end) in enumerate(bounds):
-        rows = table.iloc[start:end]
-        branches = []
-        for _, row in rows.iterrows():
-            rewards = {name: float(row[name]) for name in reward_names}
-            total = sum(w * r for w, r in zip(weights, rewards.values(), strict=True) if not math.isnan(r))
-            branches.append(
-                Branch(
-                    guidance=str(row["guidance"]) if segmented else "",
-                    postfix=str(row["postfix"]) if segmented else "",
-                    completion=_text(row["completion"]),
-                    rewards=rewards,
-                    reward=total,
-                    advantage=float(row["advantage"]) if "advantage" in row else float("nan"),
-                )
-            )
-        branches.sort(key=lambda b: -b.reward if math.isfinite(b.reward) else math.inf)
-        first = rows.iloc[0]
-        groups.append(
-            Group(
-                step=int(first["step"]) if "step" in first else _step_of(path.with_suffix("")),
-                index=index,
-                prompt=_text(first["prompt"]),
-                system=_system(first["prompt"]),
-                prefix=str(first["prefix"]) if segmented else None,
-                branches=branches,
-            )
-        )
-    return groups
 
 
 def pick_steps(files: list[Path]) -> list[Path]:
@@ -290,12 +74,6 @@ def transport_plan(run: Run, text_prompt: list, completion: str, max_tokens: int
     Hidden states are the backbone's last hidden states on the completion tokens (re-tokenized from the logged text,
     after the prompt's chat template), compared with `trl_guided.ot` under the run's window and epsilon.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import resolve_model_path
-    from .ot import banded_sinkhorn_solve
-
     args = run.training
     if not (run.path / "config.json").is_file():
         raise RunDirError("the run directory holds no full model (a LoRA adapter run?); no plan drawn")
@@ -323,7 +101,11 @@ def transport_plan(run: Run, text_prompt: list, completion: str, max_tokens: int
         base = run.model or args.get("model_name_or_path")
         if not base:
             raise RunDirError("the reference model's name is unknown (no run_config.json); no plan drawn")
-        reference, reference_name = states(resolve_model_path(base)), f"the reference model {base}"
+        try:
+            reference_path = locate_model(base).path
+        except ModelError as error:
+            raise RunDirError(f"the reference model cannot be found ({error}); no plan drawn") from None
+        reference, reference_name = states(reference_path), f"the reference model {base}"
     mask = torch.ones(current.shape[:2], dtype=torch.bool)
     result = banded_sinkhorn_solve(
         current,
@@ -350,8 +132,6 @@ def plan_svg(dense, tokens: list[str], window: int, title: str) -> str:
     plt = plots._pyplot()
     size = max(4.0, min(9.0, 0.16 * len(tokens) + 2))
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
-    import numpy as np
-
     rows, cols = np.indices(dense.shape)
     # Cells outside the band cannot carry mass: grey, so the band itself is what the eye sees.
     banded = np.ma.masked_where(np.abs(rows - cols) > window, dense * len(tokens))
@@ -372,53 +152,8 @@ def plan_svg(dense, tokens: list[str], window: int, title: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- HTML
 
-CSS = """
-:root { --prefix: #dbe7f6; --guidance: #ffd84d; --postfix-ink: #1f5f3a; --ink: #1b1f24; --muted: #5b6470; }
-* { box-sizing: border-box; }
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); margin: 0;
-       background: #f6f7f9; }
-main { max-width: 1180px; margin: 0 auto; padding: 20px 24px 48px; background: #fff; }
-h1 { font-size: 24px; margin: 4px 0 2px; } h2 { font-size: 19px; margin: 30px 0 8px; border-bottom: 2px solid #e3e6ea;
-     padding-bottom: 4px; } h3 { font-size: 15px; margin: 18px 0 6px; }
-.sub { color: var(--muted); margin: 0 0 14px; }
-table { border-collapse: collapse; }
-.facts { display: grid; align-items: start; grid-template-columns: repeat(auto-fit, minmax(330px, 1fr)); gap: 0 28px; }
-.facts table td { padding: 3px 10px 3px 0; vertical-align: baseline; }
-.facts table td:first-child { color: var(--muted); white-space: nowrap; }
-.big { font-size: 20px; font-weight: 600; }
-.notes { background: #fff4e5; border-left: 4px solid #f0a030; padding: 8px 12px; margin: 12px 0; }
-.notes li { margin: 2px 0; }
-.curves { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 12px; }
-.curves figure { margin: 0; } .curves svg { width: 100%; height: auto; }
-#ot-plan svg { max-width: 900px; width: 100%; height: auto; }
-.legend { display: flex; flex-wrap: wrap; gap: 18px; align-items: center; padding: 10px 14px;
-          border: 1px solid #d5d9de; border-radius: 6px; background: #fafbfc; margin: 10px 0 14px; font-size: 14px; }
-.legend .swatch { padding: 1px 8px; border-radius: 3px; font-family: ui-monospace, Menlo, Consolas, monospace; }
-.seg-prefix { background: var(--prefix); border-radius: 3px; }
-.seg-guidance { background: var(--guidance); font-weight: 600; border-radius: 3px; outline: 1px solid #d9b000; }
-.seg-postfix { color: var(--postfix-ink); }
-.ctl { color: #b00020; font-size: 80%; } .nl { color: #8a6d00; font-weight: 400; }
-.group { border: 1px solid #d5d9de; border-radius: 6px; margin: 14px 0; padding: 10px 14px; page-break-inside: avoid; }
-.group .meta { color: var(--muted); font-size: 13px; }
-.group .prompt { margin: 4px 0 8px; font-weight: 600; }
-.text { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; white-space: pre-wrap;
-        word-break: break-word; }
-.shared { margin: 4px 0 8px; }
-.badge { display: inline-block; font-size: 12px; padding: 1px 7px; border-radius: 10px; background: #eef0f3;
-         color: var(--muted); margin-left: 6px; }
-.badge.empty { background: #fde2e1; color: #8a1c14; }
-.branches { width: 100%; } .branches th { text-align: left; font-size: 12px; color: var(--muted); font-weight: 500;
-            border-bottom: 1px solid #e3e6ea; padding: 3px 8px 3px 0; }
-.branches td { border-bottom: 1px solid #f0f1f3; padding: 4px 8px 4px 0; vertical-align: top; }
-.branches td.num { width: 1%; font-variant-numeric: tabular-nums; white-space: nowrap; text-align: right;
-                     padding-right: 14px; }
-.branches tr.top td { background: #f2fbf4; }
-.pos { color: #1a7f37; } .neg { color: #b42318; }
-details summary { cursor: pointer; color: var(--muted); }
-footer { color: var(--muted); font-size: 12px; margin-top: 36px; }
-@media print { body { background: #fff; } main { max-width: none; padding: 0; } .curves { display: block; }
-  .curves figure { page-break-inside: avoid; } }
-"""
+# The page's style sheet, a package asset (inlined: the page loads nothing).
+CSS = resources.files("trl_guided").joinpath("assets/report.css").read_text(encoding="utf-8")
 
 # Records script errors into the page, so a headless browser's --dump-dom shows them (the page loads nothing).
 ERROR_PROBE = (
@@ -549,13 +284,11 @@ def _model_name(side: Any) -> str:
 
 def _comparison_html(run: Run) -> str:
     """The before/after evaluation from comparison.json (written by `trl-guided eval`), read defensively."""
-    path = run.path / "comparison.json"
-    if not path.is_file():
+    data, error = read_comparison(run.path)
+    if error is not None:
+        return f'<p class="notes">comparison.json is unreadable ({html.escape(error)}).</p>'
+    if data is None:
         return ""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        return f'<p class="notes">comparison.json is unreadable ({html.escape(type(error).__name__)}).</p>'
     metrics = data.get("metrics", data.get("comparison")) if isinstance(data, dict) else None
     rows = []
     if isinstance(metrics, dict):
@@ -727,11 +460,9 @@ def _plan_html(run: Run, groups: list[Group], notes: list[str]) -> str:
         return ""
     files = run.completion_files
     try:
-        import pandas as pd
-
         table = pd.read_parquet(files[-1])
         row = table.iloc[0]
-        dense, tokens, window, cost, reference = transport_plan(run, row["prompt"], _text(row["completion"]))
+        dense, tokens, window, cost, reference = transport_plan(run, row["prompt"], message_text(row["completion"]))
     except Exception as error:  # noqa: BLE001 - the picture is optional; say why it is absent
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         notes.append(f"OT transport plan not drawn: {message}")
@@ -759,7 +490,7 @@ def write_report(run_dir: str | Path, output: str | Path | None = None, groups: 
 def log_to_wandb(path: Path) -> bool:
     """Attach the report to the active wandb run as an HTML artifact (and an HTML panel); False when no run."""
     try:
-        import wandb
+        import wandb  # optional: the `wandb` extra
     except ImportError:
         return False
     if wandb.run is None:

@@ -186,7 +186,7 @@ def _polynomial_values(expression: str) -> tuple[Fraction, ...] | None:
 def math_accuracy(completions, solution, **kwargs) -> list[float | None]:
     """1 if math-verify judges the completion equal to the `solution` (e.g. a `\\boxed{}` answer), else 0."""
     try:
-        from math_verify import parse, verify
+        from math_verify import parse, verify  # optional: the `eval` extra
     except ImportError as error:
         raise ImportError("math_accuracy needs math-verify: pip install 'trl-guided[eval]'") from error
     rewards = []

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
 from .models import CHATML_TEMPLATE
 
 TINY_CORPUS = [
@@ -27,9 +31,6 @@ TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 def build_tiny_tokenizer(vocab_size: int = 320):
     """A byte-level BPE tokenizer trained on a small built-in corpus, with a ChatML chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -53,9 +54,6 @@ def build_tiny_tokenizer(vocab_size: int = 320):
 
 def build_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0, hidden_size: int = 32) -> str:
     """Build and save a 2-layer causal LM (`arch` = "llama" or "qwen2") with the tiny tokenizer; return the path."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
     tokenizer = build_tiny_tokenizer()
     common = dict(
         vocab_size=len(tokenizer),

@@ -1,67 +1,42 @@
 """GuidedGRPOTrainer: TRL's GRPOTrainer with three-phase guided sampling and a guidance-focused loss.
 
-The algorithm lives here; the three phases are `trl_guided.sampler.GuidedSampler`, and everything that touches TRL's,
-vLLM's or DeepSpeed's generation internals is `trl_guided.backends.RolloutBackend`.
+The overrides of GRPOTrainer live here; the three phases are `trl_guided.sampler.GuidedSampler`, everything that
+touches TRL's, vLLM's or DeepSpeed's generation internals is `trl_guided.backends.RolloutBackend`, the rewrite of a
+scored batch to its trained tokens is `trl_guided.loss_focus.LossFocus`, and the OT term's reference model and hidden
+states are `trl_guided.ot_reference.OTReference`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
+import inspect
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import (
-    create_model_from_path,
-    disable_dropout_in_model,
-    get_config_model_id,
-    use_adapter,
-)
 
-from .backends import RolloutBackend, decoder_of, unwrap
-from .checkpoints import last_complete_checkpoint
+from .backends import RolloutBackend, unwrap
+from .checkpoints import last_complete_checkpoint, load_sampler_state, save_sampler_state
 from .config import GuidedGRPOConfig
 from .guidance import (
     Segments,
-    branch_advantages,
-    loss_weights,
-    low_prob_mask,
-    prefix_advantages,
-    prefix_columns,
     prefix_copies,
     prefix_source_rows,
     representable_marks,
     share_prefix,
-    treerl_prefix_advantages,
 )
+from .loss_focus import LossFocus
 from .models import resolve_model_path
-from .ot import banded_sinkhorn_with_stats
+from .ot_reference import OTReference, capture_hidden_states
 from .preemption import StopOnSignal
 from .sampler import GuidedRollout, GuidedSampler
 from .shared_prefix import shared_prefix_logps
 
 logger = logging.getLogger(__name__)
-
-# Tensors of TRL's scored batch that have one column per completion token.
-_COMPLETION_COLUMNS = (
-    "completion_ids",
-    "completion_mask",
-    "old_per_token_logps",
-    "ref_per_token_logps",
-    "sampling_per_token_logps",
-    "importance_sampling_ratio",
-    "tool_mask",
-)
-# Tensors with one column per prompt + completion token.
-_SEQUENCE_COLUMNS = ("token_type_ids", "mm_token_type_ids")
 
 
 @dataclass
@@ -95,6 +70,10 @@ class GuidedGRPOTrainer(GRPOTrainer):
     )
     trainer.train()
     ```
+
+    The constructor takes `GRPOTrainer`'s parameters unchanged (bound by GRPOTrainer's own signature and forwarded by
+    keyword); `model` may also be an `embedded:<name>`, `args` must be a `GuidedGRPOConfig`, and guidance refuses
+    `tools`, `rollout_func` and `environment_factory` (they own the rollout).
 
     Overridden methods of `GRPOTrainer`, each calling the parent and post-processing. Maintenance notes: the TRL 1.16
     behaviour each relies on, checked by `tests/unit/test_trl_contract.py`:
@@ -137,23 +116,13 @@ class GuidedGRPOTrainer(GRPOTrainer):
     _current_loss_view: _LossView | None = None  # set while `compute_loss` runs
     _name = "Guided GRPO"
 
-    def __init__(
-        self,
-        model,
-        reward_funcs=None,
-        args: GuidedGRPOConfig | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        reward_processing_classes=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-        tools=None,
-        rollout_func=None,
-        environment_factory=None,
-    ):
+    def __init__(self, model, reward_funcs=None, args: GuidedGRPOConfig | None = None, *more, **kwargs):
+        # GRPOTrainer's parameters, in its positions or by keyword: bound by GRPOTrainer's own signature (an unknown
+        # one is a TypeError there), so none is restated here; the plugin reads `model`, `args` and the rollout owners.
+        given = (
+            inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *more, **kwargs).arguments
+        )
+        del given["self"]
         if isinstance(model, str):
             model = resolve_model_path(model)
         if args is None:
@@ -165,36 +134,21 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 "trl_guided.GuidedGRPOConfig (it accepts every GRPOConfig field)."
             )
         if args.guidance:
-            owners = {"tools": tools, "rollout_func": rollout_func, "environment_factory": environment_factory}
-            unsupported = [name for name, value in owners.items() if value]
+            unsupported = [name for name in ("tools", "rollout_func", "environment_factory") if given.get(name)]
             if unsupported:
                 raise ValueError(
                     f"Guided sampling cannot be combined with {', '.join(unsupported)}: those own the rollout "
                     "(multi-turn or custom generation), guidance needs single-turn three-phase sampling. Set "
                     "guidance=False in the config to train them with plain GRPO."
                 )
-        super().__init__(
-            model,
-            reward_funcs,
-            args,
-            train_dataset,
-            eval_dataset,
-            processing_class,
-            reward_processing_classes,
-            callbacks,
-            optimizers,
-            quantization_config,
-            peft_config,
-            tools,
-            rollout_func,
-            environment_factory,
-        )
+        super().__init__(**{**given, "model": model, "args": args})
         self._guidance_rng = random.Random(args.seed + self.accelerator.process_index)
         self._backend = RolloutBackend(self, self._plain_generate)
+        self._loss_focus = LossFocus(self)
         self._sampler = GuidedSampler(args, self._tokenizer, self.eos_token_ids, self._guidance_rng, self._backend)
         self._segments: Segments | None = None  # the last rollout's segments, from generation to scoring
         self._rewards_per_func: torch.Tensor | None = None  # the last scoring's rewards (all processes), for trees
-        self._ot_ref_model = self._build_ot_reference() if args.ot_coef > 0 else None
+        self._ot = OTReference(self) if args.ot_coef > 0 else None
         self._stop_on_signal = StopOnSignal(self) if args.enable_jit_checkpoint else None
         if self._stop_on_signal is not None:
             self.add_callback(self._stop_on_signal)
@@ -244,29 +198,16 @@ class GuidedGRPOTrainer(GRPOTrainer):
         # falls inside it (`steps_per_generation` or `num_iterations` > 1: the next steps train on rows generated
         # before the checkpoint, which TRL would otherwise regenerate).
         super()._save_rng_state(output_dir)
-        rank = self.args.process_index
-        version, state, gauss = self._guidance_rng.getstate()
-        state_file = Path(output_dir) / f"guidance_rng_state_{rank}.json"
-        state_file.write_text(json.dumps({"version": version, "state": list(state), "gauss": gauss}))
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self._buffered_inputs is not None and self._step % generate_every:
-            buffer = {"step": self._step, "inputs": self._buffered_inputs}
-            torch.save(buffer, Path(output_dir) / f"generation_buffer_{rank}.pt")
+        inside_buffer = self._step % (self.args.steps_per_generation * self.num_iterations)
+        buffer = {"step": self._step, "inputs": self._buffered_inputs} if inside_buffer else None
+        save_sampler_state(output_dir, self.args.process_index, self._guidance_rng, buffer)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         if checkpoint is None:
             return
-        rank = self.args.process_index
-        state_file = Path(checkpoint) / f"guidance_rng_state_{rank}.json"
-        if state_file.is_file():
-            saved = json.loads(state_file.read_text())
-            self._guidance_rng.setstate((saved["version"], tuple(saved["state"]), saved["gauss"]))
-        else:
-            logger.warning("%s is missing (a checkpoint of an older version): segment lengths will differ", state_file)
-        buffer_file = Path(checkpoint) / f"generation_buffer_{rank}.pt"
-        if buffer_file.is_file():
-            buffer = torch.load(buffer_file, map_location=self.accelerator.device, weights_only=True)
+        buffer = load_sampler_state(checkpoint, self.args.process_index, self._guidance_rng, self.accelerator.device)
+        if buffer is not None:
             self._step, self._buffered_inputs = buffer["step"], buffer["inputs"]
 
     # ---------------------------------------------------------------------------------------------------- generation
@@ -405,153 +346,17 @@ class GuidedGRPOTrainer(GRPOTrainer):
             # Text quality for free: TRL scored every completion token under the reference model for the KL term.
             self._log_nll("quality/ref_nll", output["ref_per_token_logps"], output["completion_mask"])
         if segments is not None:
-            prefix_advantage = self._tree_advantages(output, rewards_per_func)
+            prefix_advantage = self._loss_focus.tree_advantages(output, rewards_per_func)
             output = self._focus_loss(output, segments, prefix_advantage)
-        if self.args.ot_coef > 0:
-            output = self._attach_ot_reference(output)
+        if self._ot is not None:
+            output = self._ot.attach(output)
         return output
-
-    def _tree_advantages(self, output: dict[str, Any], rewards_per_func: torch.Tensor) -> torch.Tensor | None:
-        """Apply `tree_advantage` to `output["advantages"]`; return each row's prefix advantage (None: untrained).
-
-        Rows of a group are laid out branch set by branch set (see `GuidedSampler`), in the same order in the rewards
-        TRL gathered from all processes, of which this process holds the contiguous slice TRL keeps.
-        """
-        args = self.args
-        if args.tree_advantage == "group" and args.prefix_advantage_weight == 0:
-            return None
-        group_size = self.num_generations if self.model.training else self.num_generations_eval
-        set_size = group_size // args.num_prefixes_per_group
-        device = rewards_per_func.device
-        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
-        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable rows, as TRL marks them
-        rows = output["advantages"].size(0)
-        local = slice(self.accelerator.process_index * rows, (self.accelerator.process_index + 1) * rows)
-        advantages = output["advantages"]
-        if args.tree_advantage != "group":
-            branch = branch_advantages(rewards, set_size, self.scale_rewards)[local].to(advantages)
-            output["advantages"] = branch if args.tree_advantage == "branch" else advantages + branch
-        if args.tree_advantage == "treerl":  # leaves: global + local as "group+branch"; prefix nodes: TreeRL's weight
-            return treerl_prefix_advantages(rewards, group_size, set_size, self.scale_rewards)[local].to(advantages)
-        if args.prefix_advantage_weight == 0:
-            return None
-        prefix = prefix_advantages(rewards, group_size, set_size, self.scale_rewards)[local]
-        return args.prefix_advantage_weight * prefix.to(advantages)
 
     def _focus_loss(
         self, output: dict[str, Any], segments: Segments, prefix_advantage: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """Restrict TRL's scored batch to the trained tokens of `guidance_loss_scope` (and the prefix tokens, with
-        their own advantage, when `prefix_advantage` is given)."""
-        args = self.args
-        completion_mask = output["completion_mask"]
-        completion_tokens = completion_mask.sum(dim=1)  # per row, before any column is dropped
-        width = completion_mask.size(1)
-        weights = loss_weights(
-            segments, width, args.guidance_loss_scope, args.postfix_decay, args.postfix_min_weight
-        ).to(completion_mask.device)
-        if args.guidance_loss_scope == "guidance":
-            # Nothing after the last guidance token is trained: drop those columns before the loss forward.
-            keep = max(max(segments.guidance_end), 1)
-            if self.pad_to_multiple_of:
-                keep = -(-keep // self.pad_to_multiple_of) * self.pad_to_multiple_of
-            keep = min(keep, width)
-            for key in _COMPLETION_COLUMNS:
-                value = output.get(key)
-                if isinstance(value, torch.Tensor) and value.dim() == 2 and value.size(1) == width:
-                    output[key] = value[:, :keep]
-            for key in _SEQUENCE_COLUMNS:
-                if key in output:
-                    output[key] = output[key][:, : output[key].size(1) - (width - keep)]
-            weights = weights[:, :keep]
-        prefix_lengths = torch.tensor(segments.prefix, device=weights.device)
-        if args.guidance_loss_scope == "low_prob":
-            weights = weights * self._low_prob_mask(output, prefix_lengths).to(weights.dtype)
-        trained = (weights > 0).to(completion_mask.dtype)
-        if "tool_mask" in output:
-            trained = trained * output["tool_mask"]
-        output["tool_mask"] = trained
-        if args.guidance_loss_scope == "guidance_postfix":
-            output["advantages"] = output["advantages"].unsqueeze(1) * weights
-        if prefix_advantage is not None:
-            in_prefix = prefix_columns(prefix_lengths, weights.size(1))
-            advantages = output["advantages"]
-            if advantages.dim() == 1:
-                advantages = advantages.unsqueeze(1) * weights
-            output["advantages"] = torch.where(in_prefix, prefix_advantage.unsqueeze(1), advantages)
-            if args.guidance_loss_scope != "low_prob":  # low_prob trains only the prefix's low-probability tokens
-                trained = torch.maximum(trained, in_prefix.to(trained.dtype))
-            output["tool_mask"] = trained
-        loss_mask = output["completion_mask"] * trained
-        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-        if args.guidance_loss_normalization == "completion":
-            output = self._normalize_by_completion(output, loss_mask.sum(dim=1), completion_tokens)
-        mode = "train" if self.model.training else "eval"
-        trained_per_row = self.accelerator.gather(loss_mask.sum(dim=1).float())
-        self._metrics[mode]["guidance/trained_tokens"].append(trained_per_row.mean().item())
-        # Per row, for the loss-time view (`_loss_view_of`): the micro-batches TRL shuffles out of this batch still
-        # know where each row's shared prefix ends and how many completion tokens it had before columns were dropped.
-        output["guidance_prefix_tokens"] = prefix_lengths
-        output["guidance_completion_tokens"] = completion_tokens
-        return output
-
-    def _low_prob_mask(self, output: dict[str, Any], prefix_lengths: torch.Tensor) -> torch.Tensor:
-        """`guidance_loss_scope="low_prob"`: the completion tokens whose probability under the sampling-time policy
-        was below `loss_prob_threshold`, one decision per shared-prefix token (taken from the first row holding it).
-
-        The probabilities are the trainer's own forward of the weights that sampled (`_sampling_time_logps`), never
-        the backend's sampling log-probs: the mask is fixed when the batch is scored (so `num_iterations` > 1 trains
-        the same tokens every iteration, and `num_items_in_batch` counts them) and the same on every backend.
-        """
-        logps = self._sampling_time_logps(output)
-        completion_mask = output["completion_mask"]
-        sources = prefix_source_rows(
-            output["prompt_ids"], output["prompt_mask"], output["completion_ids"], completion_mask, prefix_lengths
-        )
-        logps = share_prefix(logps, sources, prefix_lengths)
-        return low_prob_mask(logps, completion_mask, self.args.loss_prob_threshold)
-
-    def _sampling_time_logps(self, output: dict[str, Any]) -> torch.Tensor:
-        """(B, T) log-probs of the completion tokens under the policy that sampled them, at the sampling temperature:
-        TRL's `old_per_token_logps` when it computed them; otherwise the policy is still the sampling one (TRL's
-        on-policy case) and one no-grad forward scores the batch, the same call TRL makes for old log-probs."""
-        old = output.get("old_per_token_logps")
-        if old is not None:
-            return old
-        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        batch_size = (
-            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
-        )
-        with torch.no_grad():
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                self.model, input_ids, attention_mask, output["completion_ids"].size(1), batch_size
-            )
-        return logps
-
-    def _normalize_by_completion(
-        self, output: dict[str, Any], trained_tokens: torch.Tensor, completion_tokens: torch.Tensor
-    ) -> dict[str, Any]:
-        """Divide the policy loss by every completion token, as plain GRPO would, instead of by the trained ones.
-
-        TRL's token-count normalisers see the narrowed mask: `dapo`/`cispo`/`vespo` divide by `num_items_in_batch`
-        (replaced here), `grpo`/`sapo` by each row's mask sum and `bnpo` by the batch's (the advantages are scaled by
-        trained / completion tokens instead; TRL's per-token loss is linear in them). `dr_grpo` and `luspo` count no
-        tokens, so both settings are the same there.
-        """
-        loss_type = self.loss_type
-        if loss_type in ("dapo", "cispo", "vespo"):
-            output["num_items_in_batch"] = self.accelerator.gather(completion_tokens.sum()).sum()
-        elif loss_type in ("grpo", "sapo", "bnpo"):
-            if loss_type == "bnpo":
-                scale = trained_tokens.sum() / completion_tokens.sum().clamp(min=1)
-                scale = scale.expand_as(trained_tokens)
-            else:
-                scale = trained_tokens / completion_tokens.clamp(min=1)
-            advantages = output["advantages"]
-            scale = scale.to(advantages.dtype)
-            output["advantages"] = advantages * (scale if advantages.dim() == 1 else scale.unsqueeze(1))
-        return output
+        """Restrict TRL's scored batch to the trained tokens of `guidance_loss_scope` (`trl_guided.loss_focus`)."""
+        return self._loss_focus.apply(output, segments, prefix_advantage)
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -620,78 +425,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
             checkpointing = getattr(unwrapped, "is_gradient_checkpointing", False)
         return not checkpointing  # checkpointed layers drop the KV cache the shared prefix lives in
 
-    # ---------------------------------------------------------------------------------------- optimal transport
-
-    def _build_ot_reference(self):
-        """The frozen model whose hidden states OT compares against, when TRL does not build one (beta == 0)."""
-        args = self.args
-        if args.ot_reference == "old" or self.ref_model is not None or is_peft_model(self.model):
-            return None
-        kwargs = dict(args.model_init_kwargs or {})
-        if args.distributed_state.distributed_type in ("MULTI_GPU", "MULTI_CPU", "DEEPSPEED"):
-            kwargs["device_map"] = None
-        kwargs.setdefault("dtype", self.model.dtype)
-        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        reference = create_model_from_path(get_config_model_id(self.model.config), **kwargs)
-        reference.requires_grad_(False)
-        if args.disable_dropout:
-            disable_dropout_in_model(reference)
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(reference, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(reference, self.accelerator)
-        return self.accelerator.prepare_model(reference, evaluation_mode=True)
-
-    def _ot_reference_states(self, output: dict[str, Any]) -> torch.Tensor:
-        """(B, C, H) reference hidden states of the completion tokens, without gradient."""
-        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        width = output["completion_ids"].size(1)
-        frozen = self.ref_model if self.ref_model is not None else self._ot_ref_model
-        if self.args.ot_reference == "old":
-            model, context = self.model, contextlib.nullcontext()
-        elif frozen is not None:
-            model, context = frozen, contextlib.nullcontext()
-        else:  # PEFT: the base model with the adapter disabled (or TRL's "ref" adapter when re-training one)
-            unwrapped = unwrap(self.model)
-            model = self.model
-            context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        batch_size = (
-            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
-        )
-        chunks = []
-        with torch.no_grad(), context:
-            backbone = decoder_of(model)
-            for start in range(0, input_ids.size(0), batch_size):
-                out = backbone(
-                    input_ids=input_ids[start : start + batch_size],
-                    attention_mask=attention_mask[start : start + batch_size],
-                )
-                chunks.append(out.last_hidden_state[:, -width:])
-        states = torch.cat(chunks)
-        return states.cpu() if self.args.ot_reference_on_cpu else states
-
-    def _attach_ot_reference(self, output: dict[str, Any]) -> dict[str, Any]:
-        # Old policy == current policy: the current states, detached, are the reference; no forward needed.
-        if not (self.args.ot_reference == "old" and self.args.old_policy_is_current):
-            output["ot_reference_states"] = self._ot_reference_states(output)
-        return output
-
-    @contextlib.contextmanager
-    def _capture_hidden_states(self, model):
-        """Collect the backbone's last hidden state of every forward inside the block (gradients flow)."""
-        captured: list[torch.Tensor] = []
-
-        def hook(module, args, output):
-            captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-        handle = decoder_of(model).register_forward_hook(hook)
-        try:
-            yield captured
-        finally:
-            handle.remove()
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Override: the OT penalty on the backbone's last hidden states of the parent's own forward (`trl_guided.
+        # ot_reference`), a zero-gradient step for a non-finite loss, and the trained-token metrics.
         with self._loss_view_of(inputs) as view:
             if self.args.ot_coef <= 0:
                 loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -736,6 +472,17 @@ class GuidedGRPOTrainer(GRPOTrainer):
             view.entropy_mask = high
         return high
 
+    def _loss_with_ot(self, model, inputs, return_outputs, num_items_in_batch):
+        with capture_hidden_states(model) as captured:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        penalty = self._ot.penalty(inputs, torch.cat(captured))
+        accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0
+        if torch.isfinite(penalty):
+            return loss + self.args.ot_coef * penalty / accumulation
+        # Left out of the graph entirely: a NaN anywhere in it would reach every gradient.
+        self._count_nonfinite("ot", "the OT cost is not finite (NaN/inf); this step trains without the OT term")
+        return loss
+
     def _log_trained_tokens(self, inputs: dict[str, Any], view: _LossView) -> None:
         """`guidance/trained_fraction`: the share of completion tokens that carry the policy loss (scope, probability
         and entropy masks together); `guidance/trained_prob`: their mean probability under the sampling-time policy
@@ -756,46 +503,6 @@ class GuidedGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["guidance/trained_fraction"].append(trained / tokens if tokens else float("nan"))
         self._metrics[mode]["guidance/trained_prob"].append(probability / trained if trained else float("nan"))
-
-    def _loss_with_ot(self, model, inputs, return_outputs, num_items_in_batch):
-        reference = inputs.get("ot_reference_states")  # kept: num_iterations > 1 reuses these inputs
-        with self._capture_hidden_states(model) as captured:
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        width = inputs["completion_ids"].size(1)
-        current = torch.cat(captured)[:, -width:]
-        reference = current.detach() if reference is None else reference.to(current.device)
-        mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
-        args = self.args
-        result = banded_sinkhorn_with_stats(
-            current,
-            reference,
-            mask,
-            window=args.ot_window,
-            epsilon=args.ot_epsilon,
-            iterations=args.ot_iterations,
-            debiased=args.ot_debiased,
-            tolerance=args.ot_tolerance,
-        )
-        has_tokens = mask.sum(-1) > 0
-        penalty = torch.clamp(result.cost - args.ot_target, min=0.0)
-        penalty = (penalty * has_tokens).sum() / has_tokens.sum().clamp(min=1)
-        mode = "train" if self.model.training else "eval"
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if torch.isfinite(penalty):
-            loss = loss + args.ot_coef * penalty / accumulation
-        else:  # left out of the graph entirely: a NaN anywhere in it would reach every gradient
-            self._count_nonfinite("ot", "the OT cost is not finite (NaN/inf); this step trains without the OT term")
-
-        def rows_mean(values: torch.Tensor) -> float:
-            totals = self.accelerator.reduce(
-                torch.stack([(values.detach() * has_tokens).sum(), has_tokens.sum().float()]), reduction="sum"
-            )
-            return (totals[0] / totals[1].clamp(min=1)).item()
-
-        self._metrics[mode]["ot/cost"].append(rows_mean(result.cost))
-        self._metrics[mode]["ot/penalty"].append(self.accelerator.gather(penalty.detach()).mean().item())
-        self._metrics[mode]["ot/marginal_error"].append(rows_mean(result.marginal_error))
-        return loss
 
     # ----------------------------------------------------------------------------------------- non-finite values
 

@@ -15,8 +15,9 @@ import yaml
 
 from trl_guided import cli
 from trl_guided.data import load_task
+from trl_guided.recipe import _check_recipe_types, make_parser, read_recipe, validate
 from trl_guided.rewards import get_reward, length, smooth_length
-from trl_guided.train import _check_recipe_types, make_parser, run, summarize, validate
+from trl_guided.train import run, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 # Training recipes; recipes/accelerate/ holds accelerate launcher configs, not recipes.
@@ -56,7 +57,7 @@ def test_length_task_ships_prompts_and_splits(tmp_path):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(r.relative_to(ROOT)) for r in RECIPES])
 def test_every_recipe_parses_without_unknown_keys(recipe, tmp_path):
-    _check_recipe_types(str(recipe))
+    _check_recipe_types(str(recipe), read_recipe(str(recipe)))
     task_args, training_args, model_args = make_parser().parse_args_and_config(
         args=["--config", str(recipe), "--output_dir", str(tmp_path)], fail_with_unknown_args=True
     )

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from trl_guided import cli
-from trl_guided.chat import Chat, chat_loop, model_dir
+from trl_guided.chat import Chat, chat_loop
 
 
 def test_scripted_two_turn_conversation_keeps_the_history(tiny_llama):
@@ -38,6 +38,6 @@ def test_cli_chat_reads_stdin(tiny_llama, tmp_path, monkeypatch, capsys):
     assert captured.out.count("\n") >= 2  # two answers, each ended by a newline; no "you>" prompt when piped
     assert "you>" not in captured.out
     with pytest.raises(SystemExit, match="holds no model"):
-        model_dir(str(tmp_path))
+        cli.main(["chat", str(tmp_path)])
     with pytest.raises(SystemExit, match="--temperature must be >= 0"):
         cli.main(["chat", tiny_llama, "--temperature", "-1"])

@@ -17,20 +17,18 @@ from trl_guided import cli
 from trl_guided import sampler as sampler_module
 from trl_guided.config import SAMPLER_FIELDS
 from trl_guided.data import load_task
-from trl_guided.evaluate import (
+from trl_guided.evaluate import EvalSettings, evaluate, read_records
+from trl_guided.locate import ModelError, locate_model
+from trl_guided.stats import (
     EvalError,
-    EvalSettings,
     bootstrap_ci,
     compare,
-    evaluate,
     format_comparison,
-    locate_model,
     mcnemar_exact,
     metric_direction,
     metrics_from_records,
     paired_bootstrap_ci,
     pass_at_k,
-    read_records,
     repetition,
     summary_line,
     wins_losses_ties,
@@ -219,6 +217,40 @@ def test_tiny_eval_is_deterministic_and_recomputable_from_records(tiny_llama, tm
     assert read_records(tmp_path / "three.jsonl") != records
 
 
+def _model_folder(path: Path, complete: bool = True) -> Path:
+    """A folder the locator takes for a saved model (a config.json; weights are not read to locate it)."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    if complete:
+        (path / "trainer_state.json").write_text("{}")
+    return path
+
+
+def test_a_run_folder_means_its_final_model_else_its_newest_complete_checkpoint(tmp_path):
+    """One locator for eval, chat, quality and report: a run folder's saved model, else its newest complete
+    checkpoint-N holding a model (a half-written one is skipped), else one line saying what is missing and what to
+    do."""
+    run = tmp_path / "run"
+    _model_folder(run / "checkpoint-2")
+    _model_folder(run / "checkpoint-10")
+    _model_folder(run / "checkpoint-12", complete=False)  # killed while saving
+    (run / "checkpoint-11").mkdir()  # no model in it
+    assert locate_model(str(run)).path == str(run / "checkpoint-10")  # numeric order, not text order
+    (run / "config.json").write_text("{}")
+    assert locate_model(str(run)).path == str(run)  # the final model wins
+    empty_run = tmp_path / "empty_run"
+    _model_folder(empty_run / "checkpoint-1", complete=False)
+    for folder, message in (
+        (empty_run, "training run folder without a saved model.*none complete with a model.*let the run save"),
+        (tmp_path / "nothing", "holds no model: no config.json"),
+    ):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(ModelError, match=message):
+            locate_model(str(folder))
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["chat", str(folder)])
+
+
 def test_checkpoint_and_lora_adapter_folders_load(tiny_llama, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -227,8 +259,6 @@ def test_checkpoint_and_lora_adapter_folders_load(tiny_llama, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_llama, run / "checkpoint-3")
     (run / "trainer_state.json").write_text("{}")
-    with pytest.raises(EvalError, match="training run folder without a saved model.*checkpoint-3"):
-        locate_model(str(run))
     assert locate_model(str(run / "checkpoint-3")).kind == "folder"
 
     torch.manual_seed(0)

@@ -26,7 +26,6 @@ from trl_guided.guidance import (
     loss_weights,
     low_prob_mask,
     prefix_advantages,
-    prefix_candidate,
     prefix_copies,
     prefix_source_rows,
     prefix_window,
@@ -125,6 +124,12 @@ def test_property_any_token_ids_and_any_marks(ids, punctuation):
     assert 0 <= keep <= next((i for i, t in enumerate(ids) if t in specials), len(ids))
     if keep:
         assert _mark_pattern(punctuation).search(tokenizer.decode(ids[:keep]))
+
+
+def prefix_candidate(sample, drawn_length, eos_token_ids, cut) -> tuple[list[int], bool]:
+    """The prefix a phase-1 sample yields, as `GuidedSampler.sample_prefixes` takes it: the window before EOS, cut."""
+    window, hit_eos = prefix_window(sample, drawn_length, eos_token_ids)
+    return window[: cut(window)], hit_eos
 
 
 def test_prefix_candidate_stops_before_eos_and_cuts(tokenizer):

@@ -117,13 +117,13 @@ def test_reward_at_takes_the_last_window_up_to_the_limit():
 @pytest.mark.parametrize("arm", sorted(learning.ARMS))
 def test_every_arm_of_the_study_recipes_is_a_valid_config(recipe, arm):
     """Each arm overlays the base recipe: it parses and no field is refused (a switched-off field only warns)."""
-    from trl_guided.train import explicit_keys, make_parser, unused_settings
+    from trl_guided.recipe import explicit_keys, make_parser, read_recipe, unused_settings
 
     argv = ["--config", str(ROOT / "bench" / recipe), "--output_dir", "unused"]
     for key, value in learning.ARMS[arm].items():
         argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     task_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    errors, _ = unused_settings(explicit_keys(argv, argv[1]), task_args, training_args, model_args)
+    errors, _ = unused_settings(explicit_keys(argv, read_recipe(argv[1])), task_args, training_args, model_args)
     assert not errors
     assert training_args.guidance == learning.ARMS[arm]["guidance"]
 

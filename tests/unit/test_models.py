@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl_guided import models
 from trl_guided.models import MANIFEST, resolve_model_path
 
-EMBEDDED = "embedded:smollm2-135m-instruct"
+from .common import EMBEDDED
 
 
 @pytest.fixture(scope="module")

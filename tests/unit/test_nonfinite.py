@@ -10,6 +10,7 @@ import pytest
 import torch
 from trl import GRPOTrainer
 
+import trl_guided.ot_reference as ot_reference_module
 import trl_guided.trainer as trainer_module
 
 from .common import G, reward_len, trainer_for
@@ -93,14 +94,14 @@ def test_a_nan_loss_becomes_a_zero_gradient_step(tiny_llama, tmp_path, monkeypat
 
 
 def test_a_nan_ot_cost_leaves_the_ot_term_out(tiny_llama, tmp_path, monkeypatch, caplog):
-    solve = trainer_module.banded_sinkhorn_with_stats
+    solve = ot_reference_module.banded_sinkhorn_with_stats
 
     def nan_cost(*args, **kwargs):
         result = solve(*args, **kwargs)
         result.cost = result.cost * float("nan")
         return result
 
-    monkeypatch.setattr(trainer_module, "banded_sinkhorn_with_stats", nan_cost)
+    monkeypatch.setattr(ot_reference_module, "banded_sinkhorn_with_stats", nan_cost)
     trainer = trainer_for(tiny_llama, tmp_path, max_steps=2, learning_rate=1e-2, ot_coef=0.5, beta=0.0)
     start = _weights(trainer)
     with caplog.at_level(logging.WARNING):

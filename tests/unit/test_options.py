@@ -18,16 +18,10 @@ from trl import GRPOConfig, ModelConfig, get_peft_config, get_quantization_confi
 
 from trl_guided import GuidedGRPOConfig
 from trl_guided.data import TASK_OPTIONS, load_task
+from trl_guided.recipe import model_init_kwargs, parse_args
 from trl_guided.sampler import GuidedSampler
-from trl_guided.train import (
-    TaskArguments,
-    eval_settings,
-    model_init_kwargs,
-    parse_args,
-    reward_functions,
-    summarize,
-    task_options,
-)
+from trl_guided.tasks import TaskArguments, reward_functions, task_options
+from trl_guided.train import eval_settings, summarize
 
 from .common import group_batch, trainer_for
 
@@ -143,7 +137,7 @@ def _uses_shared_prefix(trainer):
 
 
 def _has_own_ot_reference(trainer):
-    return trainer._ot_ref_model is not None
+    return trainer._ot is not None and trainer._ot.model is not None
 
 
 def _moves_reference_states_to_cpu(trainer, monkeypatch):
@@ -325,7 +319,7 @@ def test_fields_a_switch_turns_off_are_named_in_one_warning(recipe, caplog):
 
 
 def test_every_model_field_is_forwarded_or_refused(recipe, monkeypatch):
-    import trl_guided.train as train
+    import trl_guided.recipe as recipe_module
 
     def effect(name, value):
         argv = ["--config", recipe, f"--{name}", _flag(value)]
@@ -342,7 +336,7 @@ def test_every_model_field_is_forwarded_or_refused(recipe, monkeypatch):
     baseline = effect("dtype", "float32")
     peft = ("--use_peft", "true")
     four_bit = ("--load_in_4bit", "true")
-    monkeypatch.setattr(train, "validate_model_args", lambda model_args: None)  # quantization configs on CPU
+    monkeypatch.setattr(recipe_module, "validate_model_args", lambda model_args: None)  # quantization configs on CPU
     cases = {
         "model_name_or_path": None,  # which model trains: tests/launch/test_train.py
         "model_revision": ((), "v2"),

@@ -46,9 +46,9 @@ def ot_metrics(trainer):
 def test_ot_trains_with_each_reference(tiny_llama, tmp_path, overrides):
     trainer = ot_trainer(tiny_llama, tmp_path, **overrides)
     if overrides.get("beta"):
-        assert trainer.ref_model is not None and trainer._ot_ref_model is None  # TRL's reference is reused
+        assert trainer.ref_model is not None and trainer._ot.model is None  # TRL's reference is reused
     elif overrides["ot_reference"] == "ref":
-        assert trainer._ot_ref_model is not None and trainer.ref_model is None  # built because beta == 0
+        assert trainer._ot.model is not None and trainer.ref_model is None  # built because beta == 0
     trainer.train()
     cost, penalty, error = ot_metrics(trainer)
     assert all(math.isfinite(v) for v in (cost, penalty, error, *losses(trainer)))
@@ -71,7 +71,7 @@ def test_ot_with_lora_uses_the_adapter_disabled_base(tiny_llama, tmp_path):
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = ot_trainer(tiny_llama, tmp_path, peft_config=lora, max_steps=2)
-    assert trainer._ot_ref_model is None and trainer.ref_model is None
+    assert trainer._ot.model is None and trainer.ref_model is None
     trainer.train()
     assert all(math.isfinite(v) for v in ot_metrics(trainer))
 
@@ -116,7 +116,7 @@ def test_ot_off_adds_nothing(tiny_llama, tmp_path):
     trainer = ot_trainer(tiny_llama, tmp_path, ot_coef=0.0)
     trainer.model.train()
     inputs = trainer._generate_and_score_completions(group_batch(trainer))
-    assert "ot_reference_states" not in inputs and trainer._ot_ref_model is None
+    assert "ot_reference_states" not in inputs and trainer._ot is None
     trainer.train()
     assert not any(k.startswith("ot/") for e in trainer.state.log_history for k in e)
 

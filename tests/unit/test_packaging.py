@@ -74,3 +74,23 @@ def test_every_upper_bound_has_a_comment_saying_who_imposes_it():
             if not (above.startswith("#") or lines[i].lstrip().startswith("#")):
                 uncommented.append(spec)
     assert not uncommented, f"upper bounds without a comment saying who imposes them: {uncommented}"
+
+
+def test_the_wheel_ships_the_package_assets(tmp_path):
+    """A wheel built from the tracked files holds every file of trl_guided/assets (the report's style sheet, the length
+    task's prompts): pyproject's package-data must name them, or the installed package fails at import or run time."""
+    import zipfile
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    source = tmp_path / "source"
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes((ROOT / name).read_bytes())
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q"]
+    result = subprocess.run([*command, "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("trl_guided-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    assets = {f"trl_guided/assets/{path.name}" for path in (ROOT / "trl_guided" / "assets").iterdir()}
+    assert "trl_guided/assets/report.css" in assets and assets <= shipped, assets - shipped

@@ -12,97 +12,13 @@ import pytest
 import torch
 import yaml
 
-from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer
-from trl_guided.models import resolve_model_path
-from trl_guided.quality import completion_nll, load_model
+from trl_guided import GuidedGRPOConfig
+from trl_guided.locate import load_model, locate_model
+from trl_guided.quality import completion_nll
 
-EMBEDDED = "embedded:smollm2-135m-instruct"
+from .common import EMBEDDED, guided_trainer, hidden_and_embedding_grads, scored_batch
+
 MAIN_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-135m-instruct" / "length_cpu.yaml"
-G = 4
-PROMPT = [
-    {"role": "system", "content": "You are a helpful assistant. Answer the user's request."},
-    {"role": "user", "content": "Explain the history of paper."},
-]
-FIXED_ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5])
-
-
-def reward_length(completions, **kwargs):
-    return [-abs(120 - len(c[0]["content"])) / 120 for c in completions]
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return resolve_model_path(EMBEDDED)
-
-
-def guided_trainer(model_path, tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=G,
-        num_generations=G,
-        max_completion_length=32,
-        prefix_min_tokens=6,
-        prefix_max_tokens=16,
-        min_guide_tokens=2,
-        max_guide_tokens=6,
-        guidance_loss_scope="guidance",
-        beta=0.0,
-        max_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=3,
-        use_cpu=True,
-        bf16=False,
-    )
-    values.update(overrides)
-    from datasets import Dataset
-
-    data = Dataset.from_dict({"prompt": [PROMPT] * G})
-    trainer = GuidedGRPOTrainer(model_path, reward_length, args=GuidedGRPOConfig(**values), train_dataset=data)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop outside train()
-    return trainer
-
-
-def scored_batch(trainer):
-    """A real guided batch, and TRL's scored batch before the loss focus (every column, no trained-token mask)."""
-    captured = {}
-    focus = trainer._focus_loss
-
-    def capture(output, segments, *rest):
-        captured["raw"], captured["segments"] = dict(output), segments
-        output["advantages"] = FIXED_ADVANTAGES.clone()  # equal rewards in a group would give no gradient at all
-        return focus(output, segments, *rest)
-
-    trainer._focus_loss = capture
-    batch = trainer._generate_and_score_completions([{"prompt": PROMPT}] * G)
-    trainer._focus_loss = focus
-    raw = captured["raw"]
-    raw["advantages"] = FIXED_ADVANTAGES.clone()
-    return batch, raw, captured["segments"]
-
-
-def hidden_and_embedding_grads(trainer, batch):
-    """Gradient of the loss w.r.t. the final hidden states (one position feeds one next-token prediction, so this is
-    each predicted token's own share) and w.r.t. the input embeddings, both (B, prompt + completion columns)."""
-    model = trainer.model
-    grads, handles = {}, []
-
-    def keep(name):
-        def hook(module, args, output):
-            output.register_hook(lambda grad: grads.__setitem__(name, grad.detach().clone()))
-
-        return hook
-
-    handles.append(model.model.norm.register_forward_hook(keep("hidden")))
-    handles.append(model.get_input_embeddings().register_forward_hook(keep("embedding")))
-    model.zero_grad()
-    try:
-        trainer.compute_loss(model, batch).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grads["hidden"].norm(dim=-1), grads["embedding"].norm(dim=-1)
 
 
 def test_gradient_reaches_only_the_trained_positions(embedded, tmp_path):
@@ -179,7 +95,7 @@ def test_per_token_update_of_guided_and_plain_under_each_normalization(embedded,
 
 
 def test_completion_nll_scores_fluent_text_below_scrambled_text(embedded):
-    model, tokenizer = load_model(EMBEDDED)
+    model, tokenizer = load_model(locate_model(EMBEDDED))
     fluent = "Paper was invented in China around 105 AD and spread along trade routes to the rest of the world."
     words = fluent.split()
     scrambled = " ".join(words[::2] + words[1::2])
@@ -242,7 +158,7 @@ def test_main_job_recipe_keeps_text_fluent(tmp_path):
     quality = [entry.get("quality/ref_nll") for entry in logged]
     assert any(value is not None and math.isfinite(value) and value > 0 for value in quality), quality
 
-    model, tokenizer = load_model(EMBEDDED)
+    model, tokenizer = load_model(locate_model(EMBEDDED))
     last = pd.concat(
         pd.read_parquet(tmp_path / "completions" / f"completions_{step:05d}.parquet")
         for step in range(FLUENCY_STEPS - 2, FLUENCY_STEPS + 1)

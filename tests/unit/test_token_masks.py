@@ -12,15 +12,16 @@ import torch
 from trl_guided.guidance import low_prob_mask, prefix_source_rows, share_prefix
 from trl_guided.trainer import _LossView
 
-from .common import G, group_batch, losses, trainer_for
-from .test_quality import EMBEDDED, FIXED_ADVANTAGES, guided_trainer, hidden_and_embedding_grads, scored_batch
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    from trl_guided.models import resolve_model_path
-
-    return resolve_model_path(EMBEDDED)
+from .common import (
+    FIXED_ADVANTAGES,
+    G,
+    group_batch,
+    guided_trainer,
+    hidden_and_embedding_grads,
+    losses,
+    scored_batch,
+    trainer_for,
+)
 
 
 def sampling_probabilities(trainer, batch) -> tuple[torch.Tensor, torch.Tensor]:

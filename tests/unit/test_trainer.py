@@ -225,6 +225,15 @@ def test_guidance_rejects_rollout_owners(tiny_llama, tmp_path, owner):
         )
 
 
+def test_constructor_takes_grpo_trainers_parameters_by_position_and_keyword(tiny_llama, tmp_path):
+    """The constructor binds GRPOTrainer's signature: its positions and keywords work, an unknown one is refused."""
+    data = dataset()
+    trainer = GuidedGRPOTrainer(tiny_llama, reward_len, config(tmp_path), data, None, None, None, [], (None, None))
+    assert trainer.train_dataset is data and trainer.eval_dataset is None
+    with pytest.raises(TypeError, match="train_datset"):
+        GuidedGRPOTrainer(tiny_llama, reward_len, config(tmp_path), train_datset=data)
+
+
 def test_plain_grpo_config_is_refused(tiny_llama, tmp_path):
     with pytest.raises(TypeError, match="GuidedGRPOConfig"):
         GuidedGRPOTrainer(model=tiny_llama, reward_funcs=reward_len, args=GRPOConfig(output_dir=str(tmp_path)))

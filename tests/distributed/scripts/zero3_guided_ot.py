@@ -94,7 +94,7 @@ def main(model_path: str, output_dir: str) -> None:
         "rank": trainer.accelerator.process_index,
         "deepspeed": trainer.is_deepspeed_enabled,
         "sharded": sharded,
-        "reference": type(trainer._ot_ref_model).__name__,
+        "reference": type(trainer._ot.model).__name__,
         "losses": [e["loss"] for e in logs],
         "ot_costs": [e["ot/cost"] for e in logs],
         "guide_lengths": [e["guidance/guide_length"] for e in logs],
