@@ -723,7 +723,8 @@ def validation_plan(task_args, training_args, size: int) -> dict:
 
 
 def per_problem(run_dir: Path, metric: str, records: str = "eval.jsonl") -> dict[str, float]:
-    from trl_guided.evaluate import per_problem_values, read_records
+    from trl_guided.evaluate import read_records
+    from trl_guided.stats import per_problem_values
 
     reward = metric.rsplit("/", 1)[0]
     return per_problem_values(read_records(run_dir / records), [reward], 1)[metric]

@@ -181,6 +181,12 @@ def _add_eval_command(commands) -> None:
         "--backend", default="auto", help="auto (vLLM if importable and a GPU), transformers, vllm"
     )
     evaluation.add_argument(
+        "--vllm-gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vLLM backend: share of GPU memory (on CPU: of RAM) for the engine (default: the recipe's, else 0.3)",
+    )
+    evaluation.add_argument(
         "--quality-model",
         default=None,
         help="model scoring completion fluency (NLL/token); 'none' to skip (default embedded:smollm2-135m-instruct)",
@@ -230,6 +236,7 @@ def _eval_settings(args: argparse.Namespace):
         seed=args.seed,
         sampling=args.sampling,
         backend=default_backend() if args.backend == "auto" else args.backend,
+        vllm_gpu_memory_utilization=pick(args.vllm_gpu_memory_utilization, "vllm_gpu_memory_utilization", 0.3),
         reward_funcs=list(rewards),
         task_options=task_options(task_args),
         reward_options={k: v for k, v in reward_options(task_args).items() if k in rewards},

@@ -30,12 +30,11 @@ from .config import GuidedGRPOConfig
 from .data import TASKS, load_task
 from .locate import ModelSource, load_model, locate_model
 from .rewards import get_reward
-from .stats import EvalError, metrics_from_records, per_problem_values
+from .stats import EvalError, metrics_from_records
 from .tasks import reward_functions_by_name
 from .trainer import GuidedGRPOTrainer
 
-# per_problem_values (trl_guided.stats): bench/learning.py reads it from here.
-__all__ = ["DEFAULT_QUALITY_MODEL", "EvalError", "EvalSettings", "evaluate", "per_problem_values", "read_records"]
+__all__ = ["DEFAULT_QUALITY_MODEL", "EvalError", "EvalSettings", "evaluate", "read_records"]
 
 DEFAULT_QUALITY_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -55,6 +54,9 @@ class EvalSettings:
     seed: int = 0
     sampling: str = "plain"
     backend: str = "transformers"
+    # vLLM backend: the share of GPU memory (on CPU: of RAM) the engine may take. TRL's default, not vLLM's 0.92, which
+    # a CPU machine with anything else running does not have free.
+    vllm_gpu_memory_utilization: float = 0.3
     reward_funcs: list[str] = field(default_factory=list)
     task_options: dict[str, Any] = field(default_factory=dict)
     reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -91,6 +93,10 @@ class EvalSettings:
             )
         if self.backend not in ("transformers", "vllm"):
             raise EvalError(f"--backend must be 'auto', 'transformers' or 'vllm' (got {self.backend!r})")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise EvalError(
+                f"--vllm-gpu-memory-utilization must be in (0, 1] (got {self.vllm_gpu_memory_utilization})"
+            )
         if not self.reward_funcs:
             raise EvalError("no reward function: give --reward-funcs (or a recipe with reward_funcs)")
         for name in self.reward_funcs:
@@ -187,6 +193,7 @@ def generate_vllm(source: ModelSource, tokenizer, prompts: list[list[int]], sett
             dtype=os.environ.get("TRL_GUIDED_VLLM_DTYPE", "auto"),
             max_model_len=longest,
             enable_prefix_caching=True,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
         )
         sampling = settings.temperature > 0
         params = [

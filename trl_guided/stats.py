@@ -14,7 +14,7 @@ import numpy as np
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
 # Settings that may differ between two evaluations being compared (they change speed, not what is measured).
-COMPARE_FREE_SETTINGS = ("batch_size", "backend")
+COMPARE_FREE_SETTINGS = ("batch_size", "backend", "vllm_gpu_memory_utilization")
 
 
 class EvalError(ValueError):

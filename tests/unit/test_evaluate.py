@@ -3,11 +3,14 @@ before/after evaluation of a training run (the vLLM backend: tests/distributed/t
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import math
 import os
 import re
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -215,6 +218,46 @@ def test_tiny_eval_is_deterministic_and_recomputable_from_records(tiny_llama, tm
     # Sampling is seeded: another seed samples other completions.
     assert cli.main(_eval_argv(tiny_llama, tmp_path, "three", "--seed", "1")) == 0
     assert read_records(tmp_path / "three.jsonl") != records
+
+
+class FakeVLLM(types.ModuleType):
+    """`vllm` for the eval backend's calls: records the engine's arguments, returns EOS-only completions."""
+
+    def __init__(self):
+        super().__init__("vllm")
+        self.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+        self.engines = []
+        fake = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.engines.append(kwargs)
+
+            def generate(self, prompts, params, use_tqdm=False):
+                sample = types.SimpleNamespace(token_ids=[], finish_reason="stop")
+                return [types.SimpleNamespace(outputs=[sample] * p.n) for p in params]
+
+        self.LLM, self.SamplingParams = LLM, lambda **kwargs: types.SimpleNamespace(**kwargs)
+
+
+@pytest.mark.parametrize("recipe, flag, expected", [({}, None, 0.3), ({"vllm_gpu_memory_utilization": 0.2}, None, 0.2),
+                                                    ({"vllm_gpu_memory_utilization": 0.2}, "0.1", 0.1)])  # fmt: skip
+def test_the_vllm_backend_takes_the_memory_share_from_the_flag_the_recipe_or_trl(
+    tiny_llama, tmp_path, monkeypatch, recipe, flag, expected
+):
+    """vLLM's own default (0.92 of GPU memory, on CPU of RAM) fails on a machine where anything else runs."""
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"task": "length", **recipe}))
+    argv = _eval_argv(tiny_llama, tmp_path, "vllm", "--config", str(tmp_path / "recipe.yaml"), "--backend", "vllm")
+    argv += ["--vllm-gpu-memory-utilization", flag] if flag else []
+    assert cli.main(argv) == 0
+    assert [engine["gpu_memory_utilization"] for engine in fake.engines] == [expected]
+    settings = json.loads((tmp_path / "vllm.json").read_text())["settings"]
+    assert settings["backend"] == "vllm" and settings["vllm_gpu_memory_utilization"] == expected
+    with pytest.raises(SystemExit, match=r"must be in \(0, 1\] \(got 1.5\)"):
+        cli.main([*argv, "--vllm-gpu-memory-utilization", "1.5"])
+    assert len(fake.engines) == 1  # refused before an engine starts
 
 
 def _model_folder(path: Path, complete: bool = True) -> Path:
