@@ -245,3 +245,23 @@ def test_trl_guided_eval_runs_on_the_new_recipes(tiny_llama, tmp_path, recipe):
     rewards = rewards if "instructions" in recipe else ["arithmetic_accuracy"]
     assert all(0.0 <= metrics[f"{name}/mean"]["value"] <= 1.0 for name in rewards)
     assert metrics["completion_tokens"]["value"] <= 6
+
+
+def test_constraint_kinds_tallies_each_kind_per_record_file(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # constraint_kinds imports its sibling answer_position
+    spec = importlib.util.spec_from_file_location("constraint_kinds", ROOT / "bench" / "constraint_kinds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    specs = [
+        [{"kind": "lowercase"}, {"kind": "avoid_word", "word": "very"}],
+        [{"kind": "lowercase"}],
+    ]
+    records = [
+        {"problem_id": "0-aa", "completion": "it is very cold", "truncated": False},
+        {"problem_id": "1-bb", "completion": [{"role": "assistant", "content": "Upper case here"}], "truncated": True},
+    ]
+    assert module.tally(records, specs) == {
+        "kinds": {"avoid_word": [0, 1], "lowercase": [1, 2]},
+        "truncated": 0.5,
+        "median_words": 4,
+    }

@@ -7,6 +7,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from trl_guided.train import leave_process_group
+
 from .common import trainer_for
 
 STEPS = 6
@@ -138,3 +140,13 @@ def test_resume_auto_takes_the_newest_complete_checkpoint_or_starts(tiny_llama, 
     assert resume_point(training_args) is True
     (output_dir / "checkpoint-2" / INCOMPLETE_MARKER).write_text("a save in progress")
     assert resume_point(training_args) is None
+
+
+def test_a_finished_or_stopped_run_leaves_its_process_group(tmp_path):
+    """gloo's threads, left to interpreter shutdown, aborted a finished 2-process run once (SIGABRT at exit)."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    leave_process_group()
+    assert not torch.distributed.is_initialized()
+    leave_process_group()  # without a process group (one process, no launcher): nothing to do

@@ -19,6 +19,7 @@ from datasets import Dataset  # noqa: E402
 
 import trl_guided.trainer as trainer_module  # noqa: E402
 from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer  # noqa: E402
+from trl_guided.train import leave_process_group  # noqa: E402
 
 
 def reward_len(completions, **kwargs):
@@ -96,6 +97,8 @@ def main(model_path: str, output_dir: str) -> None:
     }
     # A file per rank: the two processes share stdout, where their lines can interleave.
     Path(output_dir, f"report-rank{report['rank']}.json").write_text(json.dumps(report))
+    trainer.accelerator.wait_for_everyone()
+    leave_process_group()  # as `trl-guided train` does: a rank may otherwise abort at exit
 
 
 if __name__ == "__main__":
