@@ -181,10 +181,14 @@ while [ $# -gt 0 ]; do
 done
 echo "srun $ntasks task(s): $*" >> "$FAKE_LOG"
 [ "$ntasks" -eq 1 ] && SLURM_PROCID=0 exec "$@"
-trap 'kill $(jobs -p) 2>/dev/null' TERM
-for ((i = 0; i < ntasks; i++)); do SLURM_PROCID=$i "$@" & done
+tasks=()
+trap 'kill "${tasks[@]}" 2>/dev/null' TERM  # srun passes a stop signal on to its tasks
+for ((i = 0; i < ntasks; i++)); do SLURM_PROCID=$i "$@" & tasks+=($!); done
 status=0
-for job in $(jobs -p); do wait "$job" || status=$?; done
+for task in "${tasks[@]}"; do
+  while kill -0 "$task" 2>/dev/null; do wait "$task" || true; done  # a trapped signal interrupts wait
+  wait "$task" || status=$?
+done
 exit $status
 """
 
@@ -352,7 +356,7 @@ def test_the_time_limit_signal_stops_the_training_requeues_the_job_and_the_reque
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 143, stderr
+    assert process.returncode == 143, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert sorted(line for line in calls if line.endswith("got TERM")) == ["rank=0 got TERM", "rank=1 got TERM"]
     assert calls[-1] == "scontrol requeue 4242", calls
@@ -378,11 +382,11 @@ def test_scancel_stops_the_training_with_a_checkpoint_and_does_not_requeue(fake_
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
+        stdout, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 143, stderr
+    assert process.returncode == 143, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     calls = (tmp_path / "calls.log").read_text()
     assert "rank=0 got TERM" in calls and "scontrol requeue" not in calls
     assert not _answers(port)
