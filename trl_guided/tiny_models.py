@@ -52,8 +52,11 @@ def build_tiny_tokenizer(vocab_size: int = 320):
     return tokenizer
 
 
-def build_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0, hidden_size: int = 32) -> str:
-    """Build and save a 2-layer causal LM (`arch` = "llama" or "qwen2") with the tiny tokenizer; return the path."""
+def build_tiny_model(
+    path: str | os.PathLike, arch: str = "llama", seed: int = 0, hidden_size: int = 32, tied: bool = False
+) -> str:
+    """Build and save a 2-layer causal LM (`arch` = "llama" or "qwen2") with the tiny tokenizer; return the path.
+    `tied`: the output layer shares the embedding matrix (as in SmolLM2), so checkpoints hold no lm_head weight."""
     tokenizer = build_tiny_tokenizer()
     common = dict(
         vocab_size=len(tokenizer),
@@ -66,7 +69,7 @@ def build_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     configs = {"llama": LlamaConfig, "qwen2": Qwen2Config}
     if arch not in configs:

@@ -31,7 +31,7 @@ def processes_mentioning(text: str) -> list[int]:
     return [pid for pid in pids if pid != os.getpid()]
 
 
-def run_script(python: Path, name: str, workdir: Path) -> dict:
+def run_script(python: Path, name: str, workdir: Path, *arguments: str) -> dict:
     """Run a harness script in its own session; on timeout SIGTERM it (its `finally` stops the vLLM server)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     # Nothing from the main venv may leak into the vLLM venv; the package under test is this checkout's (the vLLM
@@ -40,7 +40,7 @@ def run_script(python: Path, name: str, workdir: Path) -> dict:
     log = workdir / f"{name}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [str(python), str(SCRIPTS / f"{name}.py"), str(workdir)],
+            [str(python), str(SCRIPTS / f"{name}.py"), str(workdir), *arguments],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=workdir,

@@ -177,6 +177,112 @@ def test_learning_study_tiny_end_to_end_and_resume(tmp_path):
     assert "| plain | " in table and "| arm | 1e-05 | 4e-05 |" in table and "**" in table
 
 
+# A stand-in for vLLM in the study's evaluation children: logs each engine start and weight reload, answers every
+# prompt with an empty completion (EOS). The study's flow is under test here; the real engine's reload is checked in
+# tests/distributed/test_eval_vllm.py.
+FAKE_VLLM = """
+import os
+import types
+
+
+def _log(line):
+    with open(os.environ["FAKE_VLLM_LOG"], "a") as handle:
+        handle.write(f"{os.getpid()} {line}\\n")
+
+
+class LLM:
+    def __init__(self, **kwargs):
+        _log(f"start {kwargs['model']}")
+
+    def collective_rpc(self, method, kwargs=None):
+        if callable(method):  # the CPU repack after a reload: a function run in the worker
+            return
+        assert method == "reload_weights" and os.path.isfile(os.path.join(kwargs["weights_path"], "config.json"))
+        _log(f"reload {kwargs['weights_path']}")
+
+    def reset_prefix_cache(self):
+        pass
+
+    def generate(self, prompts, params, use_tqdm=False):
+        sample = types.SimpleNamespace(token_ids=[], finish_reason="stop")
+        return [types.SimpleNamespace(outputs=[sample] * p.n) for p in params]
+
+
+def SamplingParams(**kwargs):
+    return types.SimpleNamespace(**kwargs)
+"""
+
+# The evaluation children's interpreter: this one, with the fake vLLM imported once TRL has been (TRL takes a
+# `vllm` it finds at import for the real one); FAKE_VLLM_FAIL=1 makes an evaluation round fail (a crashed round).
+FAKE_EVAL_PYTHON = """#!/usr/bin/env bash
+if [ "$2" = evaluate-runs ] && [ -n "${{FAKE_VLLM_FAIL:-}}" ]; then echo "round failed on purpose" >&2; exit 3; fi
+exec {python} -c 'import runpy, sys
+import trl_guided.evaluate
+sys.path.insert(0, "{fake}")
+import vllm
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")' "$@"
+"""
+
+
+@pytest.mark.slow
+def test_learning_study_with_vllm_evaluation_rounds_resumes_a_failed_round_without_training_again(tmp_path):
+    """`--eval-backend vllm`: the runs of a phase train first (models wait in the run folder), then one evaluation
+    child per core scores them with one engine, reloading weights for every further model; a failed round leaves
+    the trained runs waiting, and the rerun evaluates them without training them again."""
+    fake = tmp_path / "fake"
+    (fake / "vllm").mkdir(parents=True)
+    (fake / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    python = tmp_path / "eval-python"
+    python.write_text(FAKE_EVAL_PYTHON.format(fake=fake, python=sys.executable))
+    python.chmod(0o755)
+    arms = tmp_path / "arms.yaml"
+    arms.write_text("plain: {guidance: false}\nguided: {guidance: true}\n")
+    command = [sys.executable, str(ROOT / "bench" / "learning.py"), "--tiny", "--out", str(tmp_path / "out")]
+    command += ["--arms-file", str(arms), "--seeds", "0", "--cores", "", "--budget-minutes", "0.02"]
+    command += ["--eval-every-minutes", "0.01", "--curve-problems", "4", "--parallel", "2"]
+    command += ["--eval-backend", "vllm", "--eval-python", str(python)]
+    log = tmp_path / "vllm.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FAKE_VLLM_LOG": str(log)}
+    runs = tmp_path / "out" / "learning_runs"
+    trained = [runs / "plain-seed0", runs / "guided-seed0"]
+
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**env, "FAKE_VLLM_FAIL": "1"})
+    assert failed.returncode != 0 and "an evaluation round failed" in failed.stderr, failed.stderr[-3000:]
+    for run in trained:  # trained, waiting for their evaluations
+        assert (run / "trained.json").exists() and (run / "models" / "final" / "config.json").exists()
+        assert not (run / "run.json").exists()
+    assert json.loads((runs / "before" / "run.json").read_text())["settings"]["backend"] == "vllm"
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "final/plain-seed0" not in again.stderr  # not trained again
+    assert "evaluating 2 final runs (2 vLLM engines)" in again.stderr
+    for run in trained:
+        record = json.loads((run / "run.json").read_text())
+        assert not (run / "trained.json").exists() and not (run / "models").exists()
+        assert record["evals"][-1]["step"] == record["steps"] >= 1 and record["eval_seconds"] > 0
+        assert record["evals"][-1]["problems"] == 8  # the test problems of --tiny
+        snapshots = [e for e in record["evals"] if e.get("subset")]
+        assert snapshots and all(e["problems"] == 4 for e in snapshots)
+    phases = [json.loads(line)["phase"] for line in (runs / "ledger.jsonl").read_text().splitlines()]
+    assert phases == ["before", "final", "final evaluation"]
+    report = json.loads((tmp_path / "out" / "learning.json").read_text())
+    assert report["machine_time"]["wall_minutes_by_phase"]["final evaluation"] > 0
+
+    # One engine per evaluation child (the snapshots and the final model of a run), further models reloaded into it.
+    lines = [line.split(" ", 2) for line in log.read_text().splitlines()]
+    by_process = {}
+    for pid, action, path in lines:
+        by_process.setdefault(pid, []).append((action, path))
+    for actions in by_process.values():
+        assert [action for action, _ in actions].count("start") == 1 and actions[0][0] == "start"
+    evaluated = {path for _, _, path in lines}
+    for run in trained:
+        assert str(run / "models" / "final") in evaluated and str(run / "models" / "snapshot-1") in evaluated
+    assert sum(action == "reload" for _, action, _ in lines) >= 2
+
+
 def _assert_png_not_blank(path: Path) -> None:
     """The figure has the curves of both arms: pixels in the plain (grey) and the guided (blue) colour."""
     import numpy as np

@@ -48,7 +48,7 @@ def check(condition: bool, message: str) -> None:
         raise CheckFailed(message)
 
 
-def build_model(path: Path, sharpen: float = 10.0) -> str:
+def build_model(path: Path, sharpen: float = 10.0, seed: int = 0, tied: bool = False) -> str:
     """A 2-layer tiny Llama that vLLM's CPU attention accepts, with a sharpened output layer.
 
     vLLM's CPU attention supports head sizes from 32 up, so hidden_size=128 with 4 heads. A freshly initialised model
@@ -60,10 +60,18 @@ def build_model(path: Path, sharpen: float = 10.0) -> str:
 
     from trl_guided.tiny_models import build_tiny_model
 
-    build_tiny_model(path, arch="llama", seed=0, hidden_size=128)
+    build_tiny_model(path, arch="llama", seed=seed, hidden_size=128, tied=tied)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
-        model.lm_head.weight.mul_(sharpen)
+        if tied:
+            # A tied LM head is the embedding matrix: scale the final norm instead (the same logits). Louder layer
+            # outputs too: with the embedding dominating the residual, a random tied model repeats its last token.
+            model.model.norm.weight.mul_(sharpen)
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(10.0)
+                layer.mlp.down_proj.weight.mul_(10.0)
+        else:
+            model.lm_head.weight.mul_(sharpen)
     model.save_pretrained(path)
     return str(path)
 
