@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -1346,7 +1347,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eval-python",
         default=None,
-        help="The interpreter of the vLLM evaluations (default: .venv-vllm/bin/python, scripts/setup_vllm_env.sh).",
+        help="The interpreter of the vLLM evaluations (default: .venv-vllm/bin/python from scripts/setup_vllm_env.sh "
+        "when it exists, else this one).",
     )
     parser.add_argument("--tune-minutes", type=float, default=2.0, help="Training wall-clock per tuning run.")
     parser.add_argument("--tune-seeds", nargs="+", type=int, default=[100], help="Seeds of the tuning runs.")
@@ -1413,13 +1415,19 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         parser.error("--lr-grid needs at least two values to tune over (set one rate with --set learning_rate=X)")
     if args.lr_grid and set(args.tune_seeds) & set(args.seeds):
         parser.error("--tune-seeds must differ from --seeds (a tuning run would repeat the start of a test run)")
-    if args.eval_backend == "vllm":
-        args.eval_python = args.eval_python or str(ROOT / ".venv-vllm" / "bin" / "python")
-        if not Path(args.eval_python).exists():
+    if args.eval_backend == "vllm" and args.eval_python is None:
+        vllm_venv = ROOT / ".venv-vllm" / "bin" / "python"  # scripts/setup_vllm_env.sh (CPU)
+        if vllm_venv.exists():
+            args.eval_python = str(vllm_venv)
+        elif importlib.util.find_spec("vllm") is not None:  # one venv with vLLM (a GPU machine)
+            args.eval_python = sys.executable
+        else:
             parser.error(
-                f"--eval-backend vllm evaluates with {args.eval_python}, which does not exist: run "
-                "bash scripts/setup_vllm_env.sh, or give --eval-python"
+                "--eval-backend vllm needs vLLM: run bash scripts/setup_vllm_env.sh (CPU), install vllm in this venv, "
+                "or give --eval-python"
             )
+    if args.eval_python and not Path(args.eval_python).exists():
+        parser.error(f"--eval-python {args.eval_python}: no such interpreter")
     if args.parallel > 1 and args.cores and len([c for c in args.cores.split(",") if c]) < args.parallel:
         parser.error(f"--parallel {args.parallel} pins each run to its own core: give as many, e.g. --cores 0,1")
     return args

@@ -50,7 +50,7 @@ lint
 LAST=(tests/launch/test_setup.py tests/distributed/test_vllm.py tests/distributed/test_eval_vllm.py)
 echo "[test] pytest (all but ${LAST[*]})"
 status=0
-"$VENV/bin/python" -m pytest "${LAST[@]/#/--ignore=}" || status=$?
+"$VENV/bin/python" -m pytest --durations=25 "${LAST[@]/#/--ignore=}" || status=$?
 
 echo "[test] waiting for the vLLM venv"
 if ! wait "$vllm_setup"; then

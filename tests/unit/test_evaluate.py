@@ -237,6 +237,13 @@ class FakeVLLM(types.ModuleType):
                 sample = types.SimpleNamespace(token_ids=[], finish_reason="stop")
                 return [types.SimpleNamespace(outputs=[sample] * p.n) for p in params]
 
+            def collective_rpc(self, method, kwargs=None):
+                fake.calls.append(("rpc", method if isinstance(method, str) else method.__name__, kwargs))
+
+            def reset_prefix_cache(self):
+                fake.calls.append(("reset_prefix_cache", None, None))
+
+        self.calls = []
         self.LLM, self.SamplingParams = LLM, lambda **kwargs: types.SimpleNamespace(**kwargs)
 
 
@@ -258,6 +265,38 @@ def test_the_vllm_backend_takes_the_memory_share_from_the_flag_the_recipe_or_trl
     with pytest.raises(SystemExit, match=r"must be in \(0, 1\] \(got 1.5\)"):
         cli.main([*argv, "--vllm-gpu-memory-utilization", "1.5"])
     assert len(fake.engines) == 1  # refused before an engine starts
+
+
+def test_a_kept_vllm_engine_serves_every_model_of_its_architecture_and_only_inside_the_block(tmp_path, monkeypatch):
+    """Inside `kept_vllm_engine()` a second model of the same architecture is loaded into the running engine (vLLM's
+    reload, then the CPU LM head packed again, then the prefix cache emptied); another architecture gets a new
+    engine; outside the block every evaluation starts its own."""
+    from trl_guided.evaluate import kept_vllm_engine
+    from trl_guided.tiny_models import build_tiny_model
+
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    models = [build_tiny_model(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 1))]
+    models.append(build_tiny_model(tmp_path / "wide", hidden_size=64))
+
+    def evaluate(model: str) -> None:
+        argv = _eval_argv(model, tmp_path, "out", "--backend", "vllm", "--quality-model", "none")
+        assert cli.main(argv) == 0
+
+    with kept_vllm_engine():
+        for model in [models[0], models[1], models[0], models[2]]:
+            evaluate(model)
+    assert [engine["model"] for engine in fake.engines] == [models[0], models[2]]
+    reloads = [call for call in fake.calls if call[0] == "rpc" and call[1] == "reload_weights"]
+    assert [call[2]["weights_path"] for call in reloads] == [models[1], models[0]]
+    assert [call[1] for call in fake.calls[:3]] == ["reload_weights", "_repack_cpu_lm_head", None]
+    # Room for another split's longer prompts: the kept engine's length is rounded up, within the model's positions.
+    assert fake.engines[0]["max_model_len"] % 256 == 0 and fake.engines[0]["max_model_len"] <= 512
+
+    evaluate(models[0])
+    evaluate(models[1])
+    assert [engine["model"] for engine in fake.engines[2:]] == models[:2]
+    assert sum(call[1] == "reload_weights" for call in fake.calls) == 2  # none outside the block
 
 
 def _model_folder(path: Path, complete: bool = True) -> Path:
