@@ -177,7 +177,7 @@ def run_one(spec: dict) -> None:
 
     todo = planned_evaluations(spec, clock.snapshots, final, train_seconds)
     evals, eval_seconds = [], 0.0
-    if not deferred(spec):
+    if not deferred(spec) or not todo:
         evals, eval_seconds = evaluate_planned(spec, todo)
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -208,7 +208,7 @@ def run_one(spec: dict) -> None:
         "evals": evals,
     }
     record["process_seconds"] = round(time.perf_counter() - process_start, 2)
-    if deferred(spec):  # the models wait in the run folder for the study's vLLM evaluation round
+    if deferred(spec) and todo:  # the models wait in the run folder for the study's vLLM evaluation round
         record["pending"] = todo
         (run_dir / "trained.json").write_text(json.dumps(record, indent=1) + "\n")
         return
@@ -722,9 +722,10 @@ class Study:
             {"phase": f"{phase} evaluation", "runs": [s["name"] for s in waiting], "wall_seconds": round(wall, 1)}
         )
         for spec in waiting:
-            last = json.loads((Path(spec["run_dir"]) / "run.json").read_text())["evals"][-1]
-            metric = next((key for key in last if key.endswith("/mean")), None)
-            print(f"[learning] {spec['name']}: {metric} {last.get(metric, float('nan')):.3f}", file=sys.stderr)
+            evals = json.loads((Path(spec["run_dir"]) / "run.json").read_text())["evals"]
+            metric = next((key for key in (evals or [{}])[-1] if key.endswith("/mean")), None)
+            if metric:
+                print(f"[learning] {spec['name']}: {metric} {evals[-1][metric]:.3f}", file=sys.stderr)
 
     def run_phase(self, specs: list[dict], group=lambda spec: spec["seed"], allow_ballast: bool = True) -> None:
         pending = []
