@@ -349,6 +349,7 @@ def study_eval_settings(task_args, training_args, spec: dict, split: str, limit:
         settings.limit = limit
     # Fluency (the starting model's NLL of the answers) only for the test evaluations the table reports.
     settings.quality_model = spec["quality_model"] if quality else None
+    settings.quality_limit = spec.get("quality_problems") if quality else None
     settings.seed = 0  # the bootstrap seed of the eval result, not the training seed: same for every run
     return settings
 
@@ -565,6 +566,8 @@ class Study:
                 eval=self.test_eval,
                 eval_every_seconds=(self.args.eval_every_minutes or 0) * 60,
                 curve_problems=self.args.curve_problems if self.args.eval_every_minutes else None,
+                # Not part of a run's identity: it applies to the evaluations that have not run yet.
+                quality_problems=self.args.quality_problems,
             )
             specs.append(spec)
         return specs
@@ -865,8 +868,8 @@ def per_problem(run_dir: Path, metric: str, records: str = "eval.jsonl") -> dict
     from trl_guided.evaluate import read_records
     from trl_guided.stats import per_problem_values
 
-    reward = metric.rsplit("/", 1)[0]
-    return per_problem_values(read_records(run_dir / records), [reward], 1)[metric]
+    rewards = [metric.rsplit("/", 1)[0]] if "/" in metric else []  # a reward's metric, or nll_per_token etc.
+    return per_problem_values(read_records(run_dir / records), rewards, 1).get(metric, {})
 
 
 def hierarchical_ci(matrix: np.ndarray, seed: int = 0, resamples: int = RESAMPLES) -> list[float]:
@@ -981,6 +984,14 @@ def study_machine_time(runs_dir: Path, before: dict, runs: dict, tune_runs: list
     }
 
 
+def nll_per_token(run_dir: Path, problems: set[str] | None = None) -> float | None:
+    """A test evaluation's fluency (mean over problems of the quality model's NLL per token), on `problems` only
+    when given; None without fluency scores."""
+    values = per_problem(run_dir, "nll_per_token")
+    kept = [value for problem, value in values.items() if problems is None or problem in problems]
+    return float(np.mean(kept)) if kept else None
+
+
 def completion_tokens(run_dir: Path, records: str = "eval.jsonl") -> list[int]:
     from trl_guided.evaluate import read_records
 
@@ -1008,6 +1019,9 @@ def analyse(out: Path, name: str = "learning", arm_order: list[str] | None = Non
         return np.array([[after[run_name(arm, s)][p] for p in problems] for s in complete])
 
     base = np.array([before[p] for p in problems])
+    # The starting model's fluency on the problems the runs' fluency was measured on (--quality-problems).
+    scored = [set(per_problem(runs_dir / name, "nll_per_token")) for name in after]
+    fluency_problems = set.intersection(*scored) if scored else None
     equal_steps = min((r["steps"] for r in runs.values()), default=0)
     equal_tokens = min((r["tokens"] for r in runs.values()), default=0)
     report_arms = {}
@@ -1028,8 +1042,8 @@ def analyse(out: Path, name: str = "learning", arm_order: list[str] | None = Non
             "accuracy_after": [float(row.mean()) for row in matrix(arm)],
             "gain": float(gains.mean()),
             "gain_ci95": hierarchical_ci(gains),
-            "nll_per_token_before": before_run["evals"][0].get("nll_per_token"),
-            "nll_per_token_after": [r["evals"][-1].get("nll_per_token") for r in arm_runs],
+            "nll_per_token_before": nll_per_token(runs_dir / "before", fluency_problems),
+            "nll_per_token_after": [nll_per_token(runs_dir / run_name(arm, s)) for s in complete],
             "repetition_before": before_run["evals"][0].get("repetition"),
             "repetition_after": [r["evals"][-1].get("repetition") for r in arm_runs],
             "median_completion_tokens_after": [
@@ -1336,6 +1350,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every-minutes", type=float, default=None, help="Also evaluate snapshots this often.")
     parser.add_argument("--curve-problems", type=int, default=64, help="Test problems each snapshot is scored on.")
     parser.add_argument("--test-problems", type=int, default=None, help="Test problems (default: the recipe's).")
+    parser.add_argument(
+        "--quality-problems",
+        type=int,
+        default=None,
+        help="Score fluency (NLL/token) on the first N test problems of a test run (default: all); the starting "
+        "model's fluency is compared on the same problems.",
+    )
     parser.add_argument("--lr-grid", nargs="+", type=float, default=None, help="Learning rates to tune each arm over.")
     parser.add_argument(
         "--eval-backend",

@@ -62,6 +62,9 @@ class EvalSettings:
     task_options: dict[str, Any] = field(default_factory=dict)
     reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     quality_model: str | None = DEFAULT_QUALITY_MODEL
+    # Fluency (the quality model's NLL) of the first N problems' samples only: a forward pass over prompt and answer
+    # costs as much as generating them; the mean NLL/token of a few thousand tokens needs no more.
+    quality_limit: int | None = None
     guidance: dict[str, Any] = field(default_factory=dict)  # GuidedGRPOConfig fields for --sampling guided
 
     def check(self) -> None:
@@ -72,6 +75,8 @@ class EvalSettings:
             raise EvalError(f"--limit must be at least 1 (got {self.limit}); leave it out to use the whole split")
         if self.num_samples < 1:
             raise EvalError(f"--num-samples must be at least 1 (got {self.num_samples})")
+        if self.quality_limit is not None and self.quality_limit < 1:
+            raise EvalError(f"quality_limit must be at least 1 (got {self.quality_limit}); None scores every problem")
         if self.max_new_tokens < 1:
             raise EvalError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
         if self.batch_size < 1:
@@ -485,12 +490,21 @@ def evaluate(
     if settings.quality_model:
         scorer, scorer_tokenizer = load_model(locate_model(settings.quality_model))
         scorer_tokenizer.padding_side = "right"
+        limit = len(rows) if settings.quality_limit is None else settings.quality_limit
+        scored = [row for row in rows if row["problem_index"] < limit]
         nll = completion_nll(
-            scorer, scorer_tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], settings.batch_size
+            scorer,
+            scorer_tokenizer,
+            [r["prompt"] for r in scored],
+            [r["completion"] for r in scored],
+            settings.batch_size,
         )
         del scorer
-        for row, value in zip(rows, nll, strict=True):
-            row["nll"], row["nll_tokens"] = (None, 0) if value is None else value
+        for row in rows:
+            row["nll"], row["nll_tokens"] = None, 0
+        for row, value in zip(scored, nll, strict=True):
+            if value is not None:
+                row["nll"], row["nll_tokens"] = value
     records = [{k: v for k, v in row.items() if k not in ("problem_index", "completion_ids")} for row in rows]
 
     result = {

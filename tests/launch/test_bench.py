@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,6 +124,7 @@ def test_learning_study_tiny_end_to_end_and_resume(tmp_path):
     command += ["--name", "tiny_study", "--arms-file", str(arms), "--seeds", "0", "1", "--cores", ""]
     command += ["--budget-minutes", "0.04", "--eval-every-minutes", "0.01", "--curve-problems", "4"]
     command += ["--lr-grid", "1e-5", "4e-5", "--tune-minutes", "0.02", "--validation-problems", "8", "--parallel", "2"]
+    command += ["--quality-problems", "5"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -162,6 +164,19 @@ def test_learning_study_tiny_end_to_end_and_resume(tmp_path):
             assert len(records) == 8 and "prompt" not in records[0]
             assert after == pytest.approx(sum(r["rewards"]["arithmetic_accuracy"] for r in records) / 8)
     assert "difference_to_plain_ci95" in report["arms"]["guided"]
+    # Fluency on the first 5 test problems of each run; the starting model's on the same problems.
+    before_records = read_records(tmp_path / "tiny_study_runs" / "before" / "eval.jsonl")
+    order = list(dict.fromkeys(r["problem_id"] for r in before_records))
+    common = set(order[:5])
+    for name in report["runs"]:
+        records = read_records(tmp_path / "tiny_study_runs" / name / "eval.jsonl")
+        scored = {r["problem_id"] for r in records if r["nll"]}
+        assert scored and scored <= set(order[:5])
+        common &= scored
+    first = [r for r in before_records if r["problem_id"] in common]
+    for entry in report["arms"].values():
+        assert entry["nll_per_token_before"] == pytest.approx(np.mean([r["nll"] / r["nll_tokens"] for r in first]))
+        assert all(value > 0 for value in entry["nll_per_token_after"])
     _assert_png_not_blank(tmp_path / "tiny_study.png")
 
     run_json = tmp_path / "tiny_study_runs" / "guided-seed1" / "run.json"

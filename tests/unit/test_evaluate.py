@@ -368,6 +368,25 @@ def test_checkpoint_and_lora_adapter_folders_load(tiny_llama, tmp_path):
     assert results["adapter"]["metrics"]["smooth_length/mean"] != results["base"]["metrics"]["smooth_length/mean"]
 
 
+def test_fluency_on_the_first_problems_only_is_the_full_evaluations_fluency_there(tiny_llama, tmp_path):
+    """`quality_limit`: the quality model scores the samples of the first N problems (a forward pass over prompt and
+    answer costs as much as generating them); those scores are the ones a full evaluation gives."""
+    settings = dict(task="length", reward_funcs=["smooth_length"], max_new_tokens=6, quality_model=tiny_llama)
+    settings.update(task_options={"eval_size": 5})
+    full = evaluate(tiny_llama, EvalSettings(**settings), tmp_path / "full.jsonl", progress=False, log=lambda _: 0)
+    part = EvalSettings(**settings, quality_limit=2)
+    limited = evaluate(tiny_llama, part, tmp_path / "part.jsonl", progress=False, log=lambda _: 0)
+    assert full["metrics"]["nll_per_token"]["problems"] == 5 and limited["metrics"]["nll_per_token"]["problems"] == 2
+    scored = [r for r in read_records(tmp_path / "part.jsonl") if r["nll"] is not None]
+    assert len(scored) == 2 and all(r["nll_tokens"] > 0 for r in scored)
+    for problem, values in limited["problems"].items():
+        if "nll_per_token" in values:
+            assert values["nll_per_token"] == full["problems"][problem]["nll_per_token"]  # same computation
+    assert limited["metrics"]["smooth_length/mean"] == full["metrics"]["smooth_length/mean"]
+    with pytest.raises(EvalError, match="quality_limit must be at least 1"):
+        evaluate(tiny_llama, EvalSettings(**settings, quality_limit=0), progress=False, log=lambda _: 0)
+
+
 def test_guided_sampling_uses_the_trainers_sampler(tiny_llama, tmp_path):
     """--sampling guided: the K samples of a problem branch from one shared prefix, cut at a recipe's punctuation."""
     recipe = dict(task="length", punctuation=list("etaoinshrdlu"), prefix_min_tokens=4, prefix_max_tokens=8)
