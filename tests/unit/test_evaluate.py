@@ -381,7 +381,8 @@ def test_fluency_on_the_first_problems_only_is_the_full_evaluations_fluency_ther
     assert len(scored) == 2 and all(r["nll_tokens"] > 0 for r in scored)
     for problem, values in limited["problems"].items():
         if "nll_per_token" in values:
-            assert values["nll_per_token"] == full["problems"][problem]["nll_per_token"]  # same computation
+            # The same sums, in batches of another width (right-padded): equal up to the last bits.
+            assert values["nll_per_token"] == pytest.approx(full["problems"][problem]["nll_per_token"], rel=1e-5)
     assert limited["metrics"]["smooth_length/mean"] == full["metrics"]["smooth_length/mean"]
     with pytest.raises(EvalError, match="quality_limit must be at least 1"):
         evaluate(tiny_llama, EvalSettings(**settings, quality_limit=0), progress=False, log=lambda _: 0)
