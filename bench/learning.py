@@ -1019,7 +1019,7 @@ def analyse(out: Path, name: str = "learning", arm_order: list[str] | None = Non
         return np.array([[after[run_name(arm, s)][p] for p in problems] for s in complete])
 
     base = np.array([before[p] for p in problems])
-    # The starting model's fluency on the problems the runs' fluency was measured on (--quality-problems).
+    # Fluency on the problems every run's was measured on (--quality-problems), the starting model's too.
     scored = [set(per_problem(runs_dir / name, "nll_per_token")) for name in after]
     fluency_problems = set.intersection(*scored) if scored else None
     equal_steps = min((r["steps"] for r in runs.values()), default=0)
@@ -1043,7 +1043,7 @@ def analyse(out: Path, name: str = "learning", arm_order: list[str] | None = Non
             "gain": float(gains.mean()),
             "gain_ci95": hierarchical_ci(gains),
             "nll_per_token_before": nll_per_token(runs_dir / "before", fluency_problems),
-            "nll_per_token_after": [nll_per_token(runs_dir / run_name(arm, s)) for s in complete],
+            "nll_per_token_after": [nll_per_token(runs_dir / run_name(arm, s), fluency_problems) for s in complete],
             "repetition_before": before_run["evals"][0].get("repetition"),
             "repetition_after": [r["evals"][-1].get("repetition") for r in arm_runs],
             "median_completion_tokens_after": [
