@@ -474,6 +474,17 @@ def waiting_for_evaluation(run_dir: Path, spec: dict) -> bool:
     return record["identity"] == identity(spec) and all(Path(item["folder"]).is_dir() for item in record["pending"])
 
 
+def log_tail(log: Path, lines: int = 30) -> str:
+    return "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+
+
+def final_score(record: dict) -> str:
+    """'<metric> <value>' of a run's last evaluation (its headline reward's mean), or '' without one."""
+    last = record["evals"][-1] if record.get("evals") else {}
+    metric = next((key for key in last if key.endswith("/mean")), None)
+    return f"{metric} {last[metric]:.3f}" if metric else ""
+
+
 def move_stale(run_dir: Path, runs: Path) -> Path:
     stale = runs / "stale" / f"{run_dir.parent.name}-{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     stale.parent.mkdir(parents=True, exist_ok=True)
@@ -660,10 +671,8 @@ class Study:
         for spec, process, log in running:
             code = process.wait()
             if code != 0:
-                tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-                failures.append(
-                    f"{tail}\n[learning] {spec['phase']}/{spec['name']} failed (exit {code}); its output: {log}"
-                )
+                run = f"{spec['phase']}/{spec['name']}"
+                failures.append(f"{log_tail(log)}\n[learning] {run} failed (exit {code}); its output: {log}")
         if extra is not None:
             extra.terminate()
             extra.wait()
@@ -679,10 +688,11 @@ class Study:
             record["wall_seconds"] = round(wall, 1)  # the batch's: loading, training, saving (and evaluation)
             record["concurrent_with"] = [n for n in partners if n != spec["name"]] + (["ballast"] if extra else [])
             path.write_text(json.dumps(record, indent=1) + "\n")
-            last = record["evals"][-1] if record.get("evals") else {}
-            metric = next((key for key in last if key.endswith("/mean")), None)
-            score = f", {metric} {last[metric]:.3f}" if metric else ""
-            print(f"[learning] {spec['name']}: {record.get('steps', 0)} steps{score}", file=sys.stderr)
+            score = final_score(record)
+            print(
+                f"[learning] {spec['name']}: {record.get('steps', 0)} steps{', ' + score if score else ''}",
+                file=sys.stderr,
+            )
         entry = {"phase": batch[0]["phase"], "runs": partners, "wall_seconds": round(wall, 1), "ballast": bool(extra)}
         self.ledger(entry)
 
@@ -714,8 +724,9 @@ class Study:
         failures = []
         for process, log, paths in running:
             if process.wait() != 0:
-                tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-                failures.append(f"{tail}\n[learning] an evaluation round failed (exit {process.returncode}): {log}")
+                failures.append(
+                    f"{log_tail(log)}\n[learning] an evaluation round failed (exit {process.returncode}): {log}"
+                )
             for path in paths:
                 Path(path).unlink(missing_ok=True)
         if failures:
@@ -725,10 +736,9 @@ class Study:
             {"phase": f"{phase} evaluation", "runs": [s["name"] for s in waiting], "wall_seconds": round(wall, 1)}
         )
         for spec in waiting:
-            evals = json.loads((Path(spec["run_dir"]) / "run.json").read_text())["evals"]
-            metric = next((key for key in (evals or [{}])[-1] if key.endswith("/mean")), None)
-            if metric:
-                print(f"[learning] {spec['name']}: {metric} {evals[-1][metric]:.3f}", file=sys.stderr)
+            score = final_score(json.loads((Path(spec["run_dir"]) / "run.json").read_text()))
+            if score:
+                print(f"[learning] {spec['name']}: {score}", file=sys.stderr)
 
     def run_phase(self, specs: list[dict], group=lambda spec: spec["seed"], allow_ballast: bool = True) -> None:
         pending = []
