@@ -191,6 +191,12 @@ def _add_eval_command(commands) -> None:
         default=None,
         help="model scoring completion fluency (NLL/token); 'none' to skip (default embedded:smollm2-135m-instruct)",
     )
+    evaluation.add_argument(
+        "--quality-limit",
+        type=int,
+        default=None,
+        help="score fluency on the first N problems only (a forward pass costs about as much as generating)",
+    )
     evaluation.add_argument("--output", help="write the result (or comparison) JSON here")
     evaluation.add_argument("--records", help="write the per-sample records (JSONL) here")
     evaluation.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -241,6 +247,7 @@ def _eval_settings(args: argparse.Namespace):
         task_options=task_options(task_args),
         reward_options={k: v for k, v in reward_options(task_args).items() if k in rewards},
         quality_model=None if quality.lower() == "none" else quality,
+        quality_limit=args.quality_limit,
         guidance={k: recipe[k] for k in SAMPLER_FIELDS if k in recipe} if args.sampling == "guided" else {},
     )
     settings.check()

@@ -386,6 +386,13 @@ def test_fluency_on_the_first_problems_only_is_the_full_evaluations_fluency_ther
     assert limited["metrics"]["smooth_length/mean"] == full["metrics"]["smooth_length/mean"]
     with pytest.raises(EvalError, match="quality_limit must be at least 1"):
         evaluate(tiny_llama, EvalSettings(**settings, quality_limit=0), progress=False, log=lambda _: 0)
+    # The command line's --quality-limit is the same setting; a bad value is refused before anything is generated.
+    argv = _eval_argv(tiny_llama, tmp_path, "cli")
+    assert cli.main([*argv, "--quality-limit", "2"]) == 0
+    from_cli = json.loads((tmp_path / "cli.json").read_text())
+    assert from_cli["settings"]["quality_limit"] == 2 and from_cli["metrics"]["nll_per_token"]["problems"] == 2
+    with pytest.raises(SystemExit, match="quality_limit must be at least 1"):
+        cli.main([*argv, "--quality-limit", "0"])
 
 
 def test_guided_sampling_uses_the_trainers_sampler(tiny_llama, tmp_path):
