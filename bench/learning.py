@@ -812,21 +812,34 @@ class Study:
             lines.append("estimate of the total: after the starting model's evaluation (--stop-after before)")
             return "\n".join(lines)
         per_problem = record["eval_seconds"] / record["evals"][0]["problems"]
-        setups = [json.loads(p.read_text()).get("setup_seconds") for p in self.runs.glob("**/run.json")]
-        setups = [value for value in setups if value is not None]
+        records = [json.loads(p.read_text()) for p in self.runs.glob("*/**/run.json") if p.parent.name != "before"]
+        setups = [r["setup_seconds"] for r in records if r.get("setup_seconds") is not None]
         setup = float(np.median(setups)) if setups else 60.0
         snapshots = int(args.budget_minutes // args.eval_every_minutes) if args.eval_every_minutes else 0
         test = args.test_problems or record["evals"][0]["problems"]
-        tune = args.tune_minutes * 60 + setup + args.validation_problems * 1.3 * per_problem
-        final = args.budget_minutes * 60 + setup + (test + snapshots * args.curve_problems) * per_problem
-        total = (
-            tune_batches * tune + final_batches * final + pairing * (args.pairing_check_minutes * 60 + setup)
-        ) / 60
+        tune_problems = args.validation_problems * 1.3
+        final_problems = test + snapshots * args.curve_problems
+        training = tune_batches * (args.tune_minutes * 60 + setup) + final_batches * (args.budget_minutes * 60 + setup)
+        training += pairing * (args.pairing_check_minutes * 60 + setup)
+        if args.eval_backend == "vllm":
+            # Evaluation rounds after each phase's training, one engine per core: their rate is that of the rounds
+            # so far (engine start-up included), else the starting model's (one engine for one model: pessimistic).
+            evaluated = [r for r in records if r.get("eval_seconds") and r.get("evals")]
+            problems = sum(e.get("problems", 0) for r in evaluated for e in r["evals"])
+            rate = sum(r["eval_seconds"] for r in evaluated) / problems if problems else per_problem
+            tune_runs = len(tuned) * len(args.lr_grid or []) * len(args.tune_seeds) if tuned else 0
+            rounds = (tune_runs * tune_problems + len(self.arms) * len(args.seeds) * final_problems) * rate / parallel
+            evaluation = f"evaluation rounds {rounds / 60:.0f} min at {rate:.2f} s per problem and core"
+            evaluation += "" if problems else " (the starting model's rate)"
+        else:
+            rounds = tune_batches * tune_problems * per_problem + final_batches * final_problems * per_problem
+            evaluation = f"{per_problem:.2f} s per problem, as the starting model's {record['evals'][0]['problems']}"
         lines.append(
-            f"estimate: {total:.0f} min ({record['eval_seconds'] / 60:.1f} min for the starting model's "
-            f"{record['evals'][0]['problems']} test problems: {per_problem:.2f} s each; start-up "
-            f"{setup:.0f} s per run{'' if setups else ' (assumed)'}; a trained model's answers may be longer)"
+            f"estimate: {(training + rounds) / 60:.0f} min ({evaluation}; start-up {setup:.0f} s per run"
+            f"{'' if setups else ' (assumed)'}; a trained model's answers may be longer)"
         )
+        spent = sum(entry["wall_seconds"] for entry in read_ledger(self.runs)) / 60
+        lines.append(f"spent so far: {spent:.0f} min (ledger.jsonl)")
         return "\n".join(lines)
 
 
@@ -956,11 +969,16 @@ def lr_grid(runs_dir: Path, metric: str) -> dict:
     return grid
 
 
+def read_ledger(runs_dir: Path) -> list[dict]:
+    """The study's batches and evaluation rounds so far, one entry each (empty before the first)."""
+    path = runs_dir / "ledger.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def study_machine_time(runs_dir: Path, before: dict, runs: dict, tune_runs: list[dict]) -> dict:
     """How the study's wall-clock splits: per phase (from the ledger of batches), and per kind of work in
     core-minutes (training clock, evaluation, loading/saving/start-up: the rest of each child process)."""
-    ledger_path = runs_dir / "ledger.jsonl"
-    ledger = [json.loads(line) for line in ledger_path.read_text().splitlines()] if ledger_path.exists() else []
+    ledger = read_ledger(runs_dir)
     if not ledger:  # a study from before the ledger ran one child at a time: their wall-clocks add up
         ledger = [
             {"phase": r.get("phase", "final"), "wall_seconds": r.get("wall_seconds", 0.0)} for r in runs.values()

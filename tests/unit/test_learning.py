@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -408,7 +409,6 @@ def test_every_arm_of_the_regime_study_parses(arm):
 
 def test_ballast_keeps_running_until_stopped():
     import subprocess
-    import sys
     import time
 
     process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "learning.py"), "ballast"])
@@ -445,7 +445,23 @@ def test_plan_counts_batches_and_estimates_from_the_measured_evaluation(tmp_path
     (tmp_path / "s_runs" / "plain-seed0" / "run.json").write_text(json.dumps({"setup_seconds": 30.0}))
     # Tuning batch: 60 s + 30 s + 10 x 1.3 x 0.5 s; test batch: 240 s + 30 s + 100 x 0.5 s.
     expected = (3 * (60 + 30 + 6.5) + 4 * (240 + 30 + 50)) / 60
-    assert study.describe().splitlines()[4].startswith(f"estimate: {expected:.0f} min (0.8 min for the starting")
+    plan = study.describe().splitlines()
+    assert plan[4].startswith(f"estimate: {expected:.0f} min (0.50 s per problem, as the starting model's 100")
+    assert plan[5] == "spent so far: 0 min (ledger.jsonl)"
+    # vLLM: batches train and save only; the rounds score every model after them, one engine per core, at the rate
+    # of the rounds so far (a tuned model: 48 problems in 12 s, start-up of the engine included).
+    vllm = learning.Study(learning.parse_arguments([*argv, "--eval-backend", "vllm", "--eval-python", sys.executable]))
+    tuned = tmp_path / "s_runs" / "tune" / "plain-lr1e-05-seed100"
+    tuned.mkdir(parents=True)
+    (tuned / "run.json").write_text(
+        json.dumps({"setup_seconds": 30.0, "eval_seconds": 12.0, "evals": [{"problems": 48}]})
+    )
+    (tmp_path / "s_runs" / "ledger.jsonl").write_text('{"phase": "tune", "wall_seconds": 90}\n' * 2)
+    rounds = (6 * 10 * 1.3 + 6 * 100) * 0.25 / 2
+    expected = (3 * (60 + 30) + 4 * (240 + 30) + rounds) / 60
+    plan = vllm.describe().splitlines()
+    assert plan[4].startswith(f"estimate: {expected:.0f} min (evaluation rounds {rounds / 60:.0f} min at 0.25 s per")
+    assert plan[5] == "spent so far: 3 min (ledger.jsonl)"
 
 
 def test_a_training_recipe_gets_the_study_settings_and_every_arm_is_parsed_first(tmp_path):
