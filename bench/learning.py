@@ -1304,14 +1304,15 @@ def _interval(value: float, ci: list[float]) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """The README table: per arm, mean steps and generated tokens per run, accuracy before -> after, the gain and the
-    difference to plain GRPO with their 95 % CIs, the base model's NLL/token of the arm's test answers, and (when the
-    study tuned it) the arm's learning rate; then the learning-rate grid with every validation score."""
+    """The README table: per arm, mean steps and generated tokens per run, the score before -> after, the gain and the
+    difference to plain GRPO with their 95 % CIs, the quality model's NLL/token and the repetition of the test answers,
+    and (when the study tuned it) the arm's learning rate; then the learning-rate grid with every validation score."""
     tuned = "lr_grid" in report
+    metric = report["metric"].split()[0]
     lines = [
-        "| arm | steps | tokens | accuracy before -> after | gain [95% CI] | vs plain [95% CI] "
-        "| NLL/token before -> after |" + (" learning rate |" if tuned else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if tuned else ""),
+        f"| arm | steps | tokens | {metric} before -> after | gain [95% CI] | vs plain [95% CI] "
+        "| NLL/token before -> after | repetition before -> after |" + (" learning rate |" if tuned else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if tuned else ""),
     ]
     for arm, entry in report["arms"].items():
         if not entry["seeds"]:
@@ -1321,10 +1322,13 @@ def markdown_table(report: dict) -> str:
         after = [v for v in entry["nll_per_token_after"] if v is not None]
         before = entry["nll_per_token_before"]
         nll = f"{before:.2f} -> {np.mean(after):.2f}" if before is not None and after else "-"
+        repeated = [v for v in entry.get("repetition_after", []) if v is not None]
+        before = entry.get("repetition_before")
+        repetition = f"{before:.2f} -> {np.mean(repeated):.2f}" if before is not None and repeated else "-"
         line = (
             f"| {arm} | {np.mean(entry['steps']):.1f} | {np.mean(entry['tokens']):.0f} | "
             f"{entry['accuracy_before']:.3f} -> {np.mean(entry['accuracy_after']):.3f} | "
-            f"{_interval(entry['gain'], entry['gain_ci95'])} | {versus} | {nll} |"
+            f"{_interval(entry['gain'], entry['gain_ci95'])} | {versus} | {nll} | {repetition} |"
         )
         rate = entry["learning_rate"]
         lines.append(line + ((" - |" if rate is None else f" {rate:g} |") if tuned else ""))

@@ -149,6 +149,8 @@ def test_markdown_table_reads_the_report(study):
     report = learning.analyse(study)
     table = learning.markdown_table(report).splitlines()
     assert len(table) == 2 + len(report["arms"])
+    assert table[0].startswith(f"| arm | steps | tokens | {report['metric'].split()[0]} before -> after |")
+    assert table[0].endswith("| NLL/token before -> after | repetition before -> after |")
     assert table[2].startswith("| plain | 4.0 | 400 | 0.250 -> 0.375 | +0.125 [")
     assert "| +0.250 [" in table[3]  # guided - plain = 0.375 - 0.125
 
