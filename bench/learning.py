@@ -179,7 +179,7 @@ def run_one(spec: dict) -> None:
     evals, eval_seconds = [], 0.0
     if not deferred(spec) or not todo:
         evals, eval_seconds = evaluate_planned(spec, todo)
-        shutil.rmtree(work_dir, ignore_errors=True)
+    shutil.rmtree(work_dir, ignore_errors=True)
 
     G = training_args.num_generations
     tokens = 0.0
@@ -349,7 +349,7 @@ def study_eval_settings(task_args, training_args, spec: dict, split: str, limit:
         settings.limit = limit
     # Fluency (the starting model's NLL of the answers) only for the test evaluations the table reports.
     settings.quality_model = spec["quality_model"] if quality else None
-    settings.quality_limit = spec.get("quality_problems") if quality else None
+    settings.quality_limit = spec.get("quality_problems") if settings.quality_model else None
     settings.seed = 0  # the bootstrap seed of the eval result, not the training seed: same for every run
     return settings
 
@@ -705,7 +705,7 @@ class Study:
         waiting = [s for s in specs if waiting_for_evaluation(Path(s["run_dir"]), s)]
         if not waiting:
             return
-        cores = self.slot_cores()
+        cores = self.slot_cores()[: self.args.parallel]
         groups = [group for group in (waiting[slot :: len(cores)] for slot in range(len(cores))) if group]
         phase = waiting[0]["phase"]
         print(f"[learning] evaluating {len(waiting)} {phase} runs ({len(groups)} vLLM engines)", file=sys.stderr)
@@ -746,8 +746,15 @@ class Study:
             state = finished(Path(spec["run_dir"]), spec)
             if state and not self.args.fresh:
                 print(f"[learning] {spec['phase']}/{spec['name']}: finished earlier, skipped", file=sys.stderr)
+                # A round killed between writing run.json and deleting the models leaves them: ~0.5 GB per model.
+                shutil.rmtree(Path(spec["run_dir"]) / "models", ignore_errors=True)
+                (Path(spec["run_dir"]) / "trained.json").unlink(missing_ok=True)
                 continue
             if not self.args.fresh and waiting_for_evaluation(Path(spec["run_dir"]), spec):
+                print(
+                    f"[learning] {spec['phase']}/{spec['name']}: trained earlier, waits for its evaluation",
+                    file=sys.stderr,
+                )
                 continue
             if state is False and not self.args.fresh:
                 moved = move_stale(Path(spec["run_dir"]), self.runs)
@@ -793,13 +800,13 @@ class Study:
         """The plan: runs and batches per phase, their training minutes, and (once the starting model has been
         evaluated: its seconds per problem, and the measured start-up of finished runs) an estimate of the total."""
         tuned, parallel, args = self.tuned_arms(), self.args.parallel, self.args
+        tune_runs = len(tuned) * len(args.lr_grid or []) * len(args.tune_seeds) if tuned else 0
         tune_batches = len(args.tune_seeds) * -(-len(tuned) * len(args.lr_grid or []) // parallel) if tuned else 0
         final_batches = len(args.seeds) * -(-len(self.arms) // parallel)
         pairing = 2 if parallel > 1 and args.pairing_check_minutes else 0
         lines = [
             f"arms ({len(self.arms)}): {', '.join(self.arms)}; tuned: {', '.join(tuned) or 'none'}",
-            f"tuning: {len(tuned) * len(args.lr_grid or []) * len(args.tune_seeds) if tuned else 0} runs in "
-            f"{tune_batches} batches x {args.tune_minutes} min of training",
+            f"tuning: {tune_runs} runs in {tune_batches} batches x {args.tune_minutes} min of training",
             f"test runs: {len(self.arms) * len(args.seeds)} runs in {final_batches} batches x {args.budget_minutes} "
             "min of training",
         ]
@@ -827,7 +834,6 @@ class Study:
             evaluated = [r for r in records if r.get("eval_seconds") and r.get("evals")]
             problems = sum(e.get("problems", 0) for r in evaluated for e in r["evals"])
             rate = sum(r["eval_seconds"] for r in evaluated) / problems if problems else per_problem
-            tune_runs = len(tuned) * len(args.lr_grid or []) * len(args.tune_seeds) if tuned else 0
             rounds = (tune_runs * tune_problems + len(self.arms) * len(args.seeds) * final_problems) * rate / parallel
             evaluation = f"evaluation rounds {rounds / 60:.0f} min at {rate:.2f} s per problem and core"
             evaluation += "" if problems else " (the starting model's rate)"
@@ -892,7 +898,10 @@ def per_problem(run_dir: Path, metric: str, records: str = "eval.jsonl") -> dict
     from trl_guided.stats import per_problem_values
 
     rewards = [metric.rsplit("/", 1)[0]] if "/" in metric else []  # a reward's metric, or nll_per_token etc.
-    return per_problem_values(read_records(run_dir / records), rewards, 1).get(metric, {})
+    values = per_problem_values(read_records(run_dir / records), rewards, 1)
+    if rewards and metric not in values:
+        raise SystemExit(f"{run_dir / records}: no {metric} in its records (was the run evaluated with that reward?)")
+    return values.get(metric, {})  # fluency: absent when the quality model did not score this evaluation
 
 
 def hierarchical_ci(matrix: np.ndarray, seed: int = 0, resamples: int = RESAMPLES) -> list[float]:
@@ -1048,8 +1057,8 @@ def analyse(out: Path, name: str = "learning", arm_order: list[str] | None = Non
 
     base = np.array([before[p] for p in problems])
     # Fluency on the problems every run's was measured on (--quality-problems), the starting model's too.
-    scored = [set(per_problem(runs_dir / name, "nll_per_token")) for name in after]
-    fluency_problems = set.intersection(*scored) if scored else None
+    scored = [set(per_problem(runs_dir / name, "nll_per_token")) for name in [*after, "before"]]
+    fluency_problems = set.intersection(*scored) if after else None
     equal_steps = min((r["steps"] for r in runs.values()), default=0)
     equal_tokens = min((r["tokens"] for r in runs.values()), default=0)
     report_arms = {}
@@ -1469,7 +1478,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         parser.error("--lr-grid needs at least two values to tune over (set one rate with --set learning_rate=X)")
     if args.lr_grid and set(args.tune_seeds) & set(args.seeds):
         parser.error("--tune-seeds must differ from --seeds (a tuning run would repeat the start of a test run)")
-    if args.eval_backend == "vllm" and args.eval_python is None:
+    evaluates = not (args.markdown or args.plan or args.report_only)
+    if args.eval_backend == "vllm" and args.eval_python is None and evaluates:
         vllm_venv = ROOT / ".venv-vllm" / "bin" / "python"  # scripts/setup_vllm_env.sh (CPU)
         if vllm_venv.exists():
             args.eval_python = str(vllm_venv)
@@ -1482,6 +1492,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
             )
     if args.eval_python and not Path(args.eval_python).exists():
         parser.error(f"--eval-python {args.eval_python}: no such interpreter")
+    if args.eval_python and args.eval_backend != "vllm":
+        parser.error("--eval-python runs the vLLM evaluation rounds: give --eval-backend vllm too, or leave it out")
+    if args.eval_python:  # the rounds start in the repository: a relative path must not change its meaning
+        args.eval_python = os.path.abspath(args.eval_python)  # not resolve(): that leaves the venv for its python
+    if args.quality_problems is not None and args.quality_problems < 1:
+        parser.error(f"--quality-problems {args.quality_problems}: must be at least 1; leave it out to score all")
     if args.parallel > 1 and args.cores and len([c for c in args.cores.split(",") if c]) < args.parallel:
         parser.error(f"--parallel {args.parallel} pins each run to its own core: give as many, e.g. --cores 0,1")
     return args

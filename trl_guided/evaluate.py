@@ -76,7 +76,13 @@ class EvalSettings:
         if self.num_samples < 1:
             raise EvalError(f"--num-samples must be at least 1 (got {self.num_samples})")
         if self.quality_limit is not None and self.quality_limit < 1:
-            raise EvalError(f"quality_limit must be at least 1 (got {self.quality_limit}); None scores every problem")
+            raise EvalError(
+                f"--quality-limit must be at least 1 (got {self.quality_limit}); leave it out to score all"
+            )
+        if self.quality_limit is not None and self.quality_model is None:
+            raise EvalError(
+                "--quality-limit limits the quality model's fluency scores: leave it out with no quality model"
+            )
         if self.max_new_tokens < 1:
             raise EvalError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
         if self.batch_size < 1:
@@ -195,13 +201,17 @@ def kept_vllm_engine():
     the block every evaluation starts its own engine and frees it at the end (a training run must get its memory
     back)."""
     global _KEPT_ENGINE
-    outer, _KEPT_ENGINE = _KEPT_ENGINE, _KEPT_ENGINE or {}
+    outer = _KEPT_ENGINE
+    _KEPT_ENGINE = {} if outer is None else outer
+    serialization = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
     try:
         yield
     finally:
         if outer is None:
             _KEPT_ENGINE = None
             gc.collect()
+            if serialization is None:  # set by _vllm_engine for the block's engine only
+                os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
 
 
 def _vllm_engine(engine_class, path: str, settings: EvalSettings, max_model_len: int):

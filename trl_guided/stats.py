@@ -13,7 +13,6 @@ import numpy as np
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
-# Settings that may differ between two evaluations being compared (they change speed, not what is measured).
 # Settings two comparable results may differ in: how samples were computed, not what they are (fluency is compared on
 # the problems both scored, so a `quality_limit` difference narrows that metric, it does not bias it).
 COMPARE_FREE_SETTINGS = ("batch_size", "backend", "vllm_gpu_memory_utilization", "quality_limit")

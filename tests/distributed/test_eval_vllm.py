@@ -12,6 +12,8 @@ import pytest
 from trl_guided import cli
 from trl_guided.evaluate import read_records
 
+from .test_vllm import run_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # A 0/1 score of the exact text: the sharpened tiny model writes 16 characters for most prompts, more for some.
@@ -26,7 +28,8 @@ def backends_agree(python: Path, workdir: Path) -> tuple[list[dict], list[dict],
     transformers in this process; vLLM's offline engine in the vLLM venv (float32 there too), both models in one
     process inside `kept_vllm_engine()`, so the second is answered by the first one's engine with its weights
     reloaded. Returns the transformers results, the vLLM results (model order) and the vLLM script's report."""
-    from .test_vllm import run_script
+    # Imported here: the harness module sets the vLLM harness's environment (offline, KV cache size) on import,
+    # which the rest of the suite collected in this process must not inherit.
     from .vllm_scripts._common import build_model
 
     # Tied output layers (as SmolLM2's): vLLM's reload then leaves the CPU LM head's packed copy stale unless it is

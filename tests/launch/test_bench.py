@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -271,7 +272,8 @@ def test_learning_study_with_vllm_evaluation_rounds_resumes_a_failed_round_witho
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "final/plain-seed0" not in again.stderr  # not trained again
+    assert "final/plain-seed0: trained earlier, waits for its evaluation" in again.stderr
+    assert not re.search(r"\d+/\d+ final/plain-seed0", again.stderr)  # not trained again
     assert "evaluating 2 final runs (2 vLLM engines)" in again.stderr
     for run in trained:
         record = json.loads((run / "run.json").read_text())
@@ -296,6 +298,13 @@ def test_learning_study_with_vllm_evaluation_rounds_resumes_a_failed_round_witho
     for run in trained:
         assert str(run / "models" / "final") in evaluated and str(run / "models" / "snapshot-1") in evaluated
     assert sum(action == "reload" for _, action, _ in lines) >= 2
+
+    # A round killed after a run's record was written, before its models were deleted: the next call removes them.
+    (trained[0] / "models" / "final").mkdir(parents=True)
+    (trained[0] / "trained.json").write_text("{}")
+    third = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert third.returncode == 0 and "final/plain-seed0: finished earlier, skipped" in third.stderr, third.stderr
+    assert not (trained[0] / "models").exists() and not (trained[0] / "trained.json").exists()
 
 
 def _assert_png_not_blank(path: Path) -> None:

@@ -276,6 +276,7 @@ def test_a_kept_vllm_engine_serves_every_model_of_its_architecture_and_only_insi
 
     fake = FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
     models = [build_tiny_model(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 1))]
     models.append(build_tiny_model(tmp_path / "wide", hidden_size=64))
 
@@ -293,6 +294,8 @@ def test_a_kept_vllm_engine_serves_every_model_of_its_architecture_and_only_insi
     # Room for another split's longer prompts: the kept engine's length is rounded up, within the model's positions.
     assert fake.engines[0]["max_model_len"] % 256 == 0 and fake.engines[0]["max_model_len"] <= 512
 
+    # The block allowed vLLM to send our repack function to its workers; after it, vLLM's default is back.
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
     evaluate(models[0])
     evaluate(models[1])
     assert [engine["model"] for engine in fake.engines[2:]] == models[:2]
@@ -384,15 +387,17 @@ def test_fluency_on_the_first_problems_only_is_the_full_evaluations_fluency_ther
             # The same sums, in batches of another width (right-padded): equal up to the last bits.
             assert values["nll_per_token"] == pytest.approx(full["problems"][problem]["nll_per_token"], rel=1e-5)
     assert limited["metrics"]["smooth_length/mean"] == full["metrics"]["smooth_length/mean"]
-    with pytest.raises(EvalError, match="quality_limit must be at least 1"):
+    with pytest.raises(EvalError, match="--quality-limit must be at least 1"):
         evaluate(tiny_llama, EvalSettings(**settings, quality_limit=0), progress=False, log=lambda _: 0)
     # The command line's --quality-limit is the same setting; a bad value is refused before anything is generated.
     argv = _eval_argv(tiny_llama, tmp_path, "cli")
     assert cli.main([*argv, "--quality-limit", "2"]) == 0
     from_cli = json.loads((tmp_path / "cli.json").read_text())
     assert from_cli["settings"]["quality_limit"] == 2 and from_cli["metrics"]["nll_per_token"]["problems"] == 2
-    with pytest.raises(SystemExit, match="quality_limit must be at least 1"):
+    with pytest.raises(SystemExit, match="--quality-limit must be at least 1"):
         cli.main([*argv, "--quality-limit", "0"])
+    with pytest.raises(SystemExit, match="--quality-limit limits the quality model's"):  # it would have no effect
+        cli.main([*argv, "--quality-limit", "2", "--quality-model", "none"])
 
 
 def test_guided_sampling_uses_the_trainers_sampler(tiny_llama, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -86,6 +87,23 @@ def test_gains_and_pair_differences_match_a_hand_computation(study):
     assert plain["gain_ci95"][0] <= 0.125 <= plain["gain_ci95"][1]
     assert plain["steps"] == [4, 4] and guided["steps"] == [8, 8]
     assert report["study_seconds"] == pytest.approx(60.0)  # before + 4 paired runs + the unpaired one, 10 s each
+
+
+def test_fluency_is_compared_on_the_problems_every_run_and_the_starting_model_scored(study):
+    """The quality model scores the first N problems (--quality-problems); a problem it could not score for one
+    evaluation (e.g. an empty answer) leaves every evaluation's mean, the starting model's included."""
+    runs = study / "learning_runs"
+    for folder in [runs / "before", *(runs / learning.run_name(arm, seed) for arm, seed in AFTER)]:
+        rows = [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines()]
+        for index, row in enumerate(rows):  # NLL/token = 1 + problem index (+ 1 after training)
+            row["nll"], row["nll_tokens"] = (index + 1.0 + (folder.name != "before")) * 2, 2
+        rows[-1]["nll"] = None  # every evaluation left the last problem out (the first N only)
+        if folder.name == "before":
+            rows[0]["nll"] = None  # and the starting model could not be scored on the first
+        (folder / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    plain = learning.analyse(study)["arms"]["plain"]
+    assert plain["nll_per_token_before"] == pytest.approx((2 + 3) / 2)  # problems 1 and 2
+    assert plain["nll_per_token_after"] == pytest.approx([(3 + 4) / 2] * 2)  # the same two, not problem 0
 
 
 def test_training_reward_at_equal_steps_and_tokens(study):
@@ -429,6 +447,30 @@ def test_the_study_files_use_known_options_and_arms(name):
     assert len(arms) >= 7 and "plain" in arms
     assert len(options["lr_grid"]) >= 3 and max(options["lr_grid"]) / min(options["lr_grid"]) >= 16
     assert not set(options["tune_seeds"]) & set(options["seeds"]) and len(options["seeds"]) >= 3
+
+
+def test_options_that_would_have_no_effect_or_fail_late_are_refused_and_reading_needs_no_vllm(
+    tmp_path, monkeypatch, capsys
+):
+    base = ["--out", str(tmp_path), "--arms", "plain"]
+    for extra, message in [
+        (["--quality-problems", "0"], "--quality-problems 0: must be at least 1"),
+        (["--eval-python", sys.executable], "--eval-python runs the vLLM evaluation rounds"),
+    ]:
+        with pytest.raises(SystemExit):
+            learning.parse_arguments([*base, *extra])
+        assert message in capsys.readouterr().err
+    # Without vLLM anywhere, a vLLM study's results are still readable (--markdown, --plan, --report-only).
+    monkeypatch.setattr(learning, "ROOT", tmp_path)
+    monkeypatch.setattr(learning.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        learning.parse_arguments([*base, "--eval-backend", "vllm"])
+    for reading in ("--markdown", "--plan", "--report-only"):
+        assert learning.parse_arguments([*base, "--eval-backend", "vllm", reading]).eval_python is None
+    relative = learning.parse_arguments(
+        [*base, "--eval-backend", "vllm", "--eval-python", os.path.relpath(sys.executable)]
+    )
+    assert relative.eval_python == os.path.abspath(sys.executable)  # the rounds start in another directory
 
 
 def test_plan_counts_batches_and_estimates_from_the_measured_evaluation(tmp_path):
