@@ -1120,7 +1120,7 @@ def analyse(out: Path, name: str = "learning", arm_order: list[str] | None = Non
         "pairs": pairs,
         "runs": {name: {k: v for k, v in run.items() if k != "curve"} for name, run in runs.items()},
         "curves": {name: run["curve"] for name, run in runs.items()},
-        "learning_curves": {name: learning_curve(runs_dir / name, run, metric) for name, run in runs.items()},
+        "learning_curves": {name: learning_curve(runs_dir / name, run, metric, before) for name, run in runs.items()},
         "machine_time": machine_time,
     }
     if tune_runs:
@@ -1139,18 +1139,20 @@ def analyse(out: Path, name: str = "learning", arm_order: list[str] | None = Non
     return report
 
 
-def learning_curve(run_dir: Path, run: dict, metric: str) -> list[dict]:
-    """Held-out score over training wall-clock: each snapshot on its test subset, then the final model on the same
-    subset (its full evaluation restricted to those problems). Without snapshots, the final score alone."""
+def learning_curve(run_dir: Path, run: dict, metric: str, before: dict[str, float]) -> list[dict]:
+    """Held-out score over training wall-clock: the starting model (`before`, per problem), each snapshot on its test
+    subset, then the final model; the first and the last on the snapshots' subset too (their full evaluations
+    restricted to those problems). Without snapshots, the starting and the final score."""
     snapshots = [e for e in run["evals"] if e.get("subset")]
     final = run["evals"][-1]
     full = per_problem(run_dir, metric, final["records"])
-    if not snapshots:
-        return [{"seconds": final["seconds"], "step": final["step"], "score": float(np.mean(list(full.values())))}]
-    subset = per_problem(run_dir, metric, snapshots[0]["records"])
+    problems = list(per_problem(run_dir, metric, snapshots[0]["records"])) if snapshots else list(full)
     points = [{"seconds": e["seconds"], "step": e["step"], "score": e[metric]} for e in snapshots]
-    score = float(np.mean([full[p] for p in subset]))
-    return points + [{"seconds": final["seconds"], "step": final["step"], "score": score}]
+    return [
+        {"seconds": 0.0, "step": 0, "score": float(np.mean([before[p] for p in problems]))},
+        *points,
+        {"seconds": final["seconds"], "step": final["step"], "score": float(np.mean([full[p] for p in problems]))},
+    ]
 
 
 def pairing_check(runs_dir: Path) -> dict | None:
@@ -1159,12 +1161,21 @@ def pairing_check(runs_dir: Path) -> dict | None:
     names = ("alone", "paired-a", "paired-b")
     if not all((folder / n / "run.json").exists() for n in names):
         return None
-    medians = {n: median_step_seconds(json.loads((folder / n / "run.json").read_text())["curve"]) for n in names}
+    curves = {n: json.loads((folder / n / "run.json").read_text())["curve"] for n in names}
+    medians = {n: median_step_seconds(curve) for n, curve in curves.items()}
+    measure = "median seconds per step after the first"
+    if any(median is None for median in medians.values()):
+        if not all(curves.values()):
+            return None  # a run that made no step: nothing to compare
+        # The check's budget allowed one step: its time, warm-up included, for all three alike.
+        medians = {n: curve[0]["seconds"] for n, curve in curves.items()}
+        measure = "seconds of the first step, warm-up included (a run made one step only)"
     paired = float(np.mean([medians["paired-a"], medians["paired-b"]]))
     return {
         "median_step_seconds_alone": medians["alone"],
         "median_step_seconds_paired": paired,
         "paired_over_alone": paired / medians["alone"] if medians["alone"] else None,
+        "measure": measure,
     }
 
 
@@ -1190,7 +1201,6 @@ def plot(report: dict, path: Path) -> None:
 
     colours = dict(zip(report["arms"], PALETTE * 3, strict=False))
     fig, (reward_ax, accuracy_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    before = report["arms"][next(iter(report["arms"]))]["accuracy_before"] if report["arms"] else None
     subset = False
     for arm in report["arms"]:
         names = [run_name(arm, s) for s in report["arms"][arm]["seeds"]]
@@ -1212,9 +1222,9 @@ def plot(report: dict, path: Path) -> None:
         points = []
         for name in names:
             curve = report["learning_curves"][name]
-            subset = subset or len(curve) > 1
-            xs = [0.0] + [point["seconds"] / 60 for point in curve]
-            ys = [before] + [point["score"] for point in curve]
+            subset = subset or len(curve) > 2
+            xs = [point["seconds"] / 60 for point in curve]
+            ys = [point["score"] for point in curve]
             accuracy_ax.plot(xs, ys, color=colours[arm], alpha=0.3, linewidth=0.8, marker="o", markersize=3)
             points.append((xs, ys))
         if len({len(p[0]) for p in points}) == 1:  # seeds with as many snapshots: their mean
@@ -1317,7 +1327,7 @@ def markdown_table(report: dict) -> str:
     difference to plain GRPO with their 95 % CIs, the quality model's NLL/token and the repetition of the test answers,
     and (when the study tuned it) the arm's learning rate; then the learning-rate grid with every validation score."""
     tuned = "lr_grid" in report
-    metric = report["metric"].split()[0]
+    metric = report["metric"].split()[0].removesuffix("/mean")
     lines = [
         f"| arm | steps | tokens | {metric} before -> after | gain [95% CI] | vs plain [95% CI] "
         "| NLL/token before -> after | repetition before -> after |" + (" learning rate |" if tuned else ""),

@@ -149,7 +149,7 @@ def test_learning_study_tiny_end_to_end_and_resume(tmp_path):
         curve = report["curves"][f"{run['arm']}-seed{run['seed']}"]
         assert len(curve) == run["steps"]
         snapshots = [e for e in run["evals"] if e.get("subset")]
-        assert len(report["learning_curves"][f"{run['arm']}-seed{run['seed']}"]) == len(snapshots) + 1
+        assert len(report["learning_curves"][f"{run['arm']}-seed{run['seed']}"]) == len(snapshots) + 2
         assert all(e["problems"] == 4 for e in snapshots)
     assert any(e.get("subset") for run in report["runs"].values() for e in run["evals"])
     time = report["machine_time"]

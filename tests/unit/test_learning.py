@@ -167,7 +167,8 @@ def test_markdown_table_reads_the_report(study):
     report = learning.analyse(study)
     table = learning.markdown_table(report).splitlines()
     assert len(table) == 2 + len(report["arms"])
-    assert table[0].startswith(f"| arm | steps | tokens | {report['metric'].split()[0]} before -> after |")
+    metric = report["metric"].split()[0].removesuffix("/mean")
+    assert table[0].startswith(f"| arm | steps | tokens | {metric} before -> after |")
     assert table[0].endswith("| NLL/token before -> after | repetition before -> after |")
     assert table[2].startswith("| plain | 4.0 | 400 | 0.250 -> 0.375 | +0.125 [")
     assert "| +0.250 [" in table[3]  # guided - plain = 0.375 - 0.125
@@ -290,11 +291,13 @@ def test_learning_curve_scores_the_final_model_on_the_snapshots_problems(tmp_pat
             {"seconds": 12.0, "step": 6, "records": "eval.jsonl", "arithmetic_accuracy/mean": 0.5},
         ]
     }
-    curve = learning.learning_curve(tmp_path, run, "arithmetic_accuracy/mean")
-    assert [point["score"] for point in curve] == [0.5, 1.0]  # the final model solves both of p0, p1
-    assert [point["seconds"] for point in curve] == [6.0, 12.0]
-    single = learning.learning_curve(tmp_path, {"evals": run["evals"][1:]}, "arithmetic_accuracy/mean")
-    assert single == [{"seconds": 12.0, "step": 6, "score": 0.5}]
+    before = {"p0": 0.0, "p1": 0.0, "p2": 1.0, "p3": 1.0}
+    curve = learning.learning_curve(tmp_path, run, "arithmetic_accuracy/mean", before)
+    # The starting model on p0, p1 (not its 0.5 on all four), the snapshot, the final model on p0, p1 (both solved).
+    assert [point["score"] for point in curve] == [0.0, 0.5, 1.0]
+    assert [point["seconds"] for point in curve] == [0.0, 6.0, 12.0]
+    single = learning.learning_curve(tmp_path, {"evals": run["evals"][1:]}, "arithmetic_accuracy/mean", before)
+    assert single == [{"seconds": 0.0, "step": 0, "score": 0.5}, {"seconds": 12.0, "step": 6, "score": 0.5}]
 
 
 def test_pairing_check_compares_median_step_times(tmp_path):
@@ -314,6 +317,12 @@ def test_pairing_check_compares_median_step_times(tmp_path):
     assert check["median_step_seconds_paired"] == pytest.approx(2.5)
     assert check["paired_over_alone"] == pytest.approx(1.25)
     assert learning.pairing_check(tmp_path / "nothing") is None
+    # A check whose runs made one step each (a step longer than its budget): the first steps' times, said so.
+    for name, seconds in (("alone", 70.0), ("paired-a", 80.0), ("paired-b", 90.0)):
+        record = {"curve": [{"step": 1, "seconds": seconds, "reward": 0.0, "tokens": 0}]}
+        (runs / "pairing" / name / "run.json").write_text(json.dumps(record))
+    check = learning.pairing_check(runs)
+    assert check["paired_over_alone"] == pytest.approx(85 / 70) and "warm-up included" in check["measure"]
 
 
 def test_batches_pair_runs_of_one_seed_and_the_arm_order_rotates():
