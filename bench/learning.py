@@ -1302,8 +1302,13 @@ def write_report(args: argparse.Namespace) -> dict:
     return report
 
 
+def metric_name(report: dict) -> str:
+    """The study's score, as its tables name it (e.g. constraints_followed, arithmetic_accuracy)."""
+    return report["metric"].split()[0].removesuffix("/mean")
+
+
 def print_table(report: dict) -> None:
-    print(f"{'arm':<16}{'steps':>12}{'tokens':>16}{'accuracy':>22}{'gain [95% CI]':>28}")
+    print(f"{'arm':<16}{'steps':>12}{'tokens':>16}{metric_name(report):>22}{'gain [95% CI]':>28}")
     for arm, entry in report["arms"].items():
         if not entry["seeds"]:
             continue
@@ -1327,7 +1332,7 @@ def markdown_table(report: dict) -> str:
     difference to plain GRPO with their 95 % CIs, the quality model's NLL/token and the repetition of the test answers,
     and (when the study tuned it) the arm's learning rate; then the learning-rate grid with every validation score."""
     tuned = "lr_grid" in report
-    metric = report["metric"].split()[0].removesuffix("/mean")
+    metric = metric_name(report)
     lines = [
         f"| arm | steps | tokens | {metric} before -> after | gain [95% CI] | vs plain [95% CI] "
         "| NLL/token before -> after | repetition before -> after |" + (" learning rate |" if tuned else ""),
