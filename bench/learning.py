@@ -1347,8 +1347,8 @@ def markdown_table(report: dict) -> str:
         before = entry["nll_per_token_before"]
         nll = f"{before:.2f} -> {np.mean(after):.2f}" if before is not None and after else "-"
         repeated = [v for v in entry.get("repetition_after", []) if v is not None]
-        before = entry.get("repetition_before")
-        repetition = f"{before:.2f} -> {np.mean(repeated):.2f}" if before is not None and repeated else "-"
+        start = entry.get("repetition_before")
+        repetition = f"{start:.2f} -> {np.mean(repeated):.2f}" if start is not None and repeated else "-"
         line = (
             f"| {arm} | {np.mean(entry['steps']):.1f} | {np.mean(entry['tokens']):.0f} | "
             f"{entry['accuracy_before']:.3f} -> {np.mean(entry['accuracy_after']):.3f} | "
