@@ -283,8 +283,7 @@ def evaluate_runs(spec_paths: list[str]) -> None:
             record["eval_seconds"] = round(seconds, 2)
             record["process_seconds"] = round(record["process_seconds"] + seconds, 2)
             (run_dir / "run.json").write_text(json.dumps(record, indent=1) + "\n")  # the run is complete
-            (run_dir / "trained.json").unlink()
-            shutil.rmtree(run_dir / "models", ignore_errors=True)
+            discard_models(run_dir)
             print(f"[learning] evaluated {spec['phase']}/{spec['name']} in {seconds:.0f} s", flush=True)
 
 
@@ -472,6 +471,12 @@ def waiting_for_evaluation(run_dir: Path, spec: dict) -> bool:
         return False
     record = json.loads(path.read_text())
     return record["identity"] == identity(spec) and all(Path(item["folder"]).is_dir() for item in record["pending"])
+
+
+def discard_models(run_dir: Path) -> None:
+    """Once a run's record is complete: its saved models (~0.5 GB each) and the record of their pending evaluations."""
+    (run_dir / "trained.json").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "models", ignore_errors=True)
 
 
 def log_tail(log: Path, lines: int = 30) -> str:
@@ -747,8 +752,7 @@ class Study:
             if state and not self.args.fresh:
                 print(f"[learning] {spec['phase']}/{spec['name']}: finished earlier, skipped", file=sys.stderr)
                 # A round killed between writing run.json and deleting the models leaves them: ~0.5 GB per model.
-                shutil.rmtree(Path(spec["run_dir"]) / "models", ignore_errors=True)
-                (Path(spec["run_dir"]) / "trained.json").unlink(missing_ok=True)
+                discard_models(Path(spec["run_dir"]))
                 continue
             if not self.args.fresh and waiting_for_evaluation(Path(spec["run_dir"]), spec):
                 print(
