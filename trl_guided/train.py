@@ -33,7 +33,7 @@ from .stats import compare, headline_metric, summary_line
 from .tasks import TaskArguments, reward_functions, reward_options, task_options
 from .trainer import GuidedGRPOTrainer
 
-__all__ = ["make_parser", "parse_args", "run"]
+__all__ = ["build_trainer", "make_parser", "parse_args", "run"]
 
 logger = logging.getLogger("trl_guided.train")
 # TRL 1.16 calls transformers' renamed gradient-checkpointing helpers on every step; keep the progress output readable.
@@ -161,16 +161,23 @@ def resume_point(training_args: GuidedGRPOConfig) -> str | bool | None:
     return True  # the trainer resolves it again and warns about the incomplete ones it skips
 
 
-def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: ModelConfig) -> dict:
+def build_trainer(
+    task_args: TaskArguments,
+    training_args: GuidedGRPOConfig,
+    model_args: ModelConfig,
+    callbacks: list | None = None,
+) -> GuidedGRPOTrainer:
+    """The one place a parsed recipe becomes a `GuidedGRPOTrainer` (the CLI, the study's worker and the benchmarks
+    call it): the model resolved and checked, the task's train (and, with `eval_strategy`, test) split, its rewards,
+    PEFT and quantization from the model arguments. A vLLM server that does not answer is one line, not a traceback."""
     model_path = resolve_model_path(model_args.model_name_or_path)
     check_model(model_args.model_name_or_path, model_path, model_args, training_args)
     training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
     options = task_options(task_args)
-    eval_before = evaluate_start(task_args, training_args, model_args.model_name_or_path)
     train_dataset = load_task(task_args.task, "train", **options)
     eval_dataset = load_task(task_args.task, "test", **options) if training_args.eval_strategy != "no" else None
     try:
-        trainer = GuidedGRPOTrainer(
+        return GuidedGRPOTrainer(
             model=model_path,
             reward_funcs=reward_functions(task_args),
             args=training_args,
@@ -178,11 +185,21 @@ def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: 
             eval_dataset=eval_dataset,
             peft_config=get_peft_config(model_args),
             quantization_config=get_quantization_config(model_args),
+            callbacks=callbacks,
         )
     except SERVER_ERRORS as error:  # TRL's VLLMClient gives up after vllm_server_timeout
         if "vLLM server" not in str(error):
             raise
         raise SystemExit(vllm_unreachable(training_args, model_args)) from None
+
+
+def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: ModelConfig) -> dict:
+    # The starting model is evaluated before the trainer exists: the evaluation has the memory to itself.
+    check_model(
+        model_args.model_name_or_path, resolve_model_path(model_args.model_name_or_path), model_args, training_args
+    )
+    eval_before = evaluate_start(task_args, training_args, model_args.model_name_or_path)
+    trainer = build_trainer(task_args, training_args, model_args)
     if trainer.accelerator.is_main_process:
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
         write_run_config(Path(training_args.output_dir), task_args, training_args, model_args)
