@@ -172,24 +172,40 @@ def test_one_node_points_to_the_single_node_launcher():
 
 # ---------------------------------------------------------------------------- the real script with stand-in tools
 
-FAKE_SRUN = """#!/usr/bin/env bash
-# srun stand-in: drop the options, run the command once per task with SLURM_PROCID set (tasks in parallel).
-ntasks=1
-while [ $# -gt 0 ]; do
-  case "$1" in --ntasks=*) ntasks=${1#--ntasks=} ;; --*) ;; *) break ;; esac
-  shift
-done
-echo "srun $ntasks task(s): $*" >> "$FAKE_LOG"
-[ "$ntasks" -eq 1 ] && SLURM_PROCID=0 exec "$@"
-tasks=()
-trap 'kill "${tasks[@]}" 2>/dev/null' TERM  # srun passes a stop signal on to its tasks
-for ((i = 0; i < ntasks; i++)); do SLURM_PROCID=$i "$@" & tasks+=($!); done
-status=0
-for task in "${tasks[@]}"; do
-  while kill -0 "$task" 2>/dev/null; do wait "$task" || true; done  # a trapped signal interrupts wait
-  wait "$task" || status=$?
-done
-exit $status
+FAKE_SRUN = """#!{python}
+# srun stand-in: drop the options, run the command once per task with SLURM_PROCID set (tasks in parallel). Like srun
+# it passes SIGTERM/SIGINT on to its tasks, which run in sessions of their own (as tasks on other nodes: only srun's
+# forwarding reaches them), and exits with the highest task status (128 + N for a task killed by signal N), or with
+# $FAKE_SRUN_STOPPED_STATUS after a forwarded signal (a real srun's status then depends on how its tasks stopped).
+# Python, not bash: a trapped signal that interrupts bash's `wait` as a task is reaped loses that task's status
+# (`wait` then returns -1: exit status 255); os.waitpid keeps it.
+import os, signal, subprocess, sys
+
+args = sys.argv[1:]
+ntasks = 1
+while args and args[0].startswith("--"):
+    if args[0].startswith("--ntasks="):
+        ntasks = int(args[0].split("=", 1)[1])
+    args.pop(0)
+with open(os.environ["FAKE_LOG"], "a") as log:
+    print(f"srun {{ntasks}} task(s): {{' '.join(args)}}", file=log)
+if ntasks == 1:
+    os.execvpe(args[0], args, {{**os.environ, "SLURM_PROCID": "0"}})
+env = [{{**os.environ, "SLURM_PROCID": str(i)}} for i in range(ntasks)]
+tasks = [subprocess.Popen(args, env=env[i], start_new_session=True) for i in range(ntasks)]
+forwarded = []
+
+
+def forward(signum, frame):
+    forwarded.append(signum)
+    for task in tasks:
+        task.send_signal(signum)
+
+
+signal.signal(signal.SIGTERM, forward)
+signal.signal(signal.SIGINT, forward)
+status = max(128 - code if code < 0 else code for code in [task.wait() for task in tasks])
+sys.exit(int(os.environ.get("FAKE_SRUN_STOPPED_STATUS", status)) if forwarded else status)
 """
 
 FAKE_ACCELERATE = """#!/usr/bin/env bash
@@ -237,7 +253,7 @@ def fake_cluster(tmp_path):
     bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     bin_dir.mkdir()
-    _tool(bin_dir, "srun", FAKE_SRUN)
+    _tool(bin_dir, "srun", FAKE_SRUN.format(python=sys.executable))
     _tool(venv / "bin", "python", f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')
     _tool(venv / "bin", "accelerate", FAKE_ACCELERATE)
     port = _free_port()
@@ -333,10 +349,14 @@ while true; do sleep 0.1; done
 """
 
 
-def test_the_time_limit_signal_stops_the_training_requeues_the_job_and_the_requeued_job_resumes(fake_cluster):
+@pytest.mark.parametrize("srun_status", [None, "255"], ids=["srun-reports-the-tasks-143", "srun-reports-255"])
+def test_the_time_limit_signal_stops_the_training_requeues_the_job_and_the_requeued_job_resumes(
+    fake_cluster, srun_status
+):
     """SIGUSR1 to the batch script (what `--signal=B:USR1@900` sends before the time limit) reaches every training
-    task as SIGTERM; once they exit the server is stopped and the job requeues itself; a requeued job
-    (SLURM_RESTART_COUNT > 0) trains with --resume_from_checkpoint auto, a first start does not."""
+    task as SIGTERM; once they exit the server is stopped, the job requeues itself and exits 143 whatever srun
+    reported; a requeued job (SLURM_RESTART_COUNT > 0) trains with --resume_from_checkpoint auto, a first start does
+    not."""
     script_head = SCRIPT.read_text().splitlines()[:12]
     assert "#SBATCH --signal=B:USR1@900" in script_head and "#SBATCH --requeue" in script_head
     tmp_path, env, port = fake_cluster
@@ -344,6 +364,8 @@ def test_the_time_limit_signal_stops_the_training_requeues_the_job_and_the_reque
     _tool(tmp_path / "bin", "scontrol", FAKE_SCONTROL)
     _tool(tmp_path / "venv" / "bin", "accelerate", FAKE_TRAINING)
     env.update(VLLM_BIN=str(tmp_path / "bin" / "vllm"), FAKE_TRAINING_MARKER=str(tmp_path / "training"))
+    if srun_status is not None:
+        env["FAKE_SRUN_STOPPED_STATUS"] = srun_status
     command = ["bash", str(SCRIPT), str(RECIPE), "--gpus-per-node", "2"]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -357,6 +379,7 @@ def test_the_time_limit_signal_stops_the_training_requeues_the_job_and_the_reque
         if process.poll() is None:
             process.kill()
     assert process.returncode == 143, f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    assert f"training exited with status {srun_status or 143} " in stdout
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert sorted(line for line in calls if line.endswith("got TERM")) == ["rank=0 got TERM", "rank=1 got TERM"]
     assert calls[-1] == "scontrol requeue 4242", calls
