@@ -4,8 +4,9 @@
 #   bash scripts/test.sh                 # everything (CI): lint, tests/unit, tests/launch, tests/distributed
 #   bash scripts/test.sh --fast          # inner loop: lint + tests/unit without the slow (real-model) tests
 #   bash scripts/test.sh -k guidance -x  # other arguments go to pytest
-# Without arguments (CI), the vLLM venv is built in the background while the rest of the suite runs; the tests that
-# need it, and tests/launch/test_setup.py (which re-runs `pip install -e .`, as the vLLM setup does), run after it.
+# Without arguments (CI), the vLLM venv is built in the background while the rest of the suite runs in two pytest-xdist
+# workers (whole files per worker, so a file's module fixtures are built once); the tests that need that venv, and
+# tests/launch/test_setup.py (which re-runs `pip install -e .`, as the vLLM setup does), run after it.
 # The two installs are each several minutes on a fresh machine.
 set -euo pipefail
 
@@ -50,7 +51,11 @@ lint
 LAST=(tests/launch/test_setup.py tests/distributed/test_vllm.py tests/distributed/test_eval_vllm.py)
 echo "[test] pytest (all but ${LAST[*]})"
 status=0
-"$VENV/bin/python" -m pytest --durations=25 "${LAST[@]/#/--ignore=}" || status=$?
+# Two workers for the two cores; --dist loadfile keeps each file on one worker (its module fixtures, e.g. the reference
+# runs of tests/launch/test_faults.py, are built once), and files go out in collection order, the slowest folders
+# (tests/distributed, tests/launch) first.
+"$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile --durations=25 "${LAST[@]/#/--ignore=}" ||
+  status=$?
 
 echo "[test] waiting for the vLLM venv"
 if ! wait "$vllm_setup"; then

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,18 @@ def test_bad_arguments_are_refused():
     assert launch("--gpus", "two", "--dry-run").returncode == 2
 
 
+def _free_port() -> int:
+    """A port nothing listens on now: fixed numbers collide with another run of the suite on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _fake_vllm(tmp_path, body: str) -> str:
     fake = tmp_path / "fake-vllm"
     fake.write_text(f"#!/usr/bin/env bash\n{body}\n")
@@ -82,7 +97,8 @@ def _fake_vllm(tmp_path, body: str) -> str:
 
 
 def test_a_server_that_dies_stops_the_launch_with_its_log(tmp_path):
-    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, 'echo "CUDA out of memory (fake)"; exit 3'), "VLLM_PORT": "18431"}
+    body = 'echo "CUDA out of memory (fake)"; exit 3'
+    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, body), "VLLM_PORT": str(_free_port())}
     result = launch(GPU_RECIPE, "--gpus", "2", env=env, timeout=300)
     assert result.returncode == 1
     assert "exited before answering" in result.stderr and "CUDA out of memory (fake)" in result.stderr
@@ -92,10 +108,11 @@ def test_a_server_that_dies_stops_the_launch_with_its_log(tmp_path):
 def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path):
     marker = tmp_path / "still-running"
     body = f"trap 'exit 0' TERM; echo loading; while true; do touch {marker}; sleep 0.2; done"
-    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, body), "VLLM_PORT": "18432", "VLLM_TIMEOUT": "3"}
+    port = _free_port()
+    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, body), "VLLM_PORT": str(port), "VLLM_TIMEOUT": "3"}
     result = launch(GPU_RECIPE, "--gpus", "2", env=env, timeout=300)
     assert result.returncode == 1
-    assert "did not answer http://127.0.0.1:18432/health within 3 s" in result.stderr and "loading" in result.stderr
+    assert f"did not answer http://127.0.0.1:{port}/health within 3 s" in result.stderr and "loading" in result.stderr
     marker.unlink()
     subprocess.run(["sleep", "1"], check=True)
     assert not marker.exists(), "the fake vLLM server is still running after the launcher exited"
@@ -104,18 +121,16 @@ def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path):
 def test_training_that_fails_stops_the_server_it_started(tmp_path):
     """The server answers, training dies (a GPU recipe on this CPU machine): the launcher exits with the failure and
     stops the server it started."""
-    import socket
-
+    port = _free_port()
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "health").write_text("ok")
-    body = f"cd {tmp_path / 'www'} && exec {sys.executable} -m http.server 18433 --bind 127.0.0.1"
-    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, body), "VLLM_PORT": "18433", "VLLM_TIMEOUT": "60"}
+    body = f"cd {tmp_path / 'www'} && exec {sys.executable} -m http.server {port} --bind 127.0.0.1"
+    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, body), "VLLM_PORT": str(port), "VLLM_TIMEOUT": "60"}
     result = launch(GPU_RECIPE, "--gpus", "2", env=env, timeout=600)
     assert "[launch] vLLM server ready" in result.stdout
     assert result.returncode != 0
     assert "No GPU found" in result.stderr  # the training process's own one-line error
-    with socket.socket() as sock:
-        assert sock.connect_ex(("127.0.0.1", 18433)) != 0, "the server still answers after the launcher exited"
+    assert not _answers(port), "the server still answers after the launcher exited"
 
 
 # ------------------------------------------------------------------- stop signals reach the training, then the server
@@ -152,16 +167,14 @@ def _isolated_launcher(tmp_path: Path) -> tuple[Path, dict]:
 
 @pytest.mark.parametrize("gpus", [0, 2])
 def test_a_stop_signal_reaches_the_training_and_the_server_stops_after_it(tmp_path, gpus):
-    import signal
-    import socket
-    import time
-
-    launcher, env = _isolated_launcher(tmp_path)
+    launcher, env, port = *_isolated_launcher(tmp_path), _free_port()
     if gpus:
         (tmp_path / "www").mkdir()
         (tmp_path / "www" / "health").write_text("ok")
-        body = f"cd {tmp_path / 'www'} && exec {sys.executable} -m http.server 18434 --bind 127.0.0.1"
-        env.update(VLLM_BIN=_fake_vllm(tmp_path, body), VLLM_PORT="18434", FAKE_HEALTH="http://127.0.0.1:18434/health")
+        body = f"cd {tmp_path / 'www'} && exec {sys.executable} -m http.server {port} --bind 127.0.0.1"
+        env.update(
+            VLLM_BIN=_fake_vllm(tmp_path, body), VLLM_PORT=str(port), FAKE_HEALTH=f"http://127.0.0.1:{port}/health"
+        )
     command = ["bash", str(launcher), str(GPU_RECIPE), "--gpus", str(gpus)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -178,5 +191,4 @@ def test_a_stop_signal_reaches_the_training_and_the_server_stops_after_it(tmp_pa
     assert "SIGTERM: asking the training to save a checkpoint" in stderr and "stopped by SIGTERM" in stdout
     assert (tmp_path / "training.log").read_text() == ("TERM; server up while saving\n" if gpus else "TERM\n")
     if gpus:
-        with socket.socket() as sock:
-            assert sock.connect_ex(("127.0.0.1", 18434)) != 0, "the server still answers after the launcher exited"
+        assert not _answers(port), "the server still answers after the launcher exited"
