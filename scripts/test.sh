@@ -49,7 +49,7 @@ trap 'kill -- "-$vllm_setup" 2>/dev/null || true; rm -f "$VLLM_SETUP_LOG"' EXIT
 
 lint
 LAST=(tests/launch/test_setup.py tests/distributed/test_vllm.py tests/distributed/test_eval_vllm.py)
-echo "[test] pytest (all but ${LAST[*]})"
+echo "[test] pytest in ${TEST_WORKERS:-2} workers (all but ${LAST[*]})"
 status=0
 # Two workers for the two cores; --dist loadfile keeps each file on one worker (its module fixtures, e.g. the reference
 # runs of tests/launch/test_faults.py, are built once), and files go out in collection order, the slowest folders
