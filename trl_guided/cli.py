@@ -112,7 +112,9 @@ def _add_look_commands(commands) -> None:
         description="Multi-turn chat with the chat template, streaming tokens. Commands: /reset clears the "
         "history, /exit quits (so does end of input).",
     )
-    chat.add_argument("model", help="a run directory, a checkpoint-N folder, a local model folder, or embedded:NAME")
+    chat.add_argument(
+        "model", help="a run folder, a checkpoint-N, model or LoRA-adapter folder, a Hub name, or embedded:NAME"
+    )
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")

@@ -93,10 +93,11 @@ def _vllm_url(args: GuidedGRPOConfig) -> str:
     return args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
 
 
-def vllm_unreachable(args: GuidedGRPOConfig, model_args: ModelConfig) -> str:
-    """One line for a vLLM server that is not up when training starts: where it was looked for, how to start it."""
+def vllm_unreachable(args: GuidedGRPOConfig, model_path: str) -> str:
+    """One line for a vLLM server that is not up when training starts: where it was looked for, how to start it (on
+    the folder the trainer starts from)."""
     serve = (
-        f"VLLM_SERVER_DEV_MODE=1 vllm serve {model_args.model_name_or_path} --host {args.vllm_server_host} --port "
+        f"VLLM_SERVER_DEV_MODE=1 vllm serve {model_path} --host {args.vllm_server_host} --port "
         f'{args.vllm_server_port} --weight-transfer-config \'{{"backend":"nccl"}}\' --logprobs-mode '
         "processed_logprobs --max-logprobs -1 --enable-prefix-caching"
     )
@@ -204,7 +205,7 @@ def build_trainer(
     except SERVER_ERRORS as error:  # TRL's VLLMClient gives up after vllm_server_timeout
         if "vLLM server" not in str(error):
             raise
-        raise SystemExit(vllm_unreachable(training_args, model_args)) from None
+        raise SystemExit(vllm_unreachable(training_args, source.path)) from None
 
 
 def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: ModelConfig) -> dict:
