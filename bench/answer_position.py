@@ -81,9 +81,9 @@ def _signal_scorer(recipe: dict, tokenizer, problems):
 
     from trl_guided.evaluate import prompt_token_ids
     from trl_guided.guidance import TokenSignals
-    from trl_guided.models import resolve_model_path
+    from trl_guided.locate import locate_model
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(recipe["model_name_or_path"]))
+    model = AutoModelForCausalLM.from_pretrained(locate_model(recipe["model_name_or_path"]).path)
     model.eval()
 
     def signals(problem_id: str, ids: list[int]) -> TokenSignals:
@@ -131,10 +131,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from trl_guided.guidance import BranchRule
-    from trl_guided.models import resolve_model_path
+    from trl_guided.locate import locate_model
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(recipe["model_name_or_path"]))
+    tokenizer = AutoTokenizer.from_pretrained(locate_model(recipe["model_name_or_path"]).path)
     needs_signals = any(BranchRule(name).needs_signals for name in args.branch_point)
     problems = _test_problems(recipe) if needs_signals or recipe["task"] == "instructions" else None
     scorer = _signal_scorer(recipe, tokenizer, problems) if needs_signals else None

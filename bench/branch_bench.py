@@ -26,6 +26,7 @@ from harness import (
     summary,
     synchronize,
 )
+from transformers import set_seed
 
 STRATEGIES = ("punctuation", "entropy", "random")
 
@@ -47,15 +48,13 @@ def timed_signals(trainer) -> list[float]:
 
 
 def run(settings) -> dict[str, Any]:
-    from transformers import set_seed
-
     model_path = resolve_model(settings)
     progress("branching", f"building one guided trainer per strategy on {settings.model}")
     trainers = {
         name: build_trainer("guided", settings, model_path, overrides={"branch_point": name}) for name in STRATEGIES
     }
     scoring = {name: timed_signals(trainer) for name, trainer in trainers.items()}
-    inputs = benchmark_inputs(settings)
+    inputs = benchmark_inputs(settings, trainers[STRATEGIES[0]])
     records: dict[str, list] = {name: [] for name in STRATEGIES}
     for repeat in range(settings.warmup + settings.repeats):
         timed = repeat >= settings.warmup

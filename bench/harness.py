@@ -1,8 +1,9 @@
 """Shared pieces of the guided-vs-vanilla benchmarks: settings, the two trainers, token counting, output.
 
 Each benchmark builds a stock `trl.GRPOTrainer` (with `trl.GRPOConfig`) and a `GuidedGRPOTrainer` (with
-`GuidedGRPOConfig`) from the same `Settings` (model, prompts, G, lengths, seed) and times the trainers' own entry
-points; nothing here re-implements trainer logic. Progress goes to stderr, the one JSON object to stdout.
+`GuidedGRPOConfig`, through `trl_guided.train.build_trainer`, as `trl-guided train` builds it) from the same
+`Settings` (model, prompts, G, lengths, seed) and times the trainers' own entry points; nothing here re-implements
+trainer logic. Progress goes to stderr, the one JSON object to stdout.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("vanilla", "guided")
-TINY_PUNCTUATION = ["e", "a", "o", "t", "s"]  # a random tiny model rarely samples real punctuation marks
 _START = time.perf_counter()
 
 # stdout carries the JSON report only: from here on, whatever else is written to file descriptor 1 (library prints,
@@ -35,6 +33,26 @@ _START = time.perf_counter()
 sys.stdout.flush()
 _REPORT_STREAM = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)
+
+# Imported after the lines above: huggingface_hub and datasets read the offline switches when they are imported, and
+# whatever a library prints on import belongs on stderr.
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import trl  # noqa: E402
+from transformers.generation.utils import GenerationMixin  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer, ModelConfig  # noqa: E402
+
+from trl_guided import GuidedGRPOConfig  # noqa: E402
+from trl_guided.locate import locate_start  # noqa: E402
+from trl_guided.recipe import model_init_kwargs  # noqa: E402
+from trl_guided.tasks import TaskArguments  # noqa: E402
+from trl_guided.tiny_models import build_tiny_model  # noqa: E402
+from trl_guided.train import build_trainer as build_guided_trainer  # noqa: E402
+from trl_guided.train import task_inputs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("vanilla", "guided")
+TINY_PUNCTUATION = ["e", "a", "o", "t", "s"]  # a random tiny model rarely samples real punctuation marks
 
 
 @dataclasses.dataclass
@@ -168,8 +186,6 @@ def ratio(guided: float | None, vanilla: float | None) -> float | None:
 
 def synchronize() -> None:
     """Wait for queued GPU work before reading a clock (no-op on CPU)."""
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -185,10 +201,6 @@ def rss_mb() -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    import torch
-    import transformers
-    import trl
-
     cpu_model = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -216,20 +228,17 @@ def machine_info() -> dict[str, Any]:
 
 
 def resolve_model(settings: Settings) -> str:
-    """A local model directory: 'tiny' is built (deterministic by seed), 'embedded:*' converted once."""
-    from trl_guided.models import resolve_model_path
-    from trl_guided.tiny_models import build_tiny_model
-
+    """A local model directory: 'tiny' is built (deterministic by seed); any other name is found as `trl-guided train`
+    finds its starting model (`locate_start`: a run folder's final model or newest checkpoint, 'embedded:*' converted
+    once)."""
     if settings.model == "tiny":
         folder = tempfile.mkdtemp(prefix="bench-tiny-")
         return build_tiny_model(folder, seed=settings.seed, hidden_size=settings.tiny_hidden_size)
-    return resolve_model_path(settings.model)
+    return locate_start(settings.model).path
 
 
 def config_fields(settings: Settings, output_dir: str, max_steps: int = 1) -> dict[str, Any]:
     """The GRPOConfig fields both trainers get."""
-    import torch
-
     on_gpu = torch.cuda.is_available()
     return dict(
         output_dir=output_dir,
@@ -246,7 +255,6 @@ def config_fields(settings: Settings, output_dir: str, max_steps: int = 1) -> di
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         gradient_checkpointing=settings.gradient_checkpointing,
-        model_init_kwargs={"dtype": settings.dtype} if settings.dtype else None,
         disable_tqdm=True,
     )
 
@@ -265,46 +273,44 @@ def guided_fields(settings: Settings) -> dict[str, Any]:
     return fields
 
 
+def recipe_arguments(settings: Settings, model_path: str) -> tuple[TaskArguments, ModelConfig]:
+    """The settings' task, reward and model as a recipe states them (the reward's options: the recipe defaults)."""
+    model_args = ModelConfig(model_name_or_path=model_path)
+    if settings.dtype:
+        model_args.dtype = settings.dtype
+    return TaskArguments(task=settings.task, reward_funcs=[settings.reward]), model_args
+
+
 def build_trainer(
     kind: str, settings: Settings, model_path: str, max_steps: int = 1, callbacks=None, overrides: dict | None = None
 ):
     """`trl.GRPOTrainer` + `GRPOConfig` ("vanilla") or `GuidedGRPOTrainer` + `GuidedGRPOConfig` ("guided").
 
-    `overrides`: config fields set on top of the shared ones (e.g. OT settings for the guided trainer)."""
-    import torch
-    from trl import GRPOConfig, GRPOTrainer
-
-    from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer
-    from trl_guided.data import load_task
-    from trl_guided.rewards import get_reward
-
+    The guided trainer is `trl_guided.train.build_trainer`'s, from the settings as a recipe; the vanilla one is TRL's
+    own class given what that factory gives the guided one: the model with the same `from_pretrained` arguments, the
+    task's rewards and train split (`task_inputs`). `overrides`: config fields set on top of the shared ones (e.g. OT
+    settings for the guided trainer)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    task_args, model_args = recipe_arguments(settings, model_path)
     common = config_fields(settings, tempfile.mkdtemp(prefix=f"bench-{kind}-"), max_steps)
     common.update(overrides or {})
     if kind == "vanilla":
-        args, trainer_class = GRPOConfig(**common), GRPOTrainer
+        args = GRPOConfig(**{"model_init_kwargs": model_init_kwargs(model_args), **common})
+        trainer = GRPOTrainer(model=model_path, args=args, callbacks=callbacks, **task_inputs(task_args, args))
     elif kind == "guided":
-        args, trainer_class = GuidedGRPOConfig(**{**guided_fields(settings), **common}), GuidedGRPOTrainer
+        args = GuidedGRPOConfig(**{**guided_fields(settings), **common})
+        trainer = build_guided_trainer(task_args, args, model_args, callbacks)
     else:
         raise ValueError(f"unknown trainer kind {kind!r}; choose one of {KINDS}")
-    trainer = trainer_class(
-        model=model_path,
-        reward_funcs=get_reward(settings.reward),
-        args=args,
-        train_dataset=load_task(settings.task),
-        callbacks=callbacks,
-    )
     trainer.model.train()  # Trainer.train() does this; direct calls to the trainer's steps need it too
     return trainer
 
 
-def benchmark_inputs(settings: Settings) -> list[dict[str, Any]]:
-    """One generation batch as TRL's sampler lays it out: each of `groups` prompts repeated G times."""
-    from trl_guided.data import load_task
-
-    dataset = load_task(settings.task)
-    rows = [dataset[i] for i in range(settings.groups)]
+def benchmark_inputs(settings: Settings, trainer) -> list[dict[str, Any]]:
+    """One generation batch as TRL's sampler lays it out: each of the first `groups` prompts of the trainer's train
+    split (every trainer `build_trainer` makes gets the same) repeated G times."""
+    rows = [trainer.train_dataset[i] for i in range(settings.groups)]
     return [row for row in rows for _ in range(settings.num_generations)]
 
 
@@ -345,9 +351,6 @@ class GenerationCounter:
         self._saved: list[tuple[type, str, Callable]] = []
 
     def __enter__(self) -> GenerationCounter:
-        from transformers.generation.utils import GenerationMixin
-        from trl import GRPOTrainer
-
         counter = self
         original_turn, original_generate = GRPOTrainer._generate_single_turn, GenerationMixin.generate
 

@@ -32,6 +32,7 @@ from harness import (
     synchronize,
     target,
 )
+from transformers import set_seed
 
 WALL_RATIO_AT_MOST = 1.0
 
@@ -54,8 +55,6 @@ def guided_breakdown(trainer, rows: int, num_generations: int, generated: int) -
 
 
 def rollout_once(trainer, inputs: list[dict], counter: GenerationCounter, seed: int, kind: str) -> dict[str, Any]:
-    from transformers import set_seed
-
     set_seed(seed)
     counter.reset()
     synchronize()
@@ -80,7 +79,7 @@ def run(settings) -> dict[str, Any]:
     model_path = resolve_model(settings)
     progress("rollout", f"building both trainers on {settings.model}")
     trainers = {kind: build_trainer(kind, settings, model_path) for kind in KINDS}
-    inputs = benchmark_inputs(settings)
+    inputs = benchmark_inputs(settings, trainers["guided"])
     records: dict[str, list] = {kind: [] for kind in KINDS}
     with GenerationCounter(trainers["vanilla"].eos_token_ids) as counter:
         total = settings.warmup + settings.repeats

@@ -12,7 +12,7 @@ from .chat import run_chat
 from .config import SAMPLER_FIELDS
 from .evaluate import DEFAULT_QUALITY_MODEL, EvalSettings, default_backend, evaluate, read_result, write_json
 from .locate import ModelError, locate_model
-from .models import EMBEDDED_MODELS, EMBEDDED_PREFIX, resolve_model_path
+from .models import EMBEDDED_MODELS, EMBEDDED_PREFIX
 from .plots import save_pngs
 from .recipe import read_recipe
 from .report import write_report
@@ -23,7 +23,17 @@ from .train import run
 
 
 def _resolve_model(args: argparse.Namespace) -> int:
-    print(resolve_model_path(args.name))
+    """The folder (or Hub name) `locate_model` finds for a name, as train, eval and chat load it."""
+    try:
+        source = locate_model(args.name)
+    except ModelError as error:
+        raise SystemExit(f"trl-guided resolve-model: {error}") from None
+    print(source.path)
+    if source.kind == "adapter":
+        print(
+            f"(a LoRA adapter on the base model {source.base}: eval and chat merge it; train refuses it)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -102,7 +112,9 @@ def _add_look_commands(commands) -> None:
         description="Multi-turn chat with the chat template, streaming tokens. Commands: /reset clears the "
         "history, /exit quits (so does end of input).",
     )
-    chat.add_argument("model", help="a run directory, a checkpoint-N folder, a local model folder, or embedded:NAME")
+    chat.add_argument(
+        "model", help="a run folder, a checkpoint-N, model or LoRA-adapter folder, a Hub name, or embedded:NAME"
+    )
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
@@ -123,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     resolve = commands.add_parser(
         "resolve-model",
-        help="print the local directory of a model name (converts an embedded model on first use)",
-        description="Print the local directory for a model name. Embedded models: "
+        help="print the folder a model name means to train, eval and chat (converts an embedded model on first use)",
+        description="Print the local folder a model name means, as train, eval, chat and report find it: a run "
+        "folder's final model, else its newest complete checkpoint-N; a model or LoRA adapter folder; a converted "
+        "embedded model; a Hub name is printed as given. Embedded models: "
         + ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS),
     )
-    resolve.add_argument("name", help="e.g. embedded:smollm2-135m-instruct")
+    resolve.add_argument("name", help="e.g. runs/x, embedded:smollm2-135m-instruct, Qwen/Qwen2.5-0.5B-Instruct")
     resolve.set_defaults(func=_resolve_model)
 
     commands.add_parser(

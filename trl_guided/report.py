@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import plots
-from .locate import ModelError, locate_model
+from .locate import ModelError, load_model, locate_model
 from .ot import banded_sinkhorn_solve
 from .rundir import Group, Run, RunDirError, headline, load_run, message_text, read_comparison, read_groups
 from .stats import count_text, directed_counts
@@ -69,15 +68,21 @@ def spread(total: int, parts: int) -> list[int]:
 
 
 def transport_plan(run: Run, text_prompt: list, completion: str, max_tokens: int = 64):
-    """Dense (T, T) transport plan of one logged completion between the final model and the OT reference, its tokens.
+    """Dense (T, T) transport plan of one logged completion between the run's model and the OT reference; its tokens,
+    the band's half-width, the sample's cost, and the names of the two models.
 
-    Hidden states are the backbone's last hidden states on the completion tokens (re-tokenized from the logged text,
-    after the prompt's chat template), compared with `trl_guided.ot` under the run's window and epsilon.
+    The run's model is what `locate_model` finds in the run folder (its final model, else its newest complete
+    checkpoint; a LoRA adapter merged into its base), the reference the run's starting model. Hidden states are the
+    backbone's last hidden states on the completion tokens (re-tokenized from the logged text, after the prompt's chat
+    template), compared with `trl_guided.ot` under the run's window and epsilon.
     """
     args = run.training
-    if not (run.path / "config.json").is_file():
-        raise RunDirError("the run directory holds no full model (a LoRA adapter run?); no plan drawn")
-    tokenizer = AutoTokenizer.from_pretrained(run.path)
+    try:
+        trained = locate_model(str(run.path))
+    except ModelError as error:
+        raise RunDirError(f"{error}; no plan drawn") from None
+    model, tokenizer = load_model(trained, device="cpu")
+    trained_name = "final model" if Path(trained.path) == run.path else Path(trained.path).name  # e.g. checkpoint-8
     if isinstance(text_prompt, str):
         prompt_ids = tokenizer(text_prompt, add_special_tokens=False)["input_ids"]
     else:
@@ -89,23 +94,26 @@ def transport_plan(run: Run, text_prompt: list, completion: str, max_tokens: int
         raise RunDirError("the sample completion has fewer than 2 tokens; no plan drawn")
     input_ids = torch.tensor([list(prompt_ids) + completion_ids])
 
-    def states(model_path: str) -> torch.Tensor:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    def states(model) -> torch.Tensor:
         with torch.no_grad():
             return model.get_decoder()(input_ids=input_ids).last_hidden_state[:, -len(completion_ids) :]
 
-    current = states(str(run.path))
+    current = states(model)
+    del model
     if args.get("ot_reference", "ref") == "old":
-        reference, reference_name = current, "the final model itself (ot_reference='old': the sampling-time policy)"
+        reference, reference_name = (
+            current,
+            f"the {trained_name} itself (ot_reference='old': the sampling-time policy)",
+        )
     else:
         base = run.model or args.get("model_name_or_path")
         if not base:
             raise RunDirError("the reference model's name is unknown (no run_config.json); no plan drawn")
         try:
-            reference_path = locate_model(base).path
+            reference_model, _ = load_model(locate_model(base), device="cpu")
         except ModelError as error:
             raise RunDirError(f"the reference model cannot be found ({error}); no plan drawn") from None
-        reference, reference_name = states(reference_path), f"the reference model {base}"
+        reference, reference_name = states(reference_model), f"the reference model {base}"
     mask = torch.ones(current.shape[:2], dtype=torch.bool)
     result = banded_sinkhorn_solve(
         current,
@@ -125,7 +133,7 @@ def transport_plan(run: Run, text_prompt: list, completion: str, max_tokens: int
             if 0 <= j < length:
                 dense[i, j] = band[i, k]
     tokens = [tokenizer.decode([t]) for t in completion_ids]
-    return dense.numpy(), tokens, window, float(result.cost[0]), reference_name
+    return dense.numpy(), tokens, window, float(result.cost[0]), trained_name, reference_name
 
 
 def plan_svg(dense, tokens: list[str], window: int, title: str) -> str:
@@ -462,17 +470,18 @@ def _plan_html(run: Run, groups: list[Group], notes: list[str]) -> str:
     try:
         table = pd.read_parquet(files[-1])
         row = table.iloc[0]
-        dense, tokens, window, cost, reference = transport_plan(run, row["prompt"], message_text(row["completion"]))
+        plan = transport_plan(run, row["prompt"], message_text(row["completion"]))
+        dense, tokens, window, cost, trained, reference = plan
     except Exception as error:  # noqa: BLE001 - the picture is optional; say why it is absent
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         notes.append(f"OT transport plan not drawn: {message}")
         return ""
-    title = f"Transport plan, final model vs {reference.split(' (')[0].removeprefix('the ')}"
+    title = f"Transport plan, {trained} vs {reference.split(' (')[0].removeprefix('the ')}"
     caption = (
         f"One logged completion of step {int(row['step']) if 'step' in row else '?'} ({len(tokens)} tokens, "
-        f"re-tokenized from the logged text): rows are the final model's last hidden states, columns those of "
+        f"re-tokenized from the logged text): rows are the {trained}'s last hidden states, columns those of "
         f"{html.escape(reference)}. Banded Sinkhorn (trl_guided.ot) with window {window}: only cells with "
-        f"|i - j| ≤ {window} can carry mass. Cost of this sample {cost:.4f}. A sharp diagonal means the final "
+        f"|i - j| ≤ {window} can carry mass. Cost of this sample {cost:.4f}. A sharp diagonal means the trained "
         "model's states still match the reference token by token; mass off the diagonal means they moved."
     )
     return f"<figure id='ot-plan'>{plan_svg(dense, tokens, window, title)}<figcaption>{caption}</figcaption></figure>"

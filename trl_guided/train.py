@@ -24,7 +24,7 @@ from .checkpoints import last_complete_checkpoint
 from .config import GuidedGRPOConfig
 from .data import load_task
 from .evaluate import EvalError, EvalSettings, evaluate, write_json
-from .models import resolve_model_path
+from .locate import ModelError, ModelSource, locate_start
 from .plots import reward_curve
 from .recipe import make_parser, model_init_kwargs, parse_args
 from .report import log_to_wandb, write_report
@@ -33,7 +33,7 @@ from .stats import compare, headline_metric, summary_line
 from .tasks import TaskArguments, reward_functions, reward_options, task_options
 from .trainer import GuidedGRPOTrainer
 
-__all__ = ["build_trainer", "make_parser", "parse_args", "run"]
+__all__ = ["build_trainer", "make_parser", "parse_args", "run", "starting_model", "task_inputs"]
 
 logger = logging.getLogger("trl_guided.train")
 # TRL 1.16 calls transformers' renamed gradient-checkpointing helpers on every step; keep the progress output readable.
@@ -93,10 +93,11 @@ def _vllm_url(args: GuidedGRPOConfig) -> str:
     return args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
 
 
-def vllm_unreachable(args: GuidedGRPOConfig, model_args: ModelConfig) -> str:
-    """One line for a vLLM server that is not up when training starts: where it was looked for, how to start it."""
+def vllm_unreachable(args: GuidedGRPOConfig, model_path: str) -> str:
+    """One line for a vLLM server that is not up when training starts: where it was looked for, how to start it (on
+    the folder the trainer starts from)."""
     serve = (
-        f"VLLM_SERVER_DEV_MODE=1 vllm serve {model_args.model_name_or_path} --host {args.vllm_server_host} --port "
+        f"VLLM_SERVER_DEV_MODE=1 vllm serve {model_path} --host {args.vllm_server_host} --port "
         f'{args.vllm_server_port} --weight-transfer-config \'{{"backend":"nccl"}}\' --logprobs-mode '
         "processed_logprobs --max-logprobs -1 --enable-prefix-caching"
     )
@@ -117,16 +118,23 @@ def vllm_lost(args: GuidedGRPOConfig, error: BaseException) -> str:
     )
 
 
-def check_model(name: str, path: str, model_args: ModelConfig, training_args: GuidedGRPOConfig) -> None:
-    """One line when the model cannot be found: which name, where it was looked for, and how to fix it."""
+def starting_model(model_args: ModelConfig, training_args: GuidedGRPOConfig) -> ModelSource:
+    """The model a run starts from, found as `trl-guided eval --model` finds it (`locate.locate_start`: a run folder
+    means its final model, else its newest complete checkpoint; a LoRA adapter is refused), and checked loadable.
+    One line, not a traceback, when it cannot be: which name, where it was looked for, and how to fix it."""
+    name = model_args.model_name_or_path
+    try:
+        source = locate_start(name)
+    except ModelError as error:
+        raise SystemExit(f"Cannot train from model {name!r}: {error}.") from None
     try:
         AutoConfig.from_pretrained(
-            path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+            source.path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
         )
     except (OSError, ValueError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        if Path(path).exists():
-            where = f"the local folder {path} (no loadable config.json)"
+        if Path(source.path).exists():
+            where = f"the local folder {source.path} (no loadable config.json)"
         elif offline:
             where = "the local Hugging Face cache only (HF_HUB_OFFLINE=1: the Hub was not asked)"
         else:
@@ -136,6 +144,7 @@ def check_model(name: str, path: str, model_args: ModelConfig, training_args: Gu
             "config.json and weights, an embedded model (embedded:smollm2-135m-instruct), or a Hub name with network "
             "access (HF_HUB_OFFLINE=0); check the spelling and model_revision."
         ) from None
+    return source
 
 
 # Exit status of a run that a stop signal ended early with a checkpoint (enable_jit_checkpoint): 128 + SIGTERM, what a
@@ -161,6 +170,17 @@ def resume_point(training_args: GuidedGRPOConfig) -> str | bool | None:
     return True  # the trainer resolves it again and warns about the incomplete ones it skips
 
 
+def task_inputs(task_args: TaskArguments, training_args: GuidedGRPOConfig) -> dict:
+    """The trainer arguments a recipe's task fields make: its rewards, its train split and, with `eval_strategy`, its
+    test split (the benchmarks give the same to their vanilla `trl.GRPOTrainer`)."""
+    options = task_options(task_args)
+    return {
+        "reward_funcs": reward_functions(task_args),
+        "train_dataset": load_task(task_args.task, "train", **options),
+        "eval_dataset": load_task(task_args.task, "test", **options) if training_args.eval_strategy != "no" else None,
+    }
+
+
 def build_trainer(
     task_args: TaskArguments,
     training_args: GuidedGRPOConfig,
@@ -168,37 +188,30 @@ def build_trainer(
     callbacks: list | None = None,
 ) -> GuidedGRPOTrainer:
     """The one place a parsed recipe becomes a `GuidedGRPOTrainer` (the CLI, the study's worker and the benchmarks
-    call it): the model resolved and checked, the task's train (and, with `eval_strategy`, test) split, its rewards,
-    PEFT and quantization from the model arguments. A vLLM server that does not answer is one line, not a traceback."""
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    check_model(model_args.model_name_or_path, model_path, model_args, training_args)
+    call it): the starting model located and checked (`starting_model`), the task's rewards and splits
+    (`task_inputs`), PEFT and quantization from the model arguments. A vLLM server that does not answer is one line,
+    not a traceback."""
+    source = starting_model(model_args, training_args)
     training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
-    options = task_options(task_args)
-    train_dataset = load_task(task_args.task, "train", **options)
-    eval_dataset = load_task(task_args.task, "test", **options) if training_args.eval_strategy != "no" else None
     try:
         return GuidedGRPOTrainer(
-            model=model_path,
-            reward_funcs=reward_functions(task_args),
+            model=source.path,
             args=training_args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
             peft_config=get_peft_config(model_args),
             quantization_config=get_quantization_config(model_args),
             callbacks=callbacks,
+            **task_inputs(task_args, training_args),
         )
     except SERVER_ERRORS as error:  # TRL's VLLMClient gives up after vllm_server_timeout
         if "vLLM server" not in str(error):
             raise
-        raise SystemExit(vllm_unreachable(training_args, model_args)) from None
+        raise SystemExit(vllm_unreachable(training_args, source.path)) from None
 
 
 def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: ModelConfig) -> dict:
-    # The starting model is evaluated before the trainer exists: the evaluation has the memory to itself.
-    check_model(
-        model_args.model_name_or_path, resolve_model_path(model_args.model_name_or_path), model_args, training_args
-    )
-    eval_before = evaluate_start(task_args, training_args, model_args.model_name_or_path)
+    # The starting model is evaluated before the trainer exists: the evaluation has the memory to itself. It is the
+    # model build_trainer starts from (the same locator, called again there for the callers without an evaluation).
+    eval_before = evaluate_start(task_args, training_args, starting_model(model_args, training_args))
     trainer = build_trainer(task_args, training_args, model_args)
     if trainer.accelerator.is_main_process:
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -280,7 +293,7 @@ def _barrier() -> None:
     PartialState().wait_for_everyone()
 
 
-def evaluate_start(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_name: str) -> dict | None:
+def evaluate_start(task_args: TaskArguments, training_args: GuidedGRPOConfig, source: ModelSource) -> dict | None:
     """With eval_before_after, the starting model's result (main process; None elsewhere and when off)."""
     if not task_args.eval_before_after:
         return None
@@ -292,8 +305,8 @@ def evaluate_start(task_args: TaskArguments, training_args: GuidedGRPOConfig, mo
     result = {}
     if _is_main_process():
         output_dir = Path(training_args.output_dir)
-        print(f"Evaluating the starting model {model_name} on the {task_args.task} test split ...")
-        result = evaluate(model_name, settings, output_dir / "eval_before.jsonl", progress=False)
+        print(f"Evaluating the starting model {source.name} ({source.path}) on the {task_args.task} test split ...")
+        result = evaluate(source, settings, output_dir / "eval_before.jsonl", progress=False)
         write_json(result, output_dir / "eval_before.json")
     _barrier()
     return result

@@ -167,6 +167,20 @@ def _page_errors(result: subprocess.CompletedProcess) -> list[str]:
     return errors + [line for line in result.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
 
 
+def test_ot_plan_of_a_run_without_a_final_model_comes_from_its_newest_checkpoint(run_dir, tmp_path):
+    """The report finds the run's model as `trl-guided eval --model` does (trl_guided.locate): a run that saved no
+    final model at its top has its plan drawn from its newest complete checkpoint, and the page says which."""
+    if "ot" not in run_dir.parent.name:
+        pytest.skip("the transport plan is drawn for OT runs only")
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for name in ("config.json", "model.safetensors"):
+        (copy / name).unlink()  # as if the run had stopped after its checkpoint
+    assert cli.main(["report", str(copy)]) == 0
+    page = (copy / "report.html").read_text()
+    assert "id='ot-plan'><svg" in page and "rows are the checkpoint-2's last hidden states" in page
+
+
 def test_error_probe_catches_a_script_error(tmp_path):
     """The no-error check below can fail: a page with a broken script is caught."""
     from trl_guided.report import ERROR_PROBE
