@@ -26,6 +26,7 @@ from harness import (
     summary,
     synchronize,
 )
+from transformers import set_seed
 
 STRATEGIES = ("punctuation", "entropy", "random")
 
@@ -47,8 +48,6 @@ def timed_signals(trainer) -> list[float]:
 
 
 def run(settings) -> dict[str, Any]:
-    from transformers import set_seed
-
     model_path = resolve_model(settings)
     progress("branching", f"building one guided trainer per strategy on {settings.model}")
     trainers = {

@@ -28,14 +28,13 @@ from harness import (
     synchronize,
     target,
 )
+from transformers import set_seed
 
 LOSS_BACKWARD_RATIO_AT_MOST = 0.5
 
 
 def scored_batch(trainer, inputs: list[dict], seed: int) -> dict[str, Any]:
     """One rollout through the trainer's own `_prepare_inputs` (the training path: generate, score, split)."""
-    from transformers import set_seed
-
     set_seed(seed)
     trainer._step = 0  # TRL generates when `_step % (steps_per_generation * num_iterations) == 0`
     batch = trainer._prepare_inputs(inputs)

@@ -17,6 +17,7 @@ import pstats
 import time
 from typing import Any
 
+import torch
 from harness import build_trainer, progress
 from transformers import TrainerCallback
 
@@ -27,8 +28,6 @@ class ProfileLastStep(TrainerCallback):
     """Profiles the optimizer step number `step` (1-based), from `on_step_begin` to `on_step_end`."""
 
     def __init__(self, step: int):
-        import torch
-
         self.step, self.count, self.seconds = step, 0, 0.0
         self.python = cProfile.Profile()
         self.torch = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])

@@ -32,6 +32,7 @@ from harness import (
     synchronize,
     target,
 )
+from transformers import set_seed
 
 WALL_RATIO_AT_MOST = 1.0
 
@@ -54,8 +55,6 @@ def guided_breakdown(trainer, rows: int, num_generations: int, generated: int) -
 
 
 def rollout_once(trainer, inputs: list[dict], counter: GenerationCounter, seed: int, kind: str) -> dict[str, Any]:
-    from transformers import set_seed
-
     set_seed(seed)
     counter.reset()
     synchronize()

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from harness import (
     KINDS,
     ROOT,
@@ -76,8 +77,6 @@ class StepTimer(TrainerCallback):
 
 def measure(kind: str, settings, model_path: str, bench: str) -> dict[str, Any] | None:
     """Train one trainer for warm-up + repeats steps in this process; the main process returns the report."""
-    import torch
-
     total = settings.warmup + settings.repeats
     timer = StepTimer(f"{bench} {kind}", total, verbose=int(os.environ.get("RANK", "0")) == 0)
     trainer = build_trainer(kind, settings, model_path, max_steps=total, callbacks=[timer])
