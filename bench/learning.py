@@ -54,8 +54,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The study's children run with the repository on PYTHONPATH: the parent imports the same trl_guided.
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+BENCH = Path(__file__).resolve().parent
+# The package `study` is in this folder (also when this file is run by runpy, or from another directory), and the
+# parent imports the same trl_guided as its children, which run with the repository on PYTHONPATH.
+sys.path[:0] = [folder for folder in (str(BENCH), str(BENCH.parent)) if folder not in sys.path]
 
 from study.cli import main  # noqa: E402
 
