@@ -208,9 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.tiny and args.out == str(BENCH):
         sys.exit(f"--tiny writes a smoke result: give --out DIR so bench/{args.name}.json is not overwritten")
-    plan = StudyPlan(args)
     if args.plan:
-        print(describe(plan))
+        print(describe(StudyPlan(args)))
         return
     # Running and reporting load trl_guided (torch, TRL: seconds and memory): --markdown and --plan do without.
     from trl_guided.tiny_models import build_tiny_model  # heavy: torch, transformers (a --tiny study only)
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.tiny and args.model is None:
         args.model = build_tiny_model(Path(args.out) / "tiny-model")
-        plan = StudyPlan(args)  # the tiny model is its runs' model
+    plan = StudyPlan(args)
     if not args.report_only:
         Study(plan).run()
     if args.stop_after:
