@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from trl_guided.stats import headline_metric
+
 from .ledger import load_json, read_ledger
 from .plan import ARMS, run_name, study_paths
-from .scores import completion_tokens, headline, nll_per_token, per_problem
+from .scores import completion_tokens, nll_per_token, per_problem
 from .tuning import lr_grid, validation_score
 
 RESAMPLES = 2000
@@ -163,7 +165,7 @@ def analyse(out: Path, name: str = "learning", arm_order: list[str] | None = Non
     """The report's content, from run.json and eval.jsonl files alone."""
     runs_dir = study_paths(out, name)[2]
     before_run = load_json(runs_dir / "before" / "run.json")
-    metric = headline(before_run["settings"]["reward_funcs"])
+    metric = headline_metric(before_run["settings"]["reward_funcs"])
     runs = {p.parent.name: load_json(p) for p in sorted(runs_dir.glob("*/run.json")) if p.parent.name != "before"}
     present = {r["arm"] for r in runs.values()}
     arms = [arm for arm in (arm_order or list(ARMS)) if arm in present] + sorted(present - set(arm_order or ARMS))

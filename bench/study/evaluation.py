@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from trl_guided.evaluate import evaluate, read_records, write_records
+from trl_guided.stats import headline_metric
 from trl_guided.train import eval_settings, parse_args
 from trl_guided.vllm_engine import kept_vllm_engine
 
 from .ledger import discard_models, load_json, save_json
 from .plan import argv_for, identity
-from .scores import headline
 
 
 def planned_evaluations(spec: dict, snapshots: list[dict], final: Path, train_seconds: float) -> list[dict]:
@@ -137,6 +137,6 @@ def compact(record: dict) -> dict:
 
 
 def summary(result: dict) -> dict:
-    keys = (headline(result["settings"]["reward_funcs"]), "nll_per_token", "truncated", "completion_tokens")
+    keys = (headline_metric(result["settings"]["reward_funcs"]), "nll_per_token", "truncated", "completion_tokens")
     keys += ("repetition",)
     return {key: result["metrics"][key]["value"] for key in keys if key in result["metrics"]}

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from trl_guided.stats import headline_metric
 from trl_guided.train import parse_args
 
 from .estimate import describe
@@ -26,7 +27,6 @@ from .ledger import (
     waiting_for_evaluation,
 )
 from .plan import ENTRY, ROOT, StudyPlan, argv_for, batches, deferred
-from .scores import headline
 from .tuning import lr_grid, validation_plan
 
 
@@ -231,7 +231,7 @@ class Study:
         rates = {}
         if plan.tuned_arms():
             self.run_phase(plan.tune_specs(validation))
-            grid = lr_grid(self.runs, headline(parsed["task_args"].reward_funcs))
+            grid = lr_grid(self.runs, headline_metric(parsed["task_args"].reward_funcs))
             rates = {arm: grid[arm]["chosen"] for arm in plan.tuned_arms()}
             say(f"tuned learning rates: {rates}")
             if self.args.stop_after == "tune":

@@ -1,5 +1,6 @@
 """A run's scores, read from its per-problem evaluation records (`trl_guided.evaluate` writes them,
-`trl_guided.stats` reduces them): the headline metric, fluency and answer lengths."""
+`trl_guided.stats` reduces them): a metric per problem (the study compares `trl_guided.stats.headline_metric`),
+fluency and answer lengths."""
 
 from __future__ import annotations
 
@@ -8,12 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from trl_guided.evaluate import read_records
-from trl_guided.stats import headline_metric, per_problem_values
-
-
-def headline(reward_funcs: list[str]) -> str:
-    """The metric the study compares: `trl_guided.stats.headline_metric` (greedy: 0/1 accuracy per problem)."""
-    return headline_metric(reward_funcs)
+from trl_guided.stats import per_problem_values
 
 
 def per_problem(run_dir: Path, metric: str, records: str = "eval.jsonl") -> dict[str, float]:
