@@ -23,7 +23,16 @@ import random
 import re
 from pathlib import Path
 
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trl_guided.constraints import check, parse_specs, words
+from trl_guided.data import load_task
+from trl_guided.evaluate import prompt_token_ids
+from trl_guided.guidance import BranchRule, TokenSignals
+from trl_guided.locate import locate_model
+from trl_guided.tasks import TaskArguments, task_options
 
 BENCH = Path(__file__).resolve().parent
 # Constraints an answer keeps unless a token breaks them (a word to avoid, lowercase, ...): they hold before the
@@ -49,8 +58,6 @@ def constraint_decisions(spec: dict, prefixes: list[str]) -> tuple[int | None, s
     token after which the verdict stays at its final value. A kept constraint (KEPT_KINDS) that no token breaks is
     `kept` (no position: every token keeps it); a constraint no token meets is `never_met` (no position: decided by
     where the answer stops)."""
-    from trl_guided.constraints import check, words
-
     default = spec["kind"] in KEPT_KINDS
     verdicts = [check(spec, text) if words(text) else default for text in prefixes]
     final = verdicts[-1] if verdicts else default
@@ -66,9 +73,6 @@ def token_at(tokenizer, ids: list[int], offset: int) -> int:
 
 
 def _test_problems(recipe: dict):
-    from trl_guided.data import load_task
-    from trl_guided.train import TaskArguments, task_options
-
     fields = {k: v for k, v in recipe.items() if k in TaskArguments.__dataclass_fields__ and k != "reward_funcs"}
     return load_task(recipe["task"], "test", **task_options(TaskArguments(**fields)))
 
@@ -76,13 +80,6 @@ def _test_problems(recipe: dict):
 def _signal_scorer(recipe: dict, tokenizer, problems):
     """problem id, completion ids -> the starting model's TokenSignals (entropy and log-prob of each completion
     token, at the recipe's temperature)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from trl_guided.evaluate import prompt_token_ids
-    from trl_guided.guidance import TokenSignals
-    from trl_guided.locate import locate_model
-
     model = AutoModelForCausalLM.from_pretrained(locate_model(recipe["model_name_or_path"]).path)
     model.eval()
 
@@ -99,8 +96,6 @@ def _signal_scorer(recipe: dict, tokenizer, problems):
 
 def deciding_tokens(record: dict, ids: list[int], tokenizer, problems) -> tuple[list[int], dict[str, int]]:
     """The completion's deciding token indices and counts of how each was decided (see the module docstring)."""
-    from trl_guided.constraints import parse_specs
-
     if problems is None or "constraints" not in problems.column_names:
         offset = answer_start(record["completion"])
         if offset is None:
@@ -127,11 +122,6 @@ def main() -> None:
     )
     parser.add_argument("--output", help="also write the result JSON here")
     args = parser.parse_args()
-
-    from transformers import AutoTokenizer
-
-    from trl_guided.guidance import BranchRule
-    from trl_guided.locate import locate_model
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     tokenizer = AutoTokenizer.from_pretrained(locate_model(recipe["model_name_or_path"]).path)

@@ -17,6 +17,11 @@ import sys
 from pathlib import Path
 
 import yaml
+from trl import GRPOConfig
+
+from trl_guided.config import GuidedGRPOConfig
+from trl_guided.rewards import REWARD_FUNCS
+from trl_guided.tasks import TaskArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -89,11 +94,6 @@ def _rows(cls: type, fields: list[dataclasses.Field]) -> list[str]:
 
 
 def configuration_page() -> str:
-    from trl import GRPOConfig
-
-    from trl_guided.config import GuidedGRPOConfig
-    from trl_guided.tasks import TaskArguments
-
     inherited = {field.name for field in dataclasses.fields(GRPOConfig)}
     added = {field.name: field for field in dataclasses.fields(GuidedGRPOConfig) if field.name not in inherited}
     grouped = [name for names in CONFIG_GROUPS.values() for name in names]
@@ -157,8 +157,6 @@ def recipe_table() -> str:
 
 
 def reward_table() -> str:
-    from trl_guided.rewards import REWARD_FUNCS
-
     rows = ["| reward (`reward_funcs:`) | scores |", "|---|---|"]
     for name, function in REWARD_FUNCS.items():
         first_paragraph = (function.__doc__ or "").strip().split("\n\n")[0]

@@ -255,7 +255,8 @@ def test_learning_study_with_vllm_evaluation_rounds_resumes_a_failed_round_witho
     arms = tmp_path / "arms.yaml"
     arms.write_text("plain: {guidance: false}\nguided: {guidance: true}\n")
     command = [sys.executable, str(ROOT / "bench" / "learning.py"), "--tiny", "--out", str(tmp_path / "out")]
-    command += ["--arms-file", str(arms), "--seeds", "0", "--cores", "", "--budget-minutes", "0.02"]
+    # 3 s of training: room for a snapshot (every 0.6 s) after the first step also when both runs share one core.
+    command += ["--arms-file", str(arms), "--seeds", "0", "--cores", "", "--budget-minutes", "0.05"]
     command += ["--eval-every-minutes", "0.01", "--curve-problems", "4", "--parallel", "2"]
     command += ["--eval-backend", "vllm", "--eval-python", str(python)]
     log = tmp_path / "vllm.log"

@@ -271,8 +271,8 @@ def test_a_kept_vllm_engine_serves_every_model_of_its_architecture_and_only_insi
     """Inside `kept_vllm_engine()` a second model of the same architecture is loaded into the running engine (vLLM's
     reload, then the CPU LM head packed again, then the prefix cache emptied); another architecture gets a new
     engine; outside the block every evaluation starts its own."""
-    from trl_guided.evaluate import kept_vllm_engine
     from trl_guided.tiny_models import build_tiny_model
+    from trl_guided.vllm_engine import kept_vllm_engine
 
     fake = FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake)

@@ -1,4 +1,5 @@
-"""The statistics of the guided-vs-plain study (bench/learning.py), on hand-made run folders with known answers."""
+"""The guided-vs-plain study (bench/learning.py, the package bench/study/): its statistics on hand-made run folders
+with known answers, its plan, resume bookkeeping and command line."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("learning", ROOT / "bench" / "learning.py")
-learning = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(learning)
+sys.path.insert(0, str(ROOT / "bench"))  # bench's scripts import their siblings, as the study's entry point does
+from study import analysis, cli, estimate, ledger, plan, runner, tuning  # noqa: E402
+from study.plan import StudyPlan  # noqa: E402
+from study.tables import markdown_table  # noqa: E402
 
 PROBLEMS = ["p0", "p1", "p2", "p3"]
 BEFORE = [0, 1, 0, 0]
@@ -61,10 +63,10 @@ def study(tmp_path):
     for (arm, seed), correct in AFTER.items():
         steps = 4 if arm == "plain" else 8  # a guided step is cheaper: more of them in the same budget
         record = {"arm": arm, "seed": seed, "steps": steps, "tokens": 100 * steps, "train_seconds": 16.0}
-        write_run(runs / learning.run_name(arm, seed), correct, {**record, "curve": curve(steps, 0.1, 100)})
+        write_run(runs / plan.run_name(arm, seed), correct, {**record, "curve": curve(steps, 0.1, 100)})
     # A seed that only one arm finished (a killed study) must not enter the paired statistics.
     write_run(
-        runs / learning.run_name("guided", 2),
+        runs / plan.run_name("guided", 2),
         [1, 1, 1, 1],
         {"arm": "guided", "seed": 2, "steps": 8, "tokens": 800, "train_seconds": 16.0, "curve": curve(8, 0.1, 100)},
     )
@@ -72,7 +74,7 @@ def study(tmp_path):
 
 
 def test_gains_and_pair_differences_match_a_hand_computation(study):
-    report = learning.analyse(study)
+    report = analysis.analyse(study)
     assert report["seeds_complete"] == [0, 1]
     assert report["problems"] == 4
     plain, guided = report["arms"]["plain"], report["arms"]["guided"]
@@ -93,7 +95,7 @@ def test_fluency_is_compared_on_the_problems_every_run_and_the_starting_model_sc
     """The quality model scores the first N problems (--quality-problems); a problem it could not score for one
     evaluation (e.g. an empty answer) leaves every evaluation's mean, the starting model's included."""
     runs = study / "learning_runs"
-    for folder in [runs / "before", *(runs / learning.run_name(arm, seed) for arm, seed in AFTER)]:
+    for folder in [runs / "before", *(runs / plan.run_name(arm, seed) for arm, seed in AFTER)]:
         rows = [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines()]
         for index, row in enumerate(rows):  # NLL/token = 1 + problem index (+ 1 after training)
             row["nll"], row["nll_tokens"] = (index + 1.0 + (folder.name != "before")) * 2, 2
@@ -101,13 +103,13 @@ def test_fluency_is_compared_on_the_problems_every_run_and_the_starting_model_sc
         if folder.name == "before":
             rows[0]["nll"] = None  # and the starting model could not be scored on the first
         (folder / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    plain = learning.analyse(study)["arms"]["plain"]
+    plain = analysis.analyse(study)["arms"]["plain"]
     assert plain["nll_per_token_before"] == pytest.approx((2 + 3) / 2)  # problems 1 and 2
     assert plain["nll_per_token_after"] == pytest.approx([(3 + 4) / 2] * 2)  # the same two, not problem 0
 
 
 def test_training_reward_at_equal_steps_and_tokens(study):
-    report = learning.analyse(study)
+    report = analysis.analyse(study)
     assert report["equal_steps"] == 4 and report["equal_tokens"] == 400
     guided = report["arms"]["guided"]
     # Rewards rise 0.1 per step: the last 5 steps up to step 4 are steps 1..4 (mean 0.25); at the end, steps 4..8.
@@ -117,34 +119,34 @@ def test_training_reward_at_equal_steps_and_tokens(study):
 
 
 def test_hierarchical_ci_is_a_point_without_variation_and_widens_with_it():
-    assert learning.hierarchical_ci(np.full((3, 10), 0.5)) == pytest.approx([0.5, 0.5])
+    assert analysis.hierarchical_ci(np.full((3, 10), 0.5)) == pytest.approx([0.5, 0.5])
     rng = np.random.default_rng(0)
     noisy = rng.integers(0, 2, size=(3, 200)).astype(float)
-    low, high = learning.hierarchical_ci(noisy)
+    low, high = analysis.hierarchical_ci(noisy)
     assert low < noisy.mean() < high
     assert high - low < 0.2
 
 
 def test_reward_at_takes_the_last_window_up_to_the_limit():
     rows = curve(10, 1.0, 10)
-    assert learning.reward_at(rows, "step", 3) == pytest.approx(2.0)
-    assert learning.reward_at(rows, "tokens", 100, window=2) == pytest.approx(9.5)
-    assert learning.reward_at(rows, "step", 0) is None
+    assert analysis.reward_at(rows, "step", 3) == pytest.approx(2.0)
+    assert analysis.reward_at(rows, "tokens", 100, window=2) == pytest.approx(9.5)
+    assert analysis.reward_at(rows, "step", 0) is None
 
 
 @pytest.mark.parametrize("recipe", ["learning.yaml", "learning_gsm8k_gpu.yaml"])
-@pytest.mark.parametrize("arm", sorted(learning.ARMS))
+@pytest.mark.parametrize("arm", sorted(plan.ARMS))
 def test_every_arm_of_the_study_recipes_is_a_valid_config(recipe, arm):
     """Each arm overlays the base recipe: it parses and no field is refused (a switched-off field only warns)."""
     from trl_guided.recipe import explicit_keys, make_parser, read_recipe, unused_settings
 
     argv = ["--config", str(ROOT / "bench" / recipe), "--output_dir", "unused"]
-    for key, value in learning.ARMS[arm].items():
+    for key, value in plan.ARMS[arm].items():
         argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     task_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     errors, _ = unused_settings(explicit_keys(argv, read_recipe(argv[1])), task_args, training_args, model_args)
     assert not errors
-    assert training_args.guidance == learning.ARMS[arm]["guidance"]
+    assert training_args.guidance == plan.ARMS[arm]["guidance"]
 
 
 def test_answer_position_finds_the_answer_token():
@@ -164,8 +166,8 @@ def test_answer_position_finds_the_answer_token():
 
 
 def test_markdown_table_reads_the_report(study):
-    report = learning.analyse(study)
-    table = learning.markdown_table(report).splitlines()
+    report = analysis.analyse(study)
+    table = markdown_table(report).splitlines()
     assert len(table) == 2 + len(report["arms"])
     metric = report["metric"].split()[0].removesuffix("/mean")
     assert table[0].startswith(f"| arm | steps | tokens | {metric} before -> after |")
@@ -212,7 +214,7 @@ def tuned_study(study):
     (runs / "validation.json").write_text(json.dumps({"limit": 4, "problems": 3, "excluded_training_prompts": ["v3"]}))
     write_records(runs / "before" / "validation.jsonl", VALIDATION)
     for (arm, rate, seed), values in TUNING.items():
-        folder = runs / "tune" / learning.tune_name(arm, rate, seed)
+        folder = runs / "tune" / plan.tune_name(arm, rate, seed)
         folder.mkdir(parents=True)
         write_records(folder / "validation.jsonl", values)
         record = {
@@ -236,13 +238,13 @@ def tuned_study(study):
 
 
 def test_select_rate_takes_the_best_score_and_the_smaller_rate_on_a_tie():
-    assert learning.select_rate({1e-5: 0.5, 4e-5: 0.75, 1.6e-4: 0.25}) == 4e-5
-    assert learning.select_rate({4e-5: 0.5, 1e-5: 0.5, 1.6e-4: 0.25}) == 1e-5
-    assert learning.select_rate({1e-5: 2 / 3, 4e-5: 1 - 1 / 3}) == 1e-5  # equal up to rounding: a tie
+    assert tuning.select_rate({1e-5: 0.5, 4e-5: 0.75, 1.6e-4: 0.25}) == 4e-5
+    assert tuning.select_rate({4e-5: 0.5, 1e-5: 0.5, 1.6e-4: 0.25}) == 1e-5
+    assert tuning.select_rate({1e-5: 2 / 3, 4e-5: 1 - 1 / 3}) == 1e-5  # equal up to rounding: a tie
 
 
 def test_lr_grid_scores_each_rate_on_validation_problems_that_are_not_training_prompts(tuned_study):
-    grid = learning.lr_grid(tuned_study / "learning_runs", "arithmetic_accuracy/mean")
+    grid = tuning.lr_grid(tuned_study / "learning_runs", "arithmetic_accuracy/mean")
     plain, guided = grid["plain"], grid["guided"]
     assert plain["rates"] == [1e-5, 4e-5] and plain["seeds"] == [100, 101]
     # Means over seeds of v0..v2: plain 1e-5: (2/3 + 1/3) / 2, 4e-5: (2/3 + 1/3) / 2: a tie, the smaller rate wins.
@@ -254,7 +256,7 @@ def test_lr_grid_scores_each_rate_on_validation_problems_that_are_not_training_p
 
 
 def test_report_holds_the_grid_the_difference_to_plain_the_base_length_and_the_machine_time(tuned_study):
-    report = learning.analyse(tuned_study)
+    report = analysis.analyse(tuned_study)
     assert report["lr_grid"]["plain"]["chosen"] == 1e-5
     assert report["validation"] == {
         "problems": 3,
@@ -274,7 +276,7 @@ def test_report_holds_the_grid_the_difference_to_plain_the_base_length_and_the_m
     assert time["wall_minutes_by_phase"] == pytest.approx({"before": 0.5, "tune": 1.0, "final": 1.5})
     # 9 tuning runs: 6 s training, 2 s evaluation, 12 s start-up and loading each.
     assert time["core_minutes"]["tune"] == pytest.approx({"training": 0.9, "evaluation": 0.3, "other": 1.8})
-    table = learning.markdown_table(report)
+    table = markdown_table(report)
     assert "| guided | 8.0 | 800 |" in table
     assert "| arm | 1e-05 | 4e-05 | 0.00016 |" in table
     assert "| plain | **0.500** | 0.500 | - |" in table.splitlines()
@@ -292,11 +294,11 @@ def test_learning_curve_scores_the_final_model_on_the_snapshots_problems(tmp_pat
         ]
     }
     before = {"p0": 0.0, "p1": 0.0, "p2": 1.0, "p3": 1.0}
-    curve = learning.learning_curve(tmp_path, run, "arithmetic_accuracy/mean", before)
+    curve = analysis.learning_curve(tmp_path, run, "arithmetic_accuracy/mean", before)
     # The starting model on p0, p1 (not its 0.5 on all four), the snapshot, the final model on p0, p1 (both solved).
     assert [point["score"] for point in curve] == [0.0, 0.5, 1.0]
     assert [point["seconds"] for point in curve] == [0.0, 6.0, 12.0]
-    single = learning.learning_curve(tmp_path, {"evals": run["evals"][1:]}, "arithmetic_accuracy/mean", before)
+    single = analysis.learning_curve(tmp_path, {"evals": run["evals"][1:]}, "arithmetic_accuracy/mean", before)
     assert single == [{"seconds": 0.0, "step": 0, "score": 0.5}, {"seconds": 12.0, "step": 6, "score": 0.5}]
 
 
@@ -312,25 +314,25 @@ def test_pairing_check_compares_median_step_times(tmp_path):
                 }
             )
         )
-    check = learning.pairing_check(runs)
+    check = analysis.pairing_check(runs)
     assert check["median_step_seconds_alone"] == pytest.approx(2.0)
     assert check["median_step_seconds_paired"] == pytest.approx(2.5)
     assert check["paired_over_alone"] == pytest.approx(1.25)
-    assert learning.pairing_check(tmp_path / "nothing") is None
+    assert analysis.pairing_check(tmp_path / "nothing") is None
     # A check whose runs made one step each (a step longer than its budget): the first steps' times, said so.
     for name, seconds in (("alone", 70.0), ("paired-a", 80.0), ("paired-b", 90.0)):
         record = {"curve": [{"step": 1, "seconds": seconds, "reward": 0.0, "tokens": 0}]}
         (runs / "pairing" / name / "run.json").write_text(json.dumps(record))
-    check = learning.pairing_check(runs)
+    check = analysis.pairing_check(runs)
     assert check["paired_over_alone"] == pytest.approx(85 / 70) and "warm-up included" in check["measure"]
 
 
 def test_batches_pair_runs_of_one_seed_and_the_arm_order_rotates():
-    order = learning.final_order(["a", "b", "c"], [0, 1])
+    order = plan.final_order(["a", "b", "c"], [0, 1])
     assert order == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1)]
-    grouped = learning.batches(order, 2, group=lambda item: item[1])
+    grouped = plan.batches(order, 2, group=lambda item: item[1])
     assert grouped == [[("a", 0), ("b", 0)], [("c", 0)], [("b", 1), ("c", 1)], [("a", 1)]]
-    assert learning.batches(order, 1) == [[item] for item in order]
+    assert plan.batches(order, 1) == [[item] for item in order]
 
 
 def test_a_finished_run_with_other_settings_is_stale(tmp_path):
@@ -342,15 +344,15 @@ def test_a_finished_run_with_other_settings_is_stale(tmp_path):
         "eval": {"split": "test", "limit": None, "records": "eval.jsonl"},
         "phase": "final",
     }
-    assert learning.finished(tmp_path, spec) is None
-    (tmp_path / "run.json").write_text(json.dumps({"identity": learning.identity(spec)}))
-    assert learning.finished(tmp_path, spec) is True
-    assert learning.finished(tmp_path, {**spec, "overrides": {"guidance": False, "learning_rate": 4e-5}}) is False
-    assert learning.finished(tmp_path, {**spec, "budget": 120}) is False
+    assert ledger.finished(tmp_path, spec) is None
+    (tmp_path / "run.json").write_text(json.dumps({"identity": plan.identity(spec)}))
+    assert ledger.finished(tmp_path, spec) is True
+    assert ledger.finished(tmp_path, {**spec, "overrides": {"guidance": False, "learning_rate": 4e-5}}) is False
+    assert ledger.finished(tmp_path, {**spec, "budget": 120}) is False
     # A run of the first study (no identity): its overrides decide.
     (tmp_path / "run.json").write_text(json.dumps({"overrides": {"guidance": False}}))
-    assert learning.finished(tmp_path, {**spec, "overrides": {"guidance": False}}) is True
-    assert learning.finished(tmp_path, spec) is False
+    assert ledger.finished(tmp_path, {**spec, "overrides": {"guidance": False}}) is True
+    assert ledger.finished(tmp_path, spec) is False
 
 
 def test_validation_problems_are_neither_test_problems_nor_training_prompts():
@@ -360,7 +362,7 @@ def test_validation_problems_are_neither_test_problems_nor_training_prompts():
     from trl_guided.train import eval_settings, parse_args
 
     task_args, training_args, _ = parse_args(["--config", str(ROOT / "bench" / "learning.yaml"), "--output_dir", "x"])
-    plan = learning.validation_plan(task_args, training_args, 64)
+    chosen = tuning.validation_plan(task_args, training_args, 64)
 
     def hashes(split, limit):
         settings = eval_settings(task_args, training_args)
@@ -368,11 +370,11 @@ def test_validation_problems_are_neither_test_problems_nor_training_prompts():
         return [pid.split("-", 1)[1] for pid in load_problems(settings)[1]]
 
     train, test = set(hashes("train", None)), set(hashes("test", None))
-    validation = hashes("validation", plan["limit"])
-    excluded = {pid.split("-", 1)[1] for pid in plan["excluded_training_prompts"]}
+    validation = hashes("validation", chosen["limit"])
+    excluded = {pid.split("-", 1)[1] for pid in chosen["excluded_training_prompts"]}
     assert not set(validation) & test
     assert excluded == set(validation) & train
-    assert len([h for h in validation if h not in train]) == plan["problems"] == 64
+    assert len([h for h in validation if h not in train]) == chosen["problems"] == 64
 
 
 def _generated_tasks() -> list[str]:
@@ -400,7 +402,7 @@ def test_study_file_options_and_one_line_refusals(tmp_path, capsys):
         "name: regime\nseeds: [0, 1]\nlr_grid: [2.0e-6, 8.0e-6, 3.2e-5]\nparallel: 2\ncores: '0,1'\n"
         "arms_file: bench/learning_regime_arms.yaml\nset: {beta: 0.0}\n"
     )
-    args = learning.parse_arguments(["--study", str(study), "--seeds", "0", "1", "2"])
+    args = cli.parse_arguments(["--study", str(study), "--seeds", "0", "1", "2"])
     assert args.name == "regime" and args.seeds == [0, 1, 2] and args.lr_grid == [2e-6, 8e-6, 3.2e-5]
     assert args.set == [("beta", 0.0)] and "treerl" in args.arms and args.parallel == 2
     for argv, message in (
@@ -411,27 +413,27 @@ def test_study_file_options_and_one_line_refusals(tmp_path, capsys):
         (["--task", "nope"], "tasks with a CPU recipe"),
     ):
         with pytest.raises(SystemExit):
-            learning.parse_arguments(argv)
+            cli.parse_arguments(argv)
         assert message in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("nope: 1\n")
     with pytest.raises(SystemExit):
-        learning.parse_arguments(["--study", str(bad)])
+        cli.parse_arguments(["--study", str(bad)])
     assert "unknown options ['nope']" in capsys.readouterr().err
     bad.write_text("guided: {guidance: true}\n")
     with pytest.raises(SystemExit, match="need a .plain. arm"):
-        learning.load_arms(str(bad))
+        plan.load_arms(str(bad))
 
 
 # Arms of the regime study whose fields come with another issue: they must fail to parse on a branch without them,
 # naming the field. Once it is merged the arm parses, this test fails, and the entry must go.
-@pytest.mark.parametrize("arm", sorted(learning.load_arms(str(ROOT / "bench" / "learning_regime_arms.yaml"))))
+@pytest.mark.parametrize("arm", sorted(plan.load_arms(str(ROOT / "bench" / "learning_regime_arms.yaml"))))
 def test_every_arm_of_the_regime_study_parses(arm):
     from trl_guided.train import parse_args
 
-    overlay = learning.load_arms(str(ROOT / "bench" / "learning_regime_arms.yaml"))[arm]
+    overlay = plan.load_arms(str(ROOT / "bench" / "learning_regime_arms.yaml"))[arm]
     spec = {"recipe": str(ROOT / "bench" / "learning.yaml"), "overrides": overlay, "seed": 0, "work_dir": "unused"}
-    _, training_args, _ = parse_args(learning.argv_for(spec))
+    _, training_args, _ = parse_args(plan.argv_for(spec))
     assert training_args.guidance == overlay["guidance"]
     assert all(getattr(training_args, name) == value for name, value in overlay.items()), arm
 
@@ -450,9 +452,9 @@ def test_ballast_keeps_running_until_stopped():
 @pytest.mark.parametrize("name", ["learning_regime_study.yaml", "learning_regime_gpu_study.yaml"])
 def test_the_study_files_use_known_options_and_arms(name):
     options = yaml.safe_load((ROOT / "bench" / name).read_text())
-    known = {action.dest for action in learning.make_parser()._actions}
+    known = {action.dest for action in cli.study_parser()._actions}
     assert set(options) <= known
-    arms = learning.load_arms(str(ROOT / options["arms_file"]))
+    arms = plan.load_arms(str(ROOT / options["arms_file"]))
     assert len(arms) >= 7 and "plain" in arms
     assert len(options["lr_grid"]) >= 3 and max(options["lr_grid"]) / min(options["lr_grid"]) >= 16
     assert not set(options["tune_seeds"]) & set(options["seeds"]) and len(options["seeds"]) >= 3
@@ -467,18 +469,16 @@ def test_options_that_would_have_no_effect_or_fail_late_are_refused_and_reading_
         (["--eval-python", sys.executable], "--eval-python runs the vLLM evaluation rounds"),
     ]:
         with pytest.raises(SystemExit):
-            learning.parse_arguments([*base, *extra])
+            cli.parse_arguments([*base, *extra])
         assert message in capsys.readouterr().err
     # Without vLLM anywhere, a vLLM study's results are still readable (--markdown, --plan, --report-only).
-    monkeypatch.setattr(learning, "ROOT", tmp_path)
-    monkeypatch.setattr(learning.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(cli, "ROOT", tmp_path)
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit):
-        learning.parse_arguments([*base, "--eval-backend", "vllm"])
+        cli.parse_arguments([*base, "--eval-backend", "vllm"])
     for reading in ("--markdown", "--plan", "--report-only"):
-        assert learning.parse_arguments([*base, "--eval-backend", "vllm", reading]).eval_python is None
-    relative = learning.parse_arguments(
-        [*base, "--eval-backend", "vllm", "--eval-python", os.path.relpath(sys.executable)]
-    )
+        assert cli.parse_arguments([*base, "--eval-backend", "vllm", reading]).eval_python is None
+    relative = cli.parse_arguments([*base, "--eval-backend", "vllm", "--eval-python", os.path.relpath(sys.executable)])
     assert relative.eval_python == os.path.abspath(sys.executable)  # the rounds start in another directory
 
 
@@ -486,11 +486,11 @@ def test_plan_counts_batches_and_estimates_from_the_measured_evaluation(tmp_path
     argv = ["--out", str(tmp_path), "--name", "s", "--arms", "plain", "guided", "guided_postfix", "--seeds", "0", "1"]
     argv += ["--lr-grid", "1e-5", "4e-5", "--tune-minutes", "1", "--budget-minutes", "4", "--parallel", "2"]
     argv += ["--cores", "0,1", "--test-problems", "100", "--validation-problems", "10"]
-    study = learning.Study(learning.parse_arguments(argv))
-    plan = study.describe().splitlines()
-    assert plan[1] == "tuning: 6 runs in 3 batches x 1.0 min of training"
-    assert plan[2] == "test runs: 6 runs in 4 batches x 4.0 min of training"  # 3 arms per seed: a pair and a lone run
-    assert plan[3] == "training wall-clock: 19 min" and "--stop-after before" in plan[4]
+    study = StudyPlan(cli.parse_arguments(argv))
+    lines = estimate.describe(study).splitlines()
+    assert lines[1] == "tuning: 6 runs in 3 batches x 1.0 min of training"
+    assert lines[2] == "test runs: 6 runs in 4 batches x 4.0 min of training"  # 3 arms per seed: a pair and a lone run
+    assert lines[3] == "training wall-clock: 19 min" and "--stop-after before" in lines[4]
     before = tmp_path / "s_runs" / "before"
     before.mkdir(parents=True)
     (before / "run.json").write_text(json.dumps({"eval_seconds": 50.0, "evals": [{"problems": 100}]}))
@@ -498,12 +498,12 @@ def test_plan_counts_batches_and_estimates_from_the_measured_evaluation(tmp_path
     (tmp_path / "s_runs" / "plain-seed0" / "run.json").write_text(json.dumps({"setup_seconds": 30.0}))
     # Tuning batch: 60 s + 30 s + 10 x 1.3 x 0.5 s; test batch: 240 s + 30 s + 100 x 0.5 s.
     expected = (3 * (60 + 30 + 6.5) + 4 * (240 + 30 + 50)) / 60
-    plan = study.describe().splitlines()
-    assert plan[4].startswith(f"estimate: {expected:.0f} min (0.50 s per problem, as the starting model's 100")
-    assert plan[5] == "spent so far: 0 min (ledger.jsonl)"
+    lines = estimate.describe(study).splitlines()
+    assert lines[4].startswith(f"estimate: {expected:.0f} min (0.50 s per problem, as the starting model's 100")
+    assert lines[5] == "spent so far: 0 min (ledger.jsonl)"
     # vLLM: batches train and save only; the rounds score every model after them, one engine per core, at the rate
     # of the rounds so far (a tuned model: 48 problems in 12 s, start-up of the engine included).
-    vllm = learning.Study(learning.parse_arguments([*argv, "--eval-backend", "vllm", "--eval-python", sys.executable]))
+    vllm = StudyPlan(cli.parse_arguments([*argv, "--eval-backend", "vllm", "--eval-python", sys.executable]))
     tuned = tmp_path / "s_runs" / "tune" / "plain-lr1e-05-seed100"
     tuned.mkdir(parents=True)
     (tuned / "run.json").write_text(
@@ -512,20 +512,31 @@ def test_plan_counts_batches_and_estimates_from_the_measured_evaluation(tmp_path
     (tmp_path / "s_runs" / "ledger.jsonl").write_text('{"phase": "tune", "wall_seconds": 90}\n' * 2)
     rounds = (6 * 10 * 1.3 + 6 * 100) * 0.25 / 2
     expected = (3 * (60 + 30) + 4 * (240 + 30) + rounds) / 60
-    plan = vllm.describe().splitlines()
-    assert plan[4].startswith(f"estimate: {expected:.0f} min (evaluation rounds {rounds / 60:.0f} min at 0.25 s per")
-    assert plan[5] == "spent so far: 3 min (ledger.jsonl)"
+    lines = estimate.describe(vllm).splitlines()
+    assert lines[4].startswith(f"estimate: {expected:.0f} min (evaluation rounds {rounds / 60:.0f} min at 0.25 s per")
+    assert lines[5] == "spent so far: 3 min (ledger.jsonl)"
 
 
 def test_a_training_recipe_gets_the_study_settings_and_every_arm_is_parsed_first(tmp_path):
     argv = ["--task", "arithmetic", "--out", str(tmp_path), "--lr-grid", "1e-5", "4e-5", "--arms", "plain", "guided"]
-    study = learning.Study(learning.parse_arguments(argv))
+    study = runner.Study(StudyPlan(cli.parse_arguments(argv)))
     parsed = study.preflight()["training_args"]
     assert parsed.max_steps == 100000 and parsed.save_strategy == "no" and parsed.logging_steps == 1
     assert parsed.lr_scheduler_type == "constant_with_warmup"  # a str enum
     assert not (tmp_path / "learning_runs").exists()  # nothing written before every arm parsed
     bad = tmp_path / "arms.yaml"
     bad.write_text("plain: {guidance: false}\nodd: {guidance: true, guidance_loss_scope: nowhere}\n")
-    study = learning.Study(learning.parse_arguments([*argv[:4], "--arms-file", str(bad)]))
+    study = runner.Study(StudyPlan(cli.parse_arguments([*argv[:4], "--arms-file", str(bad)])))
     with pytest.raises(SystemExit, match="arm 'odd' .* cannot run: .*nowhere"):
         study.preflight()
+
+
+def test_the_parent_reads_the_plan_and_the_tables_without_torch():
+    """`--plan`, `--markdown` and the ballast start without torch and trl_guided: the study's command line imports
+    the modules that load them (runner, worker, evaluation, outputs) only for the commands that need them."""
+    import subprocess
+
+    code = "import sys; import study.cli; print(sorted(m for m in ('torch', 'trl_guided') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "bench")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -15,7 +15,7 @@ import _common  # noqa: F401  (offline, quiet and CPU settings before vLLM is im
 import vllm
 
 from trl_guided import cli
-from trl_guided.evaluate import kept_vllm_engine
+from trl_guided.vllm_engine import kept_vllm_engine
 
 
 def main() -> None:
