@@ -32,21 +32,7 @@ SCRIPT_DEFERRED = {
         "trl_guided.tiny_models": "builds the tiny model of a --tiny study (torch, transformers)",
     },
     "study/outputs.py": {"matplotlib": "heavy; only the plot", "matplotlib.pyplot": "after choosing its backend"},
-    # bench/harness.py is being rewritten by another change: its deferred imports as they were, without comments
-    # (UNCOMMENTED). Re-list them (with reasons and comments) once that change is merged.
-    "harness.py": {
-        "torch": "as it was (re-list)",
-        "transformers": "as it was (re-list)",
-        "transformers.generation.utils": "as it was (re-list)",
-        "trl": "as it was (re-list)",
-        "trl_guided": "as it was (re-list)",
-        "trl_guided.data": "as it was (re-list)",
-        "trl_guided.models": "as it was (re-list)",
-        "trl_guided.rewards": "as it was (re-list)",
-        "trl_guided.tiny_models": "as it was (re-list)",
-    },
 }
-UNCOMMENTED = {"harness.py"}
 
 
 def _modules(root: Path = PACKAGE.parent, folder: Path = PACKAGE) -> dict[str, Path]:
@@ -180,7 +166,7 @@ def test_imports_inside_functions_of_bench_and_scripts_are_listed_with_a_reason(
             found.setdefault(file, set()).add(target)
             if target not in SCRIPT_DEFERRED.get(file, {}):
                 wrong.append(f"{folder.name}/{file}:{node.lineno} {target} (not listed)")
-            elif file not in UNCOMMENTED and not _commented(lines, node):
+            elif not _commented(lines, node):
                 wrong.append(f"{folder.name}/{file}:{node.lineno} {target} (no comment saying why)")
     assert not wrong, (
         "move to the module top, or defer a heavy/optional import with a comment and list it in SCRIPT_DEFERRED: "
