@@ -2,8 +2,10 @@
 
 The overrides of GRPOTrainer live here; the three phases are `trl_guided.sampler.GuidedSampler`, everything that
 touches TRL's, vLLM's or DeepSpeed's generation internals is `trl_guided.backends.RolloutBackend`, the rewrite of a
-scored batch to its trained tokens is `trl_guided.loss_focus.LossFocus`, and the OT term's reference model and hidden
-states are `trl_guided.ot_reference.OTReference`.
+scored batch to its trained tokens is `trl_guided.loss_focus.LossFocus`, the OT term's reference model and hidden
+states are `trl_guided.ot_reference.OTReference`, and a stop signal's checkpoint is
+`trl_guided.preemption.StopOnSignal`. None of them holds the trainer: each gets the values and callables it uses,
+wired here (`__init__`, `_rollout_backend`, `_loss_focus_of`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from .backends import RolloutBackend, unwrap
+from .backends import RolloutBackend, TRLGeneration, unwrap
 from .checkpoints import last_complete_checkpoint, load_sampler_state, save_sampler_state
 from .config import GuidedGRPOConfig
 from .guidance import (
@@ -31,7 +33,7 @@ from .guidance import (
 )
 from .loss_focus import LossFocus
 from .models import resolve_model_path
-from .ot_reference import OTReference, capture_hidden_states
+from .ot_reference import OTReference, build_reference_model, capture_hidden_states
 from .preemption import StopOnSignal
 from .sampler import GuidedRollout, GuidedSampler
 from .shared_prefix import shared_prefix_logps
@@ -143,14 +145,22 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 )
         super().__init__(**{**given, "model": model, "args": args})
         self._guidance_rng = random.Random(args.seed + self.accelerator.process_index)
-        self._backend = RolloutBackend(self, self._plain_generate)
-        self._loss_focus = LossFocus(self)
+        self._backend = self._rollout_backend()
+        self._loss_focus = self._loss_focus_of(args)
         self._sampler = GuidedSampler(args, self._tokenizer, self.eos_token_ids, self._guidance_rng, self._backend)
         self._segments: Segments | None = None  # the last rollout's segments, from generation to scoring
         self._rewards_per_func: torch.Tensor | None = None  # the last scoring's rewards (all processes), for trees
-        self._ot = OTReference(self) if args.ot_coef > 0 else None
-        self._stop_on_signal = StopOnSignal(self) if args.enable_jit_checkpoint else None
-        if self._stop_on_signal is not None:
+        self._ot = None
+        if args.ot_coef > 0:
+            built = None
+            if self.ref_model is None:  # TRL builds a reference model only for its KL term (beta > 0)
+                built = build_reference_model(
+                    args, self.model, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled
+                )
+            self._ot = OTReference(args, self.model, self.accelerator, self._log_metric, self.ref_model, built)
+        self._stop_on_signal = None
+        if args.enable_jit_checkpoint:
+            self._stop_on_signal = StopOnSignal(self.callback_handler.callbacks, self.accelerator)
             self.add_callback(self._stop_on_signal)
         cuts_at_marks = args.branch_point == "punctuation" or args.branch_snap_to_punctuation
         if args.guidance and cuts_at_marks and not representable_marks(self._tokenizer, args.punctuation):
@@ -168,6 +178,65 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 "For a real constraint use ot_reference='ref' or num_iterations > 1; ot_debiased=True at least "
                 "turns the blur into an exact 0."
             )
+
+    def _rollout_backend(self) -> RolloutBackend:
+        """The sampler's generation backend over TRL's (`trl_guided.backends`), wired with what it uses."""
+        use_vllm = self.use_vllm
+        return RolloutBackend(
+            plain_generate=self._plain_generate,
+            trl=TRLGeneration(
+                vllm_generation=self.vllm_generation if use_vllm else None,
+                vllm_mode=self.vllm_mode if use_vllm else None,
+                generation_config=getattr(self, "generation_config", None),
+                generation_kwargs=getattr(self, "generation_kwargs", None),
+                continuous_batching=self.use_transformers_continuous_batching,
+            ),
+            model=lambda: self.model_wrapped,  # DeepSpeed / DDP wrap the model when training starts
+            accelerator=self.accelerator,
+            args=self.args,
+            tokenizer=self._tokenizer,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            on_weights_synced=self._weights_synced,
+        )
+
+    def _weights_synced(self) -> None:
+        """The rollout pushed this step's weights to vLLM: TRL's own per-call sync then has nothing to do."""
+        self._last_loaded_step = self.state.global_step
+
+    def _loss_focus_of(self, args: GuidedGRPOConfig) -> LossFocus:
+        """The loss-focus rewrite of scored batches (`trl_guided.loss_focus`), wired with what it uses."""
+        return LossFocus(
+            scope=args.guidance_loss_scope,
+            postfix_decay=args.postfix_decay,
+            postfix_min_weight=args.postfix_min_weight,
+            loss_prob_threshold=args.loss_prob_threshold,
+            normalization=args.guidance_loss_normalization,
+            tree_advantage=args.tree_advantage,
+            prefix_advantage_weight=args.prefix_advantage_weight,
+            num_prefixes_per_group=args.num_prefixes_per_group,
+            loss_type=self.loss_type,
+            scale_rewards=self.scale_rewards,
+            reward_weights=self.reward_weights,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            group_size=lambda: self.num_generations if self.model.training else self.num_generations_eval,
+            score=self._score_completions,
+            gather=self.accelerator.gather,
+            process_index=self.accelerator.process_index,
+            log_metric=self._log_metric,
+        )
+
+    def _score_completions(self, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
+        """(B, logits_to_keep) log-probs of the current policy, the forward TRL scores old log-probs with."""
+        args = self.args
+        batch_size = args.per_device_train_batch_size if self.model.training else args.per_device_eval_batch_size
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model, input_ids, attention_mask, logits_to_keep, batch_size
+        )
+        return logps
+
+    def _log_metric(self, name: str, value: float) -> None:
+        """Log `value` under `name` for this step, in the current mode's metrics (train or eval)."""
+        self._metrics["train" if self.model.training else "eval"][name].append(value)
 
     # --------------------------------------------------------------------------------------------------- checkpoints
 
