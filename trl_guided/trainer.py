@@ -338,15 +338,6 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._log_guidance(rollout)
         return rollout.completions, rollout.logprobs
 
-    def sample(self, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
-        """Completion ids of `num_generations` chains per prompt, drawn by the same sampler as a training step (the
-        three-phase guided one when `guidance` is on; in eval mode when `eval_guidance` is on). `trl-guided eval
-        --sampling guided` calls this outside any training step."""
-        repeated = [list(ids) for ids in prompt_ids for _ in range(num_generations)]
-        completion_ids, _ = self._generate_single_turn(repeated, None, {}, num_generations)
-        self._segments = None  # no scoring step follows to consume them
-        return completion_ids
-
     def _plain_generate(self, prompt_ids: list[list[int]], num_generations: int):
         """TRL's own single-turn generation, which every guided phase goes through (see `trl_guided.backends`)."""
         return super()._generate_single_turn(prompt_ids, None, {}, num_generations)
