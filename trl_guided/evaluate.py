@@ -124,8 +124,10 @@ class EvalSettings:
                 raise EvalError(str(error)) from None
 
 
-def default_backend() -> str:
-    """vLLM when it is importable and a GPU is present, else transformers."""
+def default_backend(sampling: str = "plain") -> str:
+    """vLLM when it is importable and a GPU is present, else transformers (always for guided sampling)."""
+    if sampling == "guided":
+        return "transformers"
     return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "transformers"
 
 

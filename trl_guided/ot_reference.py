@@ -3,10 +3,9 @@ the policy's hidden states captured during TRL's loss forward, and the penalty o
 
 `trl_guided.ot` is the pure solver; this module is the part that knows models (TRL's reference model, DeepSpeed /
 FSDP preparation, PEFT adapters), as `trl_guided.backends` is for rollouts. It gets the values it uses, not the
-trainer: the trainer wires `GRPOTrainer.ref_model`, `.model`, `.accelerator`, `.is_deepspeed_enabled` and
-`.is_fsdp_enabled` (`GuidedGRPOTrainer.__init__`). TRL 1.16 names used here: `trl.models.prepare_deepspeed`,
-`prepare_fsdp`; `trl.trainer.utils.create_model_from_path`, `disable_dropout_in_model`, `get_config_model_id`,
-`use_adapter`.
+trainer: the trainer wires `GRPOTrainer.ref_model`, `.model` and `.accelerator` (`GuidedGRPOTrainer.__init__`).
+TRL 1.16 names used here: `trl.models.prepare_deepspeed`, `prepare_fsdp`; `trl.trainer.utils.create_model_from_path`,
+`disable_dropout_in_model`, `get_config_model_id`, `use_adapter`.
 """
 
 from __future__ import annotations
@@ -39,10 +38,11 @@ def capture_hidden_states(model):
         handle.remove()
 
 
-def build_reference_model(settings, policy, accelerator, deepspeed: bool = False, fsdp: bool = False):
+def build_reference_model(settings, policy, accelerator):
     """The frozen copy of the starting model that `ot_reference="ref"` compares against when TRL built no reference
     model (`beta` == 0); None under PEFT (the adapter-disabled base serves) or for `ot_reference="old"`. Loaded as TRL
-    loads its own reference (`settings` is the `GuidedGRPOConfig`) and prepared for DeepSpeed / FSDP / DDP."""
+    loads its own reference (`settings` is the `GuidedGRPOConfig`) and prepared for DeepSpeed / FSDP / DDP as the
+    Trainer prepares models (its `is_deepspeed_enabled` / `is_fsdp_enabled` read the same plugins)."""
     if settings.ot_reference == "old" or is_peft_model(policy):
         return None
     kwargs = dict(settings.model_init_kwargs or {})
@@ -54,9 +54,9 @@ def build_reference_model(settings, policy, accelerator, deepspeed: bool = False
     reference.requires_grad_(False)
     if settings.disable_dropout:
         disable_dropout_in_model(reference)
-    if deepspeed:
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         return prepare_deepspeed(reference, accelerator)
-    if fsdp:
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
         return prepare_fsdp(reference, accelerator)
     return accelerator.prepare_model(reference, evaluation_mode=True)
 

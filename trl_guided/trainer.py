@@ -151,13 +151,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._segments: Segments | None = None  # the last rollout's segments, from generation to scoring
         self._rewards_per_func: torch.Tensor | None = None  # the last scoring's rewards (all processes), for trees
         self._ot = None
-        if args.ot_coef > 0:
-            built = None
-            if self.ref_model is None:  # TRL builds a reference model only for its KL term (beta > 0)
-                built = build_reference_model(
-                    args, self.model, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled
-                )
-            self._ot = OTReference(args, self.model, self.accelerator, self._log_metric, self.ref_model, built)
+        if args.ot_coef > 0:  # a frozen reference of its own only when TRL built none (TRL's is for KL: beta > 0)
+            own = None if self.ref_model is not None else build_reference_model(args, self.model, self.accelerator)
+            self._ot = OTReference(args, self.model, self.accelerator, self._log_metric, self.ref_model, own)
         self._stop_on_signal = None
         if args.enable_jit_checkpoint:
             self._stop_on_signal = StopOnSignal(self.callback_handler.callbacks, self.accelerator)
@@ -181,12 +177,11 @@ class GuidedGRPOTrainer(GRPOTrainer):
 
     def _rollout_backend(self) -> RolloutBackend:
         """The sampler's generation backend over TRL's (`trl_guided.backends`), wired with what it uses."""
-        use_vllm = self.use_vllm
         return RolloutBackend(
             plain_generate=self._plain_generate,
             trl=TRLGeneration(
-                vllm_generation=self.vllm_generation if use_vllm else None,
-                vllm_mode=self.vllm_mode if use_vllm else None,
+                vllm_generation=self.vllm_generation if self.use_vllm else None,
+                vllm_mode=self.vllm_mode if self.use_vllm else None,
                 generation_config=getattr(self, "generation_config", None),
                 generation_kwargs=getattr(self, "generation_kwargs", None),
                 continuous_batching=self.use_transformers_continuous_batching,
@@ -312,8 +307,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
             return
         long = [len(ids) + self.max_completion_length > context for ids in prompt_ids]
         if any(long):
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["guidance/long_prompts"].append(sum(long) / len(long))
+            self._log_metric("guidance/long_prompts", sum(long) / len(long))
             longest = max(len(ids) for ids in prompt_ids)
             self._warn_once(
                 "long_prompts",
@@ -344,7 +338,6 @@ class GuidedGRPOTrainer(GRPOTrainer):
 
     def _log_guidance(self, rollout: GuidedRollout) -> None:
         segments, empty_prefix, completions = rollout.segments, rollout.empty_prefix, rollout.completions
-        mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
         local = torch.tensor(
             [
@@ -367,7 +360,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
             "branch_position",
         )
         for name, value in zip(names, means, strict=True):
-            self._metrics[mode][f"guidance/{name}"].append(value)
+            self._log_metric(f"guidance/{name}", value)
         if means[names.index("empty_prefix_ratio")] == 1.0:
             self._warn_once(
                 "empty_prefixes",
@@ -376,13 +369,13 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 "with the loss on their first tokens; watch guidance/empty_prefix_ratio. A longer prefix_max_tokens, "
                 "other `punctuation` marks or branch_point='entropy' give prefixes.",
             )
-        self._metrics[mode]["guidance/num_prefixes"].append(float(self.args.num_prefixes_per_group))
+        self._log_metric("guidance/num_prefixes", float(self.args.num_prefixes_per_group))
         if self._sampler.rule.needs_signals:  # entropies are known only when the cut scored the samples
             sums = [sum(rollout.branch_entropy), sum(rollout.mean_entropy), len(rollout.branch_entropy)]
             totals = self.accelerator.reduce(torch.tensor(sums, device=device), reduction="sum").tolist()
             if totals[2]:
-                self._metrics[mode]["guidance/branch_entropy"].append(totals[0] / totals[2])
-                self._metrics[mode]["guidance/mean_entropy"].append(totals[1] / totals[2])
+                self._log_metric("guidance/branch_entropy", totals[0] / totals[2])
+                self._log_metric("guidance/mean_entropy", totals[1] / totals[2])
         if self.log_completions:
             decode = functools.partial(self._tokenizer.decode, skip_special_tokens=True)
             starts = [0] * len(segments)
@@ -468,9 +461,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         totals = self.accelerator.reduce(
             torch.stack([-(per_token_logps * mask).sum(), mask.sum()]).float(), reduction="sum"
         )
-        mode = "train" if self.model.training else "eval"
-        value = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
-        self._metrics[mode][name].append(value)
+        self._log_metric(name, (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan"))
 
     def _shares_prefix(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
         """Whether the shared-prefix forward applies (it needs a KV cache, text only, and no per-forward OT hook)."""
@@ -560,9 +551,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
         logps = (old if old is not None else view.logps).float()
         local = torch.stack([mask.sum(), completion_tokens.sum().float(), (logps.exp() * mask).sum()])
         trained, tokens, probability = self.accelerator.reduce(local, reduction="sum").tolist()
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["guidance/trained_fraction"].append(trained / tokens if tokens else float("nan"))
-        self._metrics[mode]["guidance/trained_prob"].append(probability / trained if trained else float("nan"))
+        self._log_metric("guidance/trained_fraction", trained / tokens if tokens else float("nan"))
+        self._log_metric("guidance/trained_prob", probability / trained if trained else float("nan"))
 
     # ----------------------------------------------------------------------------------------- non-finite values
 
@@ -600,8 +590,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
 
     def _count_nonfinite(self, kind: str, message: str, value: float = 1.0) -> None:
         """Log `guidance/nonfinite_<kind>` (only on steps where it happens) and warn once per kind."""
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode][f"guidance/nonfinite_{kind}"].append(value)
+        self._log_metric(f"guidance/nonfinite_{kind}", value)
         self._warn_nonfinite(kind, message)
 
     def _warn_nonfinite(self, kind: str, message: str) -> None:

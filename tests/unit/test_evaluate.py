@@ -498,6 +498,15 @@ def test_guided_eval_samples_what_a_trainers_rollout_samples(tiny_llama, tmp_pat
     assert len({tuple(ids) for ids, _ in sampled}) > len(prompts)  # sampled, not one completion per prompt
 
 
+def test_auto_backend_of_guided_sampling_is_transformers(monkeypatch):
+    from trl_guided import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(evaluate_module.torch.cuda, "is_available", lambda: True)
+    assert evaluate_module.default_backend() == "vllm"  # a GPU with vLLM: plain sampling takes vLLM
+    assert evaluate_module.default_backend("guided") == "transformers"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
