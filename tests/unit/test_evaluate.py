@@ -15,13 +15,24 @@ from pathlib import Path
 
 import pytest
 import yaml
+from datasets import Dataset
 
-from trl_guided import cli
+import trl_guided.evaluate as evaluate_module
+from trl_guided import GuidedGRPOTrainer, cli
 from trl_guided import sampler as sampler_module
 from trl_guided.config import SAMPLER_FIELDS
 from trl_guided.data import load_task
-from trl_guided.evaluate import EvalSettings, evaluate, read_records
-from trl_guided.locate import ModelError, locate_model
+from trl_guided.evaluate import (
+    EvalSettings,
+    _cut,
+    _stop_ids,
+    evaluate,
+    generate_guided,
+    guided_config,
+    prompt_token_ids,
+    read_records,
+)
+from trl_guided.locate import ModelError, load_model, locate_model
 from trl_guided.stats import (
     EvalError,
     bootstrap_ci,
@@ -466,12 +477,6 @@ def test_guided_eval_hands_every_sampler_field_of_a_recipe_to_the_sampler(tiny_l
 def test_guided_eval_samples_what_a_trainers_rollout_samples(tiny_llama, tmp_path):
     """Without a trainer, `--sampling guided` draws exactly the completions a GuidedGRPOTrainer's guided rollout (in
     eval mode, through TRL's transformers generation) draws from the same seed and settings."""
-    from datasets import Dataset
-
-    from trl_guided import GuidedGRPOTrainer
-    from trl_guided.evaluate import _cut, _stop_ids, generate_guided, guided_config, prompt_token_ids
-    from trl_guided.locate import load_model
-
     settings = EvalSettings(
         task="length", num_samples=4, temperature=1.0, max_new_tokens=12, batch_size=8, seed=3,
         reward_funcs=["smooth_length"], guidance=dict(EVERY_SAMPLER_FIELD),
@@ -499,8 +504,6 @@ def test_guided_eval_samples_what_a_trainers_rollout_samples(tiny_llama, tmp_pat
 
 
 def test_auto_backend_of_guided_sampling_is_transformers(monkeypatch):
-    from trl_guided import evaluate as evaluate_module
-
     monkeypatch.setattr(evaluate_module.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(evaluate_module.torch.cuda, "is_available", lambda: True)
     assert evaluate_module.default_backend() == "vllm"  # a GPU with vLLM: plain sampling takes vLLM
