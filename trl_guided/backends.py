@@ -1,55 +1,208 @@
-"""The one place that knows TRL's, vLLM's and DeepSpeed's internals: how a guided phase reaches the generation backend.
+"""The one place that knows TRL's, vLLM's and DeepSpeed's internals: how a guided phase reaches a generation backend.
 
-`RolloutBackend` is the `trl_guided.sampler.PhaseBackend` of a `GuidedGRPOTrainer`. Every phase goes through TRL's own
-backend dispatch (`GRPOTrainer._generate_single_turn`: transformers, vLLM colocate, vLLM server); this module only sets
-the token budget around each call, keeps the backend ready across the three phases of a rollout (one ZeRO-3 gather,
-one vLLM wake-up and weight sync), shares the prompt's KV cache between branches on the transformers backend, and makes
-vLLM server calls collective. A TRL or vLLM upgrade that moves one of the private attributes used here changes this
-file (and `tests/unit/test_trl_contract.py` says which one moved).
+Two `trl_guided.sampler.PhaseBackend`s live here, both built from the values and callables they use (never a
+trainer), so either can be built and tested on its own:
 
-TRL 1.16 attributes read or set here: `GRPOTrainer.use_vllm`, `.vllm_mode`, `.use_transformers_continuous_batching`,
-`.vllm_generation` (its `.generation_kwargs`, `.max_completion_length`, `.enable_sleep_mode`,
-`._llm_weights_sleeping`, `.sync_weights()`, `.llm`), `.generation_config`, `.generation_kwargs`, `._last_loaded_step`,
-`._dist.is_zero3`, `.model_wrapped`, `.pad_to_multiple_of`, `._tokenizer`; `args.ds3_gather_for_generation`.
+- `RolloutBackend`, a `GuidedGRPOTrainer`'s: every phase goes through TRL's own backend dispatch
+  (`GRPOTrainer._generate_single_turn`: transformers, vLLM colocate, vLLM server), which the trainer hands over as
+  `plain_generate`. This module only sets the token budget around each call, keeps the backend ready across the three
+  phases of a rollout (one ZeRO-3 gather, one vLLM wake-up and weight sync), shares the prompt's KV cache between
+  branches on the transformers backend, and makes vLLM server calls collective.
+- `ModelBackend`: one transformers model on one process, for sampling outside training (`trl-guided eval --sampling
+  guided`): each phase is one `generate` call, its rows cut after EOS as TRL's transformers path cuts them.
+
+Both score phase-1 samples for the `entropy` / `low_prob` branch points with `score_tokens` (TRL's fused LM head at
+the sampling temperature). A TRL or vLLM upgrade that moves one of the private names used here changes this file (and
+`tests/unit/test_trl_contract.py` says which one moved). TRL 1.16 names used here: `VLLMGeneration`'s
+`.generation_kwargs`, `.max_completion_length`, `.enable_sleep_mode`, `._llm_weights_sleeping`, `.sync_weights()`,
+`.llm`; `trl.distributed.DistributedBackend.is_zero3`; `trl.models.unwrap_model_for_generation`;
+`trl.trainer.utils.pad`, `add_fused_lm_head` (the `fused_lm_head=True` forward); `args.ds3_gather_for_generation`.
+The trainer wires `GRPOTrainer.vllm_generation`, `.vllm_mode`, `.generation_config`, `.generation_kwargs`,
+`.use_transformers_continuous_batching`, `.model_wrapped`, `.pad_to_multiple_of`, `._tokenizer` and
+`._last_loaded_step` into `RolloutBackend` (`GuidedGRPOTrainer._rollout_backend`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import DynamicCache, PretrainedConfig
+from transformers import DynamicCache, GenerationConfig, PretrainedConfig
+from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
-from trl.trainer.utils import pad
+from trl.trainer.utils import add_fused_lm_head, pad
 
 from .guidance import TokenSignals
 
+# (model, input_ids, attention_mask, logits_to_keep) -> (per-token log-probs, entropies) of the last columns
+Scorer = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def score_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    batch_size: int | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of the last `logits_to_keep` tokens of each row, in chunks of `batch_size` rows,
+    through the fused LM head TRL patches into every scored model (`add_fused_lm_head`: log-softmax at the sampling
+    temperature without materialising the logits; the same forward TRL's scoring makes). No gradient is taken here."""
+    batch_size = batch_size or input_ids.size(0)
+    logps, entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+        with autocast():
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        logps.append(out.log_probs[:, -logits_to_keep:])
+        entropies.append(out.entropy[:, -logits_to_keep:])
+    return torch.cat(logps), torch.cat(entropies)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, pad_to_multiple_of: int | None = None):
+    """(ids, attention mask) of token rows, left-padded as TRL pads prompts for generation."""
+    tensors = [torch.tensor(list(ids), dtype=torch.long) for ids in rows]
+    padding = dict(padding_side="left", pad_to_multiple_of=pad_to_multiple_of)
+    ids = pad(tensors, padding_value=pad_token_id, **padding)
+    mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, **padding)
+    return ids, mask
+
+
+def sample_signals(
+    policy: Callable[[], contextlib.AbstractContextManager],
+    score: Scorer,
+    prompts: list[list[int]],
+    samples: list[list[int]],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None,
+    device: torch.device,
+) -> list[TokenSignals]:
+    """The policy's entropy and log-prob at every token of each sample after its prompt, from one no-grad forward over
+    each prompt + sample (left-padded prompts, right-padded samples) of the model `policy()` yields."""
+    width = max(1, max(len(sample) for sample in samples))
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, pad_to_multiple_of)
+    sample_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    sample_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        sample_ids[row, : len(sample)] = torch.tensor(sample, dtype=torch.long)
+        sample_mask[row, : len(sample)] = 1
+    input_ids = torch.cat([prompt_ids, sample_ids], dim=1).to(device)
+    attention_mask = torch.cat([prompt_mask, sample_mask], dim=1).to(device)
+    with policy() as model, torch.no_grad():
+        logps, entropies = score(model, input_ids, attention_mask, width)
+    logps, entropies = logps.float().cpu().tolist(), entropies.float().cpu().tolist()
+    return [
+        TokenSignals(entropies=entropies[row][: len(sample)], logprobs=logps[row][: len(sample)])
+        for row, sample in enumerate(samples)
+    ]
+
+
+@contextlib.contextmanager
+def generate_from_shared_cache(
+    policy: Callable[[], contextlib.AbstractContextManager],
+    prompts: list[list[int]],
+    num_generations: int,
+    pad_token_id: int,
+    pad_to_multiple_of: int | None,
+    device: torch.device,
+):
+    """Prefill each run of `num_generations` identical prompts once (with the model `policy()` yields); the next
+    `generate` call of that model starts from it.
+
+    The cache is laid out exactly as TRL pads the prompts (left padding, `pad_to_multiple_of`, positions from the
+    attention mask), covers all but the last prompt column, and is repeated `num_generations` times.
+    """
+    input_ids, mask = left_pad(prompts[::num_generations], pad_token_id, pad_to_multiple_of)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    if input_ids.size(1) < 2:
+        yield
+        return
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with policy() as model, torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    cache.batch_repeat_interleave(num_generations)
+    generate = model.generate
+
+    def generate_from_cache(*args, **kwargs):
+        kwargs.setdefault("past_key_values", cache)
+        return generate(*args, **kwargs)
+
+    model.generate = generate_from_cache  # an instance attribute: the next generate call takes it
+    try:
+        yield
+    finally:
+        del model.generate
+
+
+@dataclass
+class TRLGeneration:
+    """TRL's generation objects of one `GRPOTrainer` that a phase's token budget and a rollout's session set."""
+
+    vllm_generation: Any = None  # TRL's `VLLMGeneration` (when `use_vllm`)
+    vllm_mode: str | None = None  # "colocate" or "server" (when `use_vllm`)
+    generation_config: GenerationConfig | None = None  # transformers backend
+    generation_kwargs: dict | None = None  # transformers backend: overrides of the model's own generation config
+    continuous_batching: bool = False  # `use_transformers_continuous_batching`
+
+    @property
+    def use_vllm(self) -> bool:
+        return self.vllm_generation is not None
+
 
 class RolloutBackend:
-    """Generation for the guided sampler, over the backends of one `GRPOTrainer`.
+    """Generation for the guided sampler over the backends of one `GRPOTrainer`, from what the trainer hands over:
 
-    `plain_generate(prompt_ids, num_generations) -> (ids, logps)` is TRL's own single-turn generation
-    (`GRPOTrainer._generate_single_turn` with no images), called for every phase with the budget set here.
+    - `plain_generate(prompt_ids, num_generations) -> (ids, logps)`: TRL's own single-turn generation
+      (`GRPOTrainer._generate_single_turn` with no images), called for every phase with the budget set here;
+    - `trl`: the generation objects that budget is set on (`TRLGeneration`);
+    - `model()`: the policy as the trainer holds it now (wrapped by DDP / DeepSpeed once training starts);
+    - `accelerator`, `args` (its `ds3_gather_for_generation`, `gradient_checkpointing_kwargs` and
+      `per_device_train_batch_size`), `tokenizer` (pad and EOS ids), `pad_to_multiple_of`;
+    - `on_weights_synced()`: called after a rollout pushed the policy's weights to vLLM (TRL then skips its own sync).
     """
 
-    def __init__(self, trainer, plain_generate: Callable[[list[list[int]], int], tuple[list, list | None]]):
-        self.trainer = trainer
-        self.plain_generate = plain_generate
+    def __init__(
+        self,
+        plain_generate: Callable[[list[list[int]], int], tuple[list, list | None]],
+        trl: TRLGeneration,
+        model: Callable[[], torch.nn.Module],
+        accelerator,
+        args,
+        tokenizer,
+        pad_to_multiple_of: int | None = None,
+        on_weights_synced: Callable[[], None] = lambda: None,
+    ):
+        self.plain_generate, self.trl, self.model, self.accelerator = plain_generate, trl, model, accelerator
+        self.args, self.tokenizer, self.pad_to_multiple_of = args, tokenizer, pad_to_multiple_of
+        self.on_weights_synced = on_weights_synced
+        self.zero3 = DistributedBackend(accelerator).is_zero3
 
     @property
     def branches_in_one_call(self) -> bool:
         """The transformers backend: no cache survives between generate calls (vLLM has prefix caching)."""
-        return not self.trainer.use_vllm and not self.trainer.use_transformers_continuous_batching
+        return not self.trl.use_vllm and not self.trl.continuous_batching
 
     def is_server_collective(self) -> bool:
-        trainer = self.trainer
-        return bool(trainer.use_vllm and trainer.vllm_mode == "server" and trainer.accelerator.num_processes > 1)
+        return bool(self.trl.use_vllm and self.trl.vllm_mode == "server" and self.accelerator.num_processes > 1)
 
     def any_process(self, flag: bool) -> bool:
-        accelerator = self.trainer.accelerator
+        accelerator = self.accelerator
         if accelerator.num_processes == 1:
             return flag
         flags = accelerator.gather(torch.tensor([int(flag)], device=accelerator.device))
@@ -73,10 +226,9 @@ class RolloutBackend:
         token budget on all processes (short lists are padded, the budget is the largest; rows are cut to their own
         budget afterwards).
         """
-        trainer, count = self.trainer, len(prompts)
-        eos_token_id = trainer._tokenizer.eos_token_id
+        count, eos_token_id = len(prompts), self.tokenizer.eos_token_id
         if self.is_server_collective():
-            accelerator = trainer.accelerator
+            accelerator = self.accelerator
             sizes = accelerator.gather(torch.tensor([[count, max_new_tokens]], device=accelerator.device))
             target, max_new_tokens = int(sizes[:, 0].max()), int(sizes[:, 1].max())
             if target == 0:
@@ -88,101 +240,56 @@ class RolloutBackend:
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.token_budget(max_new_tokens, min(min_new_tokens, max_new_tokens)))
             if shared_prompts and count and num_generations > 1 and self.branches_in_one_call:
-                stack.enter_context(self.generate_from_shared_cache(prompts, num_generations))
+                stack.enter_context(
+                    generate_from_shared_cache(
+                        self._policy_for_forward,
+                        prompts,
+                        num_generations,
+                        self.tokenizer.pad_token_id,
+                        self.pad_to_multiple_of,
+                        self.accelerator.device,
+                    )
+                )
             ids, logps = self.plain_generate(prompts, num_generations)
         return ids[:count], None if logps is None else logps[:count]
 
     def token_signals(self, prompts: list[list[int]], samples: list[list[int]]) -> list[TokenSignals]:
-        """The current policy's entropy and log-prob at every sampled token, from one no-grad forward over each
-        prompt + sample (TRL's scoring forward: fused LM head at the sampling temperature; the same on every backend).
+        """The current policy's entropy and log-prob at every sampled token (`sample_signals`, TRL's scoring forward:
+        fused LM head at the sampling temperature, the trainer's mixed precision; the same on every backend).
 
         Every process must call it: under ZeRO-3 the gather (or the sharded forward itself) is a collective, so a
         process with no rows scores a throw-away one-token row.
         """
-        trainer = self.trainer
-        device = trainer.accelerator.device
         filler = not prompts
         if filler:
-            prompts, samples = [[trainer._tokenizer.eos_token_id]], [[trainer._tokenizer.eos_token_id]]
-        width = max(1, max(len(sample) for sample in samples))
-        padding = dict(padding_side="left", pad_to_multiple_of=trainer.pad_to_multiple_of)
-        prompt_ids = pad(
-            [torch.tensor(ids) for ids in prompts], padding_value=trainer._tokenizer.pad_token_id, **padding
-        )
-        prompt_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompts], padding_value=0, **padding)
-        sample_ids = torch.full((len(samples), width), trainer._tokenizer.pad_token_id, dtype=torch.long)
-        sample_mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            sample_ids[row, : len(sample)] = torch.tensor(sample, dtype=torch.long)
-            sample_mask[row, : len(sample)] = 1
-        input_ids = torch.cat([prompt_ids, sample_ids], dim=1).to(device)
-        attention_mask = torch.cat([prompt_mask, sample_mask], dim=1).to(device)
-        with self._policy_for_forward() as model:
-            logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, width, trainer.args.per_device_train_batch_size, compute_entropy=True
-            )
-        if filler:
-            return []
-        logps, entropies = logps.float().cpu().tolist(), entropies.float().cpu().tolist()
-        return [
-            TokenSignals(entropies=entropies[row][: len(sample)], logprobs=logps[row][: len(sample)])
-            for row, sample in enumerate(samples)
-        ]
+            eos = self.tokenizer.eos_token_id
+            prompts, samples = [[eos]], [[eos]]
 
-    @contextlib.contextmanager
+        def score(model, input_ids, attention_mask, logits_to_keep):
+            batch_size = self.args.per_device_train_batch_size
+            return score_tokens(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, self.accelerator.autocast
+            )
+
+        signals = sample_signals(
+            self._policy_for_forward,
+            score,
+            prompts,
+            samples,
+            self.tokenizer.pad_token_id,
+            self.pad_to_multiple_of,
+            self.accelerator.device,
+        )
+        return [] if filler else signals
+
     def _policy_for_forward(self):
         """The policy for a no-grad forward outside the loss (gathered under ZeRO-3 as TRL gathers it to generate)."""
-        trainer = self.trainer
-        with (
-            unwrap_model_for_generation(
-                trainer.model_wrapped,
-                trainer.accelerator,
-                gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-            ) as model,
-            torch.no_grad(),
-        ):
-            yield model
-
-    @contextlib.contextmanager
-    def generate_from_shared_cache(self, prompts: list[list[int]], num_generations: int):
-        """Prefill each run of `num_generations` identical prompts once; the next generate call starts from it.
-
-        The cache is laid out exactly as TRL pads the prompts (left padding, `pad_to_multiple_of`, positions from the
-        attention mask), covers all but the last prompt column, and is repeated `num_generations` times.
-        """
-        trainer = self.trainer
-        device = trainer.accelerator.device
-        unique = [torch.tensor(ids) for ids in prompts[::num_generations]]
-        padding = dict(padding_side="left", pad_to_multiple_of=trainer.pad_to_multiple_of)
-        input_ids = pad(unique, padding_value=trainer._tokenizer.pad_token_id, **padding).to(device)
-        mask = pad([torch.ones_like(ids) for ids in unique], padding_value=0, **padding).to(device)
-        if input_ids.size(1) < 2:
-            yield
-            return
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        with self._policy_for_forward() as model:
-            cache = DynamicCache(config=model.config)
-            model(
-                input_ids=input_ids[:, :-1],
-                attention_mask=mask[:, :-1],
-                position_ids=positions[:, :-1],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        cache.batch_repeat_interleave(num_generations)
-        generate = model.generate
-
-        def generate_from_cache(*args, **kwargs):
-            kwargs.setdefault("past_key_values", cache)
-            return generate(*args, **kwargs)
-
-        model.generate = generate_from_cache  # an instance attribute: TRL's next generate call takes it
-        try:
-            yield
-        finally:
-            del model.generate
+        return unwrap_model_for_generation(
+            self.model(),
+            self.accelerator,
+            gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        )
 
     @contextlib.contextmanager
     def token_budget(self, max_new_tokens: int, min_new_tokens: int = 0):
@@ -191,17 +298,15 @@ class RolloutBackend:
         The minimum goes through each backend's own parameter (vLLM `min_tokens`, transformers `min_new_tokens`), so
         EOS is held back inside the sampler rather than resampled afterwards.
         """
-        trainer = self.trainer
-        vllm_generation = getattr(trainer, "vllm_generation", None) if trainer.use_vllm else None
-        settings = []
-        if vllm_generation is not None:
-            settings.append((vllm_generation, "max_completion_length", max_new_tokens))
-            settings.append((vllm_generation.generation_kwargs, "min_tokens", min_new_tokens or None))
-        if getattr(trainer, "generation_config", None) is not None:
-            settings.append((trainer.generation_config, "max_new_tokens", max_new_tokens))
-            settings.append((trainer.generation_config, "min_new_tokens", min_new_tokens or None))
-        if isinstance(getattr(trainer, "generation_kwargs", None), dict):
-            settings.append((trainer.generation_kwargs, "max_new_tokens", max_new_tokens))
+        trl, settings = self.trl, []
+        if trl.use_vllm:
+            settings.append((trl.vllm_generation, "max_completion_length", max_new_tokens))
+            settings.append((trl.vllm_generation.generation_kwargs, "min_tokens", min_new_tokens or None))
+        if trl.generation_config is not None:
+            settings.append((trl.generation_config, "max_new_tokens", max_new_tokens))
+            settings.append((trl.generation_config, "min_new_tokens", min_new_tokens or None))
+        if isinstance(trl.generation_kwargs, dict):
+            settings.append((trl.generation_kwargs, "max_new_tokens", max_new_tokens))
         with contextlib.ExitStack() as stack:
             for target, name, value in settings:
                 stack.enter_context(temporarily(target, name, value))
@@ -217,27 +322,91 @@ class RolloutBackend:
           reloads the weights on the next one; here it wakes and syncs once, stays awake for the three phases, then
           sleeps.
         """
-        trainer = self.trainer
-        vllm_generation = getattr(trainer, "vllm_generation", None) if trainer.use_vllm else None
+        vllm_generation = self.trl.vllm_generation
         with contextlib.ExitStack() as stack:
-            if vllm_generation is not None and trainer.vllm_mode == "colocate" and vllm_generation.enable_sleep_mode:
+            if vllm_generation is not None and self.trl.vllm_mode == "colocate" and vllm_generation.enable_sleep_mode:
                 if vllm_generation._llm_weights_sleeping:
                     vllm_generation.sync_weights()  # wakes the weights and pushes the current policy
-                    trainer._last_loaded_step = trainer.state.global_step
+                    self.on_weights_synced()
                 vllm_generation.llm.wake_up(tags=["kv_cache"])
                 stack.callback(put_to_sleep, vllm_generation)
                 stack.enter_context(temporarily(vllm_generation, "enable_sleep_mode", False))
-            elif not trainer.use_vllm and trainer._dist.is_zero3 and trainer.args.ds3_gather_for_generation:
+            elif vllm_generation is None and self.zero3 and self.args.ds3_gather_for_generation:
                 stack.enter_context(
                     unwrap_model_for_generation(
-                        trainer.model_wrapped,
-                        trainer.accelerator,
+                        self.model(),
+                        self.accelerator,
                         gather_deepspeed3_params=True,
-                        gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+                        gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
                     )
                 )
-                stack.enter_context(temporarily(trainer.args, "ds3_gather_for_generation", False))
+                stack.enter_context(temporarily(self.args, "ds3_gather_for_generation", False))
             yield
+
+
+@dataclass
+class ModelBackend:
+    """A `PhaseBackend` over one transformers model on one process, without a trainer (`trl-guided eval --sampling
+    guided`): each phase is one left-padded `generate` call whose rows are cut after their first EOS, as TRL's
+    transformers path cuts them; a group's branches start from one prefill of its prompt + prefix; the branch-point
+    signals come from `score_tokens` (the model gets TRL's fused LM head at the sampling temperature).
+
+    `generation_config` holds the sampling settings (its token budget is set per call here) and `eos_token_ids` every
+    id that ends a completion. No sampling log-probs are reported (as on TRL's transformers path).
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    generation_config: GenerationConfig
+    eos_token_ids: list[int]
+    batch_size: int | None = None  # rows per scoring forward (None: all at once)
+    branches_in_one_call: bool = field(default=True, init=False)
+
+    def __post_init__(self):
+        target = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        add_fused_lm_head(target, temperature=self.generation_config.temperature, outputs=("log_probs", "entropy"))
+
+    def any_process(self, flag: bool) -> bool:
+        return flag  # one process
+
+    def generate(self, prompts, num_generations, max_new_tokens, min_new_tokens=0, shared_prompts=False):
+        if not prompts:
+            return [], None
+        pad_token_id, device = self.tokenizer.pad_token_id, self.model.device
+        config = copy.deepcopy(self.generation_config)
+        config.max_new_tokens, config.min_new_tokens = max_new_tokens, min_new_tokens or None
+        input_ids, attention_mask = left_pad(prompts, pad_token_id)
+        with contextlib.ExitStack() as stack:
+            if shared_prompts and num_generations > 1:
+                stack.enter_context(
+                    generate_from_shared_cache(self._policy, prompts, num_generations, pad_token_id, None, device)
+                )
+            with torch.no_grad():
+                output = self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                )
+        return [cut_after_eos(row, self.eos_token_ids) for row in output[:, input_ids.size(1) :].tolist()], None
+
+    def token_signals(self, prompts, samples):
+        if not prompts:
+            return []
+
+        def score(model, input_ids, attention_mask, logits_to_keep):
+            return score_tokens(model, input_ids, attention_mask, logits_to_keep, self.batch_size)
+
+        return sample_signals(
+            self._policy, score, prompts, samples, self.tokenizer.pad_token_id, None, self.model.device
+        )
+
+    def _policy(self):
+        return contextlib.nullcontext(self.model)
+
+
+def cut_after_eos(ids: list[int], eos_token_ids: Sequence[int]) -> list[int]:
+    """A generated row up to and including its first EOS (all of it when there is none)."""
+    eos = set(eos_token_ids)
+    end = next((i + 1 for i, token in enumerate(ids) if token in eos), len(ids))
+    return ids[:end]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -255,7 +255,7 @@ def _eval_settings(args: argparse.Namespace):
         batch_size=args.batch_size,
         seed=args.seed,
         sampling=args.sampling,
-        backend=default_backend() if args.backend == "auto" else args.backend,
+        backend=default_backend(args.sampling) if args.backend == "auto" else args.backend,
         vllm_gpu_memory_utilization=pick(args.vllm_gpu_memory_utilization, "vllm_gpu_memory_utilization", 0.3),
         reward_funcs=list(rewards),
         task_options=task_options(task_args),

@@ -362,7 +362,8 @@ class GuidedGRPOConfig(GRPOConfig):
                 "tree_advantage other than 'group' and prefix_advantage_weight > 0 normalise the summed reward; they "
                 "need multi_objective_aggregation='sum_then_normalize'."
             )
-        if self.tree_advantage == "treerl" and self.guidance_loss_scope not in ("completion", "low_prob"):
+        scope = LOSS_SCOPES.get(self.guidance_loss_scope)
+        if self.tree_advantage == "treerl" and scope is not None and not scope.trains_prefix:
             errors.append(
                 f"tree_advantage='treerl' weights the shared prefix tokens, which guidance_loss_scope="
                 f"{self.guidance_loss_scope!r} does not train; use 'completion' or 'low_prob', or 'group+branch'."

@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,18 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig, set_seed
 
 from . import __version__
+from .backends import ModelBackend
 from .config import GuidedGRPOConfig
 from .data import TASKS, load_task
 from .locate import ModelSource, load_model, locate_model
 from .rewards import get_reward
+from .sampler import GuidedSampler
 from .stats import EvalError, metrics_from_records
 from .tasks import reward_functions_by_name
-from .trainer import GuidedGRPOTrainer
 from .vllm_engine import vllm_engine
 
 __all__ = ["DEFAULT_QUALITY_MODEL", "EvalError", "EvalSettings", "evaluate", "read_records"]
@@ -104,6 +105,11 @@ class EvalSettings:
             )
         if self.backend not in ("transformers", "vllm"):
             raise EvalError(f"--backend must be 'auto', 'transformers' or 'vllm' (got {self.backend!r})")
+        if self.sampling == "guided" and self.backend == "vllm":
+            raise EvalError(
+                "--sampling guided samples with transformers (its three phases run without a trainer, and vLLM's "
+                "offline engine is not one of its backends yet); give --backend transformers"
+            )
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise EvalError(
                 f"--vllm-gpu-memory-utilization must be in (0, 1] (got {self.vllm_gpu_memory_utilization})"
@@ -117,8 +123,10 @@ class EvalSettings:
                 raise EvalError(str(error)) from None
 
 
-def default_backend() -> str:
-    """vLLM when it is importable and a GPU is present, else transformers."""
+def default_backend(sampling: str = "plain") -> str:
+    """vLLM when it is importable and a GPU is present, else transformers (always for guided sampling)."""
+    if sampling == "guided":
+        return "transformers"
     return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "transformers"
 
 
@@ -231,49 +239,66 @@ def _merged_adapter(source: ModelSource):
         yield folder
 
 
-def generate_guided(model, tokenizer, prompts: list[list[int]], settings: EvalSettings, rewards, progress: bool):
-    """The rows sampled by GuidedGRPOTrainer's three-phase sampler (prefix, guidance, postfix), K chains per prompt
-    sharing a prefix, through the trainer's `sample` seam: training and evaluation run the same code."""
+def guided_config(settings: EvalSettings) -> GuidedGRPOConfig:
+    """The guided sampler's settings for an evaluation: the recipe's guidance fields, K = `num_samples` branches per
+    problem, the evaluation's budget and sampling parameters, validated as for training (EvalError if invalid)."""
+    on_cpu = not torch.cuda.is_available()
+    options = {
+        **settings.guidance,
+        "guidance": True,
+        "eval_guidance": True,
+        "num_generations": settings.num_samples,
+        "per_device_train_batch_size": settings.num_samples,
+        "max_completion_length": settings.max_new_tokens,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "seed": settings.seed,
+        "beta": 0.0,
+        "report_to": "none",
+        "use_cpu": on_cpu,
+        "bf16": not on_cpu and torch.cuda.is_bf16_supported(),
+    }
+    try:
+        return GuidedGRPOConfig(output_dir=tempfile.gettempdir(), **options)
+    except (ValueError, TypeError) as error:
+        raise EvalError(f"--sampling guided: {' '.join(str(error).split())}") from None
+
+
+def generate_guided(model, tokenizer, prompts: list[list[int]], settings: EvalSettings, progress: bool):
+    """The rows sampled by the trainer's three-phase sampler (`trl_guided.sampler.GuidedSampler`: prefix, guidance,
+    postfix), K chains per prompt sharing a prefix, over a `trl_guided.backends.ModelBackend` of the model: training
+    and evaluation sample with the same code, and no trainer is built. Seeded as a trainer is (`set_seed`, then the
+    sampler's own generator from the seed), with TRL's sampling parameters (`top_k`, `min_p`,
+    `repetition_penalty`, `generation_kwargs` of the recipe)."""
+    config = guided_config(settings)
     stop = _stop_ids(model, tokenizer)
+    eos_token_ids = [tokenizer.eos_token_id, *sorted(stop - {tokenizer.eos_token_id})]
+    generation_config = GenerationConfig(
+        do_sample=True,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        min_p=config.min_p,
+        repetition_penalty=config.repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_token_ids,
+        cache_implementation=config.cache_implementation,
+        disable_compile=True,
+        **(config.generation_kwargs or {}),
+    )
+    backend = ModelBackend(model, tokenizer, generation_config, eos_token_ids, config.per_device_train_batch_size)
+    set_seed(config.seed)
+    sampler = GuidedSampler(config, tokenizer, eos_token_ids, random.Random(config.seed), backend)
     results = []
-    with tempfile.TemporaryDirectory(prefix="trl-guided-eval-") as scratch:
-        on_cpu = not torch.cuda.is_available()
-        options = {
-            **settings.guidance,
-            "guidance": True,
-            "eval_guidance": True,
-            "num_generations": settings.num_samples,
-            "per_device_train_batch_size": settings.num_samples,
-            "max_completion_length": settings.max_new_tokens,
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-            "seed": settings.seed,
-            "beta": 0.0,
-            "report_to": "none",
-            "use_cpu": on_cpu,
-            "bf16": not on_cpu and torch.cuda.is_bf16_supported(),
-            "use_vllm": settings.backend == "vllm",
-            "vllm_mode": "colocate",
-        }
-        try:
-            config = GuidedGRPOConfig(output_dir=scratch, **options)
-        except (ValueError, TypeError) as error:
-            raise EvalError(f"--sampling guided: {' '.join(str(error).split())}") from None
-        trainer = GuidedGRPOTrainer(
-            model=model,
-            reward_funcs=rewards,
-            args=config,
-            train_dataset=Dataset.from_dict({"prompt": ["unused"]}),
-            processing_class=tokenizer,
-        )
-        trainer.model.eval()
-        prompts_per_call = max(1, settings.batch_size // settings.num_samples)
-        with _progress(len(prompts) * settings.num_samples, "generating (guided)", progress) as bar:
-            for start in range(0, len(prompts), prompts_per_call):
-                chunk = prompts[start : start + prompts_per_call]
-                for row in trainer.sample(chunk, settings.num_samples):
-                    results.append(_cut(list(row), stop, settings.max_new_tokens, None))
-                bar.update(len(chunk) * settings.num_samples)
+    prompts_per_call = max(1, settings.batch_size // settings.num_samples)
+    with _progress(len(prompts) * settings.num_samples, "generating (guided)", progress) as bar:
+        for start in range(0, len(prompts), prompts_per_call):
+            chunk = prompts[start : start + prompts_per_call]
+            repeated = [list(ids) for ids in chunk for _ in range(settings.num_samples)]
+            for row in sampler.sample(repeated, settings.num_samples).completions:
+                results.append(_cut(list(row), stop, settings.max_new_tokens, None))
+            bar.update(len(chunk) * settings.num_samples)
     return results
 
 
@@ -388,7 +413,7 @@ def evaluate(
         model_obj, tokenizer = load_model(source)
     prompts = [prompt_token_ids(tokenizer, p) for p in dataset["prompt"]]
     if settings.sampling == "guided":
-        generated = generate_guided(model_obj, tokenizer, prompts, settings, rewards, progress)
+        generated = generate_guided(model_obj, tokenizer, prompts, settings, progress)
     elif settings.backend == "vllm":
         generated = generate_vllm(source, tokenizer, prompts, settings, progress)
     else:

@@ -17,7 +17,6 @@ DEFAULT_PUNCTUATION = ("\n", ".", ",", "!", "?")
 # Characters that may follow the mark in a kept prefix: BPE merges marks with closing quotes/brackets and whitespace
 # (`".\n"`, `"),"`, `"?\""`), and such a token still ends a sentence or clause.
 CLOSERS = "\"')]}\u00bb\u201d\u2019 \t\r\n"
-LOSS_SCOPES = ("guidance", "guidance_postfix", "completion", "low_prob")
 
 
 def _mark_pattern(marks: Sequence[str]) -> re.Pattern:
@@ -188,28 +187,83 @@ class Segments:
         return self.prefix[row] + self.guidance[row]
 
 
+@dataclass(frozen=True)
+class Columns:
+    """(rows, width) positions of a batch's completion columns and where each row's segments end."""
+
+    position: torch.Tensor  # (1, width)
+    prefix_end: torch.Tensor  # (rows, 1)
+    guidance_end: torch.Tensor  # (rows, 1)
+    end: torch.Tensor  # (rows, 1): after the postfix
+
+    @classmethod
+    def of(cls, segments: Segments, width: int) -> Columns:
+        prefix = torch.tensor(segments.prefix).unsqueeze(1)
+        guide_end = prefix + torch.tensor(segments.guidance).unsqueeze(1)
+        end = guide_end + torch.tensor(segments.postfix).unsqueeze(1)
+        return cls(torch.arange(width).unsqueeze(0), prefix, guide_end, end)
+
+    @property
+    def in_guidance(self) -> torch.Tensor:
+        return ((self.position >= self.prefix_end) & (self.position < self.guidance_end)).float()
+
+    @property
+    def in_completion(self) -> torch.Tensor:
+        return (self.position < self.end).float()
+
+    def decaying_postfix(self, decay: float, floor: float) -> torch.Tensor:
+        """The guidance at 1 and postfix token k after it at max(decay**(k+1), floor)."""
+        steps_after = (self.position - self.guidance_end).clamp(min=0).float()
+        in_postfix = ((self.position >= self.guidance_end) & (self.position < self.end)).float()
+        return self.in_guidance + in_postfix * torch.clamp(decay ** (steps_after + 1), min=floor)
+
+
+@dataclass(frozen=True)
+class LossScope:
+    """What one `guidance_loss_scope` trains (see `LOSS_SCOPES`)."""
+
+    # (columns, postfix_decay, postfix_min_weight) -> (rows, width) float weight of each completion token
+    weights: Callable[[Columns, float, float], torch.Tensor]
+    # Nothing after the last guidance token is trained: those columns can be dropped before the loss forward.
+    ends_at_guidance: bool = False
+    # Weights between 0 and 1: they travel as (B, T) advantages (a binary scope needs only the mask).
+    fractional: bool = False
+    # Only tokens whose sampling probability was below `loss_prob_threshold` are trained (SPO's mask), in the
+    # shared prefix too.
+    probability_mask: bool = False
+    # The shared prefix tokens are among the trained ones (TreeRL's prefix advantage needs them).
+    trains_prefix: bool = False
+
+
+# Scope table for `GuidedGRPOConfig.guidance_loss_scope`: name -> what it trains (`loss_weights`, and
+# `trl_guided.loss_focus.LossFocus` for the rest of the rewrite).
+LOSS_SCOPES: dict[str, LossScope] = {
+    "guidance": LossScope(lambda columns, decay, floor: columns.in_guidance, ends_at_guidance=True),
+    "guidance_postfix": LossScope(
+        lambda columns, decay, floor: columns.decaying_postfix(decay, floor), fractional=True
+    ),
+    "completion": LossScope(lambda columns, decay, floor: columns.in_completion, trains_prefix=True),
+    "low_prob": LossScope(
+        lambda columns, decay, floor: columns.in_completion, probability_mask=True, trains_prefix=True
+    ),
+}
+
+
+def loss_scope(name: str) -> LossScope:
+    """The `LOSS_SCOPES` entry of `name`; ValueError naming the choices when there is none."""
+    if name not in LOSS_SCOPES:
+        raise ValueError(f"guidance_loss_scope={name!r} is unknown; choose one of {list(LOSS_SCOPES)}.")
+    return LOSS_SCOPES[name]
+
+
 def loss_weights(
     segments: Segments, width: int, scope: str, postfix_decay: float = 0.9, postfix_min_weight: float = 0.0
 ) -> torch.Tensor:
-    """(rows, width) float weights of completion tokens for the loss, by `scope` (see `GuidedGRPOConfig`).
+    """(rows, width) float weights of completion tokens for the loss, by `scope` (see `LOSS_SCOPES`).
 
     `"low_prob"` gives the whole completion here; `low_prob_mask` then keeps its low-probability tokens.
     """
-    if scope not in LOSS_SCOPES:
-        raise ValueError(f"Unknown guidance_loss_scope {scope!r}; choose one of {list(LOSS_SCOPES)}.")
-    position = torch.arange(width).unsqueeze(0)
-    prefix = torch.tensor(segments.prefix).unsqueeze(1)
-    guide_end = prefix + torch.tensor(segments.guidance).unsqueeze(1)
-    end = guide_end + torch.tensor(segments.postfix).unsqueeze(1)
-    in_guidance = ((position >= prefix) & (position < guide_end)).float()
-    if scope == "guidance":
-        return in_guidance
-    if scope in ("completion", "low_prob"):
-        return (position < end).float()
-    steps_after = (position - guide_end).clamp(min=0).float()
-    postfix_weight = torch.clamp(postfix_decay ** (steps_after + 1), min=postfix_min_weight)
-    in_postfix = ((position >= guide_end) & (position < end)).float()
-    return in_guidance + in_postfix * postfix_weight
+    return loss_scope(scope).weights(Columns.of(segments, width), postfix_decay, postfix_min_weight)
 
 
 def low_prob_mask(sampling_logps: torch.Tensor, completion_mask: torch.Tensor, threshold: float) -> torch.Tensor:

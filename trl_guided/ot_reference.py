@@ -1,16 +1,17 @@
 """The OT term's plumbing in a `GuidedGRPOTrainer`: the frozen reference model, its hidden states of a scored batch,
 the policy's hidden states captured during TRL's loss forward, and the penalty of `trl_guided.ot` on the two.
 
-`trl_guided.ot` is the pure solver; this module is the part that knows the trainer (TRL's reference model, DeepSpeed /
-FSDP preparation, PEFT adapters), as `trl_guided.backends` is for rollouts. TRL 1.16 names used here:
-`GRPOTrainer.ref_model`, `.is_deepspeed_enabled`, `.is_fsdp_enabled`, `._metrics`; `trl.models.prepare_deepspeed`,
-`prepare_fsdp`; `trl.trainer.utils.create_model_from_path`, `disable_dropout_in_model`, `get_config_model_id`,
-`use_adapter`.
+`trl_guided.ot` is the pure solver; this module is the part that knows models (TRL's reference model, DeepSpeed /
+FSDP preparation, PEFT adapters), as `trl_guided.backends` is for rollouts. It gets the values it uses, not the
+trainer: the trainer wires `GRPOTrainer.ref_model`, `.model` and `.accelerator` (`GuidedGRPOTrainer.__init__`).
+TRL 1.16 names used here: `trl.models.prepare_deepspeed`, `prepare_fsdp`; `trl.trainer.utils.create_model_from_path`,
+`disable_dropout_in_model`, `get_config_model_id`, `use_adapter`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,59 +38,76 @@ def capture_hidden_states(model):
         handle.remove()
 
 
+def build_reference_model(settings, policy, accelerator):
+    """The frozen copy of the starting model that `ot_reference="ref"` compares against when TRL built no reference
+    model (`beta` == 0); None under PEFT (the adapter-disabled base serves) or for `ot_reference="old"`. Loaded as TRL
+    loads its own reference (`settings` is the `GuidedGRPOConfig`) and prepared for DeepSpeed / FSDP / DDP as the
+    Trainer prepares models (its `is_deepspeed_enabled` / `is_fsdp_enabled` read the same plugins)."""
+    if settings.ot_reference == "old" or is_peft_model(policy):
+        return None
+    kwargs = dict(settings.model_init_kwargs or {})
+    if settings.distributed_state.distributed_type in ("MULTI_GPU", "MULTI_CPU", "DEEPSPEED"):
+        kwargs["device_map"] = None
+    kwargs.setdefault("dtype", policy.dtype)
+    kwargs.setdefault("trust_remote_code", settings.trust_remote_code)
+    reference = create_model_from_path(get_config_model_id(policy.config), **kwargs)
+    reference.requires_grad_(False)
+    if settings.disable_dropout:
+        disable_dropout_in_model(reference)
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        return prepare_deepspeed(reference, accelerator)
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        return prepare_fsdp(reference, accelerator)
+    return accelerator.prepare_model(reference, evaluation_mode=True)
+
+
 class OTReference:
-    """The reference side of the OT term for one trainer (`ot_coef` > 0): `ot_reference="ref"` compares with TRL's
-    reference model (built here when `beta` == 0 left TRL without one; the base model with the adapter off under
-    PEFT), `ot_reference="old"` with the policy that sampled the batch."""
+    """The reference side of the OT term (`ot_coef` > 0): `ot_reference="ref"` compares with a frozen reference
+    (TRL's `trl_reference`, else `model`, the one `build_reference_model` built; the base model with the adapter off
+    under PEFT), `ot_reference="old"` with the policy that sampled the batch.
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.model = self._build()  # None: TRL's `ref_model`, the PEFT base, or the policy itself serves
+    `settings` is the `GuidedGRPOConfig` (its `ot_*` fields, `old_policy_is_current` and the per-device batch sizes),
+    `policy` the trained model (its `training` flag says train or eval), `accelerator` the processes' (`reduce`,
+    `gather`), `log_metric(name, value)` logs a value for the current step.
+    """
 
-    def _build(self):
-        """The frozen model whose hidden states OT compares against, when TRL does not build one (beta == 0)."""
-        trainer, args = self.trainer, self.trainer.args
-        if args.ot_reference == "old" or trainer.ref_model is not None or is_peft_model(trainer.model):
-            return None
-        kwargs = dict(args.model_init_kwargs or {})
-        if args.distributed_state.distributed_type in ("MULTI_GPU", "MULTI_CPU", "DEEPSPEED"):
-            kwargs["device_map"] = None
-        kwargs.setdefault("dtype", trainer.model.dtype)
-        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        reference = create_model_from_path(get_config_model_id(trainer.model.config), **kwargs)
-        reference.requires_grad_(False)
-        if args.disable_dropout:
-            disable_dropout_in_model(reference)
-        if trainer.is_deepspeed_enabled:
-            return prepare_deepspeed(reference, trainer.accelerator)
-        if trainer.is_fsdp_enabled:
-            return prepare_fsdp(reference, trainer.accelerator)
-        return trainer.accelerator.prepare_model(reference, evaluation_mode=True)
+    def __init__(
+        self,
+        settings,
+        policy: torch.nn.Module,
+        accelerator,
+        log_metric: Callable[[str, float], None],
+        trl_reference: torch.nn.Module | None = None,
+        model: torch.nn.Module | None = None,
+    ):
+        self.settings, self.policy, self.accelerator, self.log_metric = settings, policy, accelerator, log_metric
+        self.trl_reference = trl_reference
+        self.model = model  # None: TRL's `ref_model`, the PEFT base, or the policy itself serves
 
     def attach(self, output: dict[str, Any]) -> dict[str, Any]:
         """The scored batch with `ot_reference_states` (none when the old policy is the current one: the loss then
         takes the current states, detached, as the reference, with no forward)."""
-        args = self.trainer.args
+        args = self.settings
         if not (args.ot_reference == "old" and args.old_policy_is_current):
             output["ot_reference_states"] = self.states(output)
         return output
 
     def states(self, output: dict[str, Any]) -> torch.Tensor:
         """(B, C, H) reference hidden states of the completion tokens, without gradient."""
-        trainer, args = self.trainer, self.trainer.args
+        args, policy = self.settings, self.policy
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         width = output["completion_ids"].size(1)
-        frozen = trainer.ref_model if trainer.ref_model is not None else self.model
+        frozen = self.trl_reference if self.trl_reference is not None else self.model
         if args.ot_reference == "old":
-            model, context = trainer.model, contextlib.nullcontext()
+            model, context = policy, contextlib.nullcontext()
         elif frozen is not None:
             model, context = frozen, contextlib.nullcontext()
         else:  # PEFT: the base model with the adapter disabled (or TRL's "ref" adapter when re-training one)
-            unwrapped = unwrap(trainer.model)
-            model = trainer.model
+            unwrapped = unwrap(policy)
+            model = policy
             context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        batch_size = args.per_device_train_batch_size if trainer.model.training else args.per_device_eval_batch_size
+        batch_size = args.per_device_train_batch_size if policy.training else args.per_device_eval_batch_size
         chunks = []
         with torch.no_grad(), context:
             backbone = decoder_of(model)
@@ -105,7 +123,7 @@ class OTReference:
     def penalty(self, inputs: dict[str, Any], hidden_states: torch.Tensor) -> torch.Tensor:
         """The mean hinge `max(0, cost - ot_target)` over the micro-batch's rows with trained tokens, between the
         policy's captured `hidden_states` and the reference's; logs `ot/cost`, `ot/penalty`, `ot/marginal_error`."""
-        trainer, args = self.trainer, self.trainer.args
+        args, accelerator = self.settings, self.accelerator
         width = inputs["completion_ids"].size(1)
         current = hidden_states[:, -width:]
         reference = inputs.get("ot_reference_states")  # kept in `inputs`: num_iterations > 1 reuses them
@@ -126,13 +144,12 @@ class OTReference:
         penalty = (penalty * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
         def rows_mean(values: torch.Tensor) -> float:
-            totals = trainer.accelerator.reduce(
+            totals = accelerator.reduce(
                 torch.stack([(values.detach() * has_tokens).sum(), has_tokens.sum().float()]), reduction="sum"
             )
             return (totals[0] / totals[1].clamp(min=1)).item()
 
-        metrics = trainer._metrics["train" if trainer.model.training else "eval"]
-        metrics["ot/cost"].append(rows_mean(result.cost))
-        metrics["ot/penalty"].append(trainer.accelerator.gather(penalty.detach()).mean().item())
-        metrics["ot/marginal_error"].append(rows_mean(result.marginal_error))
+        self.log_metric("ot/cost", rows_mean(result.cost))
+        self.log_metric("ot/penalty", accelerator.gather(penalty.detach()).mean().item())
+        self.log_metric("ot/marginal_error", rows_mean(result.marginal_error))
         return penalty

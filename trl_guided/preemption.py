@@ -38,29 +38,31 @@ logger = logging.getLogger(__name__)
 class StopOnSignal(TrainerCallback):
     """Ends training at the first step boundary after SIGTERM reached any process, with a checkpoint of that step."""
 
-    def __init__(self, trainer):
-        jit = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, JITCheckpointCallback)), None)
+    def __init__(self, callbacks: list[TrainerCallback], accelerator):
+        """`callbacks`: the Trainer's (transformers' `JITCheckpointCallback` among them); `accelerator`: the processes
+        that agree on a stop."""
+        jit = next((cb for cb in callbacks if isinstance(cb, JITCheckpointCallback)), None)
         if jit is None or jit.jit_manager is None:
             raise RuntimeError(
                 "enable_jit_checkpoint is set but transformers installed no JITCheckpointCallback with a SIGTERM "
                 "handler; this transformers version changed it. Set enable_jit_checkpoint: false (SIGTERM then ends "
                 "the run at once; resume from the last save_steps checkpoint)."
             )
-        self._trainer = trainer
+        self._accelerator = accelerator
         self._manager = jit.jit_manager  # transformers' SIGTERM handler and its `is_checkpoint_requested` flag
         jit.jit_manager = None  # its own saves happen mid-step and before the step's log; this callback decides
         self.checkpoint: str | None = None  # set when a signal stopped training: the checkpoint written for it
 
     def _requested_on_any_process(self) -> bool:
         # A collective on every step end of every process (they all run the same steps), so all stop together.
-        flag = torch.tensor(float(self._manager.is_checkpoint_requested), device=self._trainer.accelerator.device)
-        return self._trainer.accelerator.reduce(flag, reduction="sum").item() > 0
+        flag = torch.tensor(float(self._manager.is_checkpoint_requested), device=self._accelerator.device)
+        return self._accelerator.reduce(flag, reduction="sum").item() > 0
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self._requested_on_any_process() or state.global_step >= state.max_steps:
             return  # at max_steps the run ends anyway, with its final save
         self._manager.is_checkpoint_requested = False
-        folder = Path(self._trainer._get_output_dir(trial=None)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"  # the Trainer's save folder
         if args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / INCOMPLETE_MARKER).write_text(f"Saving step {state.global_step} after a stop signal.\n")

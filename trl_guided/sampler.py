@@ -1,8 +1,9 @@
 """The three-phase guided sampler: one shared prefix per prompt group, G guidance branches, then each postfix.
 
-It knows nothing of TRL, vLLM or DeepSpeed. It draws the segment lengths, cuts the prefixes and assembles the
-completions; the tokens come from a `PhaseBackend`, which the trainer builds over its generation backends
-(`trl_guided.backends.RolloutBackend`) and which anything else (an evaluation loop) can implement in a few lines.
+It knows nothing of TRL, vLLM or DeepSpeed, nor of a trainer. It draws the segment lengths, cuts the prefixes and
+assembles the completions; the tokens (and the policy's signals for a branch point) come from a `PhaseBackend`: the
+trainer's over its generation backends (`trl_guided.backends.RolloutBackend`), or one over a plain model without a
+trainer (`trl_guided.backends.ModelBackend`, the evaluation's).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 The overrides of GRPOTrainer live here; the three phases are `trl_guided.sampler.GuidedSampler`, everything that
 touches TRL's, vLLM's or DeepSpeed's generation internals is `trl_guided.backends.RolloutBackend`, the rewrite of a
-scored batch to its trained tokens is `trl_guided.loss_focus.LossFocus`, and the OT term's reference model and hidden
-states are `trl_guided.ot_reference.OTReference`.
+scored batch to its trained tokens is `trl_guided.loss_focus.LossFocus`, the OT term's reference model and hidden
+states are `trl_guided.ot_reference.OTReference`, and a stop signal's checkpoint is
+`trl_guided.preemption.StopOnSignal`. None of them holds the trainer: each gets the values and callables it uses,
+wired here (`__init__`, `_rollout_backend`, `_loss_focus_of`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from .backends import RolloutBackend, unwrap
+from .backends import RolloutBackend, TRLGeneration, unwrap
 from .checkpoints import last_complete_checkpoint, load_sampler_state, save_sampler_state
 from .config import GuidedGRPOConfig
 from .guidance import (
@@ -31,7 +33,7 @@ from .guidance import (
 )
 from .loss_focus import LossFocus
 from .models import resolve_model_path
-from .ot_reference import OTReference, capture_hidden_states
+from .ot_reference import OTReference, build_reference_model, capture_hidden_states
 from .preemption import StopOnSignal
 from .sampler import GuidedRollout, GuidedSampler
 from .shared_prefix import shared_prefix_logps
@@ -143,14 +145,18 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 )
         super().__init__(**{**given, "model": model, "args": args})
         self._guidance_rng = random.Random(args.seed + self.accelerator.process_index)
-        self._backend = RolloutBackend(self, self._plain_generate)
-        self._loss_focus = LossFocus(self)
+        self._backend = self._rollout_backend()
+        self._loss_focus = self._loss_focus_of(args)
         self._sampler = GuidedSampler(args, self._tokenizer, self.eos_token_ids, self._guidance_rng, self._backend)
         self._segments: Segments | None = None  # the last rollout's segments, from generation to scoring
         self._rewards_per_func: torch.Tensor | None = None  # the last scoring's rewards (all processes), for trees
-        self._ot = OTReference(self) if args.ot_coef > 0 else None
-        self._stop_on_signal = StopOnSignal(self) if args.enable_jit_checkpoint else None
-        if self._stop_on_signal is not None:
+        self._ot = None
+        if args.ot_coef > 0:  # a frozen reference of its own only when TRL built none (TRL's is for KL: beta > 0)
+            own = None if self.ref_model is not None else build_reference_model(args, self.model, self.accelerator)
+            self._ot = OTReference(args, self.model, self.accelerator, self._log_metric, self.ref_model, own)
+        self._stop_on_signal = None
+        if args.enable_jit_checkpoint:
+            self._stop_on_signal = StopOnSignal(self.callback_handler.callbacks, self.accelerator)
             self.add_callback(self._stop_on_signal)
         cuts_at_marks = args.branch_point == "punctuation" or args.branch_snap_to_punctuation
         if args.guidance and cuts_at_marks and not representable_marks(self._tokenizer, args.punctuation):
@@ -168,6 +174,64 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 "For a real constraint use ot_reference='ref' or num_iterations > 1; ot_debiased=True at least "
                 "turns the blur into an exact 0."
             )
+
+    def _rollout_backend(self) -> RolloutBackend:
+        """The sampler's generation backend over TRL's (`trl_guided.backends`), wired with what it uses."""
+        return RolloutBackend(
+            plain_generate=self._plain_generate,
+            trl=TRLGeneration(
+                vllm_generation=self.vllm_generation if self.use_vllm else None,
+                vllm_mode=self.vllm_mode if self.use_vllm else None,
+                generation_config=getattr(self, "generation_config", None),
+                generation_kwargs=getattr(self, "generation_kwargs", None),
+                continuous_batching=self.use_transformers_continuous_batching,
+            ),
+            model=lambda: self.model_wrapped,  # DeepSpeed / DDP wrap the model when training starts
+            accelerator=self.accelerator,
+            args=self.args,
+            tokenizer=self._tokenizer,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            on_weights_synced=self._weights_synced,
+        )
+
+    def _weights_synced(self) -> None:
+        """The rollout pushed this step's weights to vLLM: TRL's own per-call sync then has nothing to do."""
+        self._last_loaded_step = self.state.global_step
+
+    def _loss_focus_of(self, args: GuidedGRPOConfig) -> LossFocus:
+        """The loss-focus rewrite of scored batches (`trl_guided.loss_focus`), wired with what it uses."""
+        return LossFocus(
+            scope=args.guidance_loss_scope,
+            postfix_decay=args.postfix_decay,
+            postfix_min_weight=args.postfix_min_weight,
+            loss_prob_threshold=args.loss_prob_threshold,
+            normalization=args.guidance_loss_normalization,
+            tree_advantage=args.tree_advantage,
+            prefix_advantage_weight=args.prefix_advantage_weight,
+            num_prefixes_per_group=args.num_prefixes_per_group,
+            loss_type=self.loss_type,
+            scale_rewards=self.scale_rewards,
+            reward_weights=self.reward_weights,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            group_size=lambda: self.num_generations if self.model.training else self.num_generations_eval,
+            score=self._score_completions,
+            gather=self.accelerator.gather,
+            process_index=self.accelerator.process_index,
+            log_metric=self._log_metric,
+        )
+
+    def _score_completions(self, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
+        """(B, logits_to_keep) log-probs of the current policy, the forward TRL scores old log-probs with."""
+        args = self.args
+        batch_size = args.per_device_train_batch_size if self.model.training else args.per_device_eval_batch_size
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model, input_ids, attention_mask, logits_to_keep, batch_size
+        )
+        return logps
+
+    def _log_metric(self, name: str, value: float) -> None:
+        """Log `value` under `name` for this step, in the current mode's metrics (train or eval)."""
+        self._metrics["train" if self.model.training else "eval"][name].append(value)
 
     # --------------------------------------------------------------------------------------------------- checkpoints
 
@@ -243,8 +307,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
             return
         long = [len(ids) + self.max_completion_length > context for ids in prompt_ids]
         if any(long):
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["guidance/long_prompts"].append(sum(long) / len(long))
+            self._log_metric("guidance/long_prompts", sum(long) / len(long))
             longest = max(len(ids) for ids in prompt_ids)
             self._warn_once(
                 "long_prompts",
@@ -269,22 +332,12 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._log_guidance(rollout)
         return rollout.completions, rollout.logprobs
 
-    def sample(self, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
-        """Completion ids of `num_generations` chains per prompt, drawn by the same sampler as a training step (the
-        three-phase guided one when `guidance` is on; in eval mode when `eval_guidance` is on). `trl-guided eval
-        --sampling guided` calls this outside any training step."""
-        repeated = [list(ids) for ids in prompt_ids for _ in range(num_generations)]
-        completion_ids, _ = self._generate_single_turn(repeated, None, {}, num_generations)
-        self._segments = None  # no scoring step follows to consume them
-        return completion_ids
-
     def _plain_generate(self, prompt_ids: list[list[int]], num_generations: int):
         """TRL's own single-turn generation, which every guided phase goes through (see `trl_guided.backends`)."""
         return super()._generate_single_turn(prompt_ids, None, {}, num_generations)
 
     def _log_guidance(self, rollout: GuidedRollout) -> None:
         segments, empty_prefix, completions = rollout.segments, rollout.empty_prefix, rollout.completions
-        mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
         local = torch.tensor(
             [
@@ -307,7 +360,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
             "branch_position",
         )
         for name, value in zip(names, means, strict=True):
-            self._metrics[mode][f"guidance/{name}"].append(value)
+            self._log_metric(f"guidance/{name}", value)
         if means[names.index("empty_prefix_ratio")] == 1.0:
             self._warn_once(
                 "empty_prefixes",
@@ -316,13 +369,13 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 "with the loss on their first tokens; watch guidance/empty_prefix_ratio. A longer prefix_max_tokens, "
                 "other `punctuation` marks or branch_point='entropy' give prefixes.",
             )
-        self._metrics[mode]["guidance/num_prefixes"].append(float(self.args.num_prefixes_per_group))
+        self._log_metric("guidance/num_prefixes", float(self.args.num_prefixes_per_group))
         if self._sampler.rule.needs_signals:  # entropies are known only when the cut scored the samples
             sums = [sum(rollout.branch_entropy), sum(rollout.mean_entropy), len(rollout.branch_entropy)]
             totals = self.accelerator.reduce(torch.tensor(sums, device=device), reduction="sum").tolist()
             if totals[2]:
-                self._metrics[mode]["guidance/branch_entropy"].append(totals[0] / totals[2])
-                self._metrics[mode]["guidance/mean_entropy"].append(totals[1] / totals[2])
+                self._log_metric("guidance/branch_entropy", totals[0] / totals[2])
+                self._log_metric("guidance/mean_entropy", totals[1] / totals[2])
         if self.log_completions:
             decode = functools.partial(self._tokenizer.decode, skip_special_tokens=True)
             starts = [0] * len(segments)
@@ -408,9 +461,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         totals = self.accelerator.reduce(
             torch.stack([-(per_token_logps * mask).sum(), mask.sum()]).float(), reduction="sum"
         )
-        mode = "train" if self.model.training else "eval"
-        value = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
-        self._metrics[mode][name].append(value)
+        self._log_metric(name, (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan"))
 
     def _shares_prefix(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
         """Whether the shared-prefix forward applies (it needs a KV cache, text only, and no per-forward OT hook)."""
@@ -500,9 +551,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
         logps = (old if old is not None else view.logps).float()
         local = torch.stack([mask.sum(), completion_tokens.sum().float(), (logps.exp() * mask).sum()])
         trained, tokens, probability = self.accelerator.reduce(local, reduction="sum").tolist()
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["guidance/trained_fraction"].append(trained / tokens if tokens else float("nan"))
-        self._metrics[mode]["guidance/trained_prob"].append(probability / trained if trained else float("nan"))
+        self._log_metric("guidance/trained_fraction", trained / tokens if tokens else float("nan"))
+        self._log_metric("guidance/trained_prob", probability / trained if trained else float("nan"))
 
     # ----------------------------------------------------------------------------------------- non-finite values
 
@@ -540,8 +590,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
 
     def _count_nonfinite(self, kind: str, message: str, value: float = 1.0) -> None:
         """Log `guidance/nonfinite_<kind>` (only on steps where it happens) and warn once per kind."""
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode][f"guidance/nonfinite_{kind}"].append(value)
+        self._log_metric(f"guidance/nonfinite_{kind}", value)
         self._warn_nonfinite(kind, message)
 
     def _warn_nonfinite(self, kind: str, message: str) -> None:

@@ -94,6 +94,7 @@ def test_colocate_sleep_mode_wakes_and_syncs_once_per_rollout(tiny_llama, tmp_pa
     trainer = trainer_for(tiny_llama, tmp_path, min_guide_tokens=2)
     engine = FakeSleepingEngine()
     trainer.use_vllm, trainer.vllm_mode, trainer.vllm_generation = True, "colocate", engine
+    trainer._backend = trainer._sampler.backend = trainer._rollout_backend()  # wired with the engine, as TRL's is
     trainer._last_loaded_step = trainer.state.global_step  # TRL would sync here only when the step changed
     prompts = [ids for ids in [[5, 6, 7], [8, 9]] for _ in range(G)]
     completions, logprobs = trainer._generate_single_turn(prompts, None, {}, G)

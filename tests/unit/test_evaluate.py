@@ -15,13 +15,24 @@ from pathlib import Path
 
 import pytest
 import yaml
+from datasets import Dataset
 
-from trl_guided import cli
+import trl_guided.evaluate as evaluate_module
+from trl_guided import GuidedGRPOTrainer, cli
 from trl_guided import sampler as sampler_module
 from trl_guided.config import SAMPLER_FIELDS
 from trl_guided.data import load_task
-from trl_guided.evaluate import EvalSettings, evaluate, read_records
-from trl_guided.locate import ModelError, locate_model
+from trl_guided.evaluate import (
+    EvalSettings,
+    _cut,
+    _stop_ids,
+    evaluate,
+    generate_guided,
+    guided_config,
+    prompt_token_ids,
+    read_records,
+)
+from trl_guided.locate import ModelError, load_model, locate_model
 from trl_guided.stats import (
     EvalError,
     bootstrap_ci,
@@ -463,6 +474,42 @@ def test_guided_eval_hands_every_sampler_field_of_a_recipe_to_the_sampler(tiny_l
     assert len(read_records(tmp_path / "guided.jsonl")) == 2 * 4
 
 
+def test_guided_eval_samples_what_a_trainers_rollout_samples(tiny_llama, tmp_path):
+    """Without a trainer, `--sampling guided` draws exactly the completions a GuidedGRPOTrainer's guided rollout (in
+    eval mode, through TRL's transformers generation) draws from the same seed and settings."""
+    settings = EvalSettings(
+        task="length", num_samples=4, temperature=1.0, max_new_tokens=12, batch_size=8, seed=3,
+        reward_funcs=["smooth_length"], guidance=dict(EVERY_SAMPLER_FIELD),
+    )  # fmt: skip
+    model, tokenizer = load_model(locate_model(tiny_llama))
+    texts = ["Describe clocks.", "Name a river.", "Why is the sky blue?"]
+    prompts = [prompt_token_ids(tokenizer, [{"role": "user", "content": text}]) for text in texts]
+    sampled = generate_guided(model, tokenizer, prompts, settings, progress=False)
+
+    model, tokenizer = load_model(locate_model(tiny_llama))
+    config = guided_config(settings)
+    config.output_dir = str(tmp_path)
+    trainer = GuidedGRPOTrainer(
+        model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=config,
+        train_dataset=Dataset.from_dict({"prompt": ["unused"]}), processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.model.eval()
+    stop, expected = _stop_ids(model, tokenizer), []
+    for start in range(0, len(prompts), 2):  # batch_size // num_samples prompts per rollout, as the evaluation
+        repeated = [ids for ids in prompts[start : start + 2] for _ in range(4)]
+        completions, _ = trainer._generate_single_turn(repeated, None, {}, 4)
+        expected += [_cut(list(row), stop, settings.max_new_tokens, None) for row in completions]
+    assert sampled == expected
+    assert len({tuple(ids) for ids, _ in sampled}) > len(prompts)  # sampled, not one completion per prompt
+
+
+def test_auto_backend_of_guided_sampling_is_transformers(monkeypatch):
+    monkeypatch.setattr(evaluate_module.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(evaluate_module.torch.cuda, "is_available", lambda: True)
+    assert evaluate_module.default_backend() == "vllm"  # a GPU with vLLM: plain sampling takes vLLM
+    assert evaluate_module.default_backend("guided") == "transformers"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -476,10 +523,14 @@ def test_guided_eval_hands_every_sampler_field_of_a_recipe_to_the_sampler(tiny_l
         (["--model", "{tiny}", "--task", "length", "--eval-size", "0"], "split of task 'length' is empty"),
         (["--model", "{tiny}", "--task", "arithmetic", "--limit", "0"], "--limit must be at least 1"),
         (["--model", "{tiny}", "--task", "arithmetic", "--num-samples", "4"], "identical samples"),
+        (
+            "--model {tiny} --task length --sampling guided --num-samples 2 --temperature 1 --backend vllm".split(),
+            "--sampling guided samples with transformers",
+        ),
         (["--compare", "{tmp}/a.json", "{tmp}/b.json"], "different problems"),
         (["--compare", "{tmp}/a.json", "{tmp}/missing.json"], "missing.json: no such file"),
     ],
-    ids=["task", "reward", "model", "run_folder", "empty_split", "limit_0", "greedy_k", "compare", "compare_missing"],
+    ids="task reward model run_folder empty_split limit_0 greedy_k guided_vllm compare compare_missing".split(),
 )
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(tiny_llama, tmp_path, argv, message):
     (tmp_path / "run" / "checkpoint-1").mkdir(parents=True)

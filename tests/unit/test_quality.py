@@ -71,7 +71,7 @@ def test_per_token_update_of_guided_and_plain_under_each_normalization(embedded,
 
     shares = {}
     for normalization in ("trained", "completion"):
-        trainer.args.guidance_loss_normalization = normalization
+        trainer._loss_focus.normalization = normalization  # `guidance_loss_normalization`, as wired
         guided = trainer._focus_loss(dict(raw), segments)
         trained = (guided["completion_mask"] * guided["tool_mask"]).bool()
         hidden, _ = hidden_and_embedding_grads(trainer, guided)

@@ -131,12 +131,13 @@ def test_low_prob_mask_comes_from_the_sampling_time_policy(tiny_llama, tmp_path)
     old = raw["old_per_token_logps"]
     assert old is not None
     live = raw["completion_mask"].bool()
-    trainer.args.loss_prob_threshold = float(old[live].exp().median())  # a threshold that splits the tokens
+    threshold = float(old[live].exp().median())  # a threshold that splits the tokens
+    trainer._loss_focus.loss_prob_threshold = threshold  # `loss_prob_threshold`, as the trainer wires it
     raw["sampling_per_token_logps"] = torch.zeros_like(old)  # probability 1 everywhere: would train nothing
     batch = trainer._focus_loss(dict(raw), segments)
     prefix = torch.tensor(segments.prefix)
     sources = prefix_source_rows(raw["prompt_ids"], raw["prompt_mask"], raw["completion_ids"], live, prefix)
-    expected = low_prob_mask(share_prefix(old, sources, prefix), live, trainer.args.loss_prob_threshold)
+    expected = low_prob_mask(share_prefix(old, sources, prefix), live, threshold)
     trained = (batch["completion_mask"] * batch["tool_mask"]).bool()
     assert torch.equal(trained, expected)
     assert 0 < trained.sum() < live.sum()

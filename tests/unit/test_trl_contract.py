@@ -62,7 +62,8 @@ def test_trl_private_signatures_we_rely_on_are_unchanged():
 
 
 def test_trl_private_attributes_the_rollout_backend_uses_exist(tiny_llama, tmp_path):
-    """trl_guided/backends.py reads and sets private attributes of TRL 1.16; fail loudly when an upgrade moves one."""
+    """The trainer wires private attributes of TRL 1.16 into its helpers (`GuidedGRPOTrainer._rollout_backend`,
+    `_loss_focus_of`) and trl_guided/backends.py sets some; fail loudly when an upgrade moves one."""
     from trl.generation.vllm_generation import VLLMGeneration
 
     trainer = trainer_for(tiny_llama, tmp_path)
@@ -79,6 +80,10 @@ def test_trl_private_attributes_the_rollout_backend_uses_exist(tiny_llama, tmp_p
         "_metrics",
         "_step",
         "_buffered_inputs",
+        "loss_type",
+        "scale_rewards",
+        "reward_weights",
+        "num_generations_eval",
     ):
         assert hasattr(trainer, name), f"GRPOTrainer no longer has .{name}"
     assert isinstance(trainer._dist.is_zero3, bool), "GRPOTrainer._dist.is_zero3 moved"
