@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
+import torch
 from trl import GRPOConfig
 
 from .guidance import BRANCH_POINTS, DEFAULT_PUNCTUATION, LOSS_SCOPES, TREE_ADVANTAGES
@@ -30,6 +32,44 @@ SAMPLER_FIELDS = (
     "max_guide_tokens",
     "prefix_eos_retries",
 )
+
+
+def gpu_weight_semantics() -> bool:
+    """Whether TRL's vLLM weight sync can run here: a GPU (CUDA, ROCm, XPU) in this process. vLLM's GPU backends
+    compute from the parameters that the colocated sync writes into, and server mode pushes them over NCCL; vLLM's CPU
+    backend computes each linear layer from a packed copy made at load time, and NCCL needs CUDA.
+    tests/distributed/vllm_scripts/ replace this function: they emulate GPU semantics on CPU (see there)."""
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def vllm_training_refusal(args: GRPOConfig) -> str | None:
+    """One line saying why `use_vllm` cannot train here and what to do instead, or None when it can.
+
+    Checked before anything is loaded (`trl-guided train` at parse time, `GuidedGRPOTrainer` before TRL builds the
+    engine): otherwise the colocated engine starts (about 2 minutes on CPU) and the first weight sync fails. A
+    machine-level check, so it is not part of the config's own validation: a GPU recipe still parses on a laptop.
+    """
+    if not args.use_vllm:
+        return None
+    fix = "train with the transformers backend (use_vllm: false), see docs/distributed.md"
+    if not gpu_weight_semantics():
+        if args.vllm_mode == "server":
+            return (
+                "use_vllm=True with vllm_mode='server' needs a GPU in the training process: TRL pushes the policy's "
+                f"weights to the vLLM server over NCCL, which needs CUDA. On this machine {fix}."
+            )
+        sleep = " (vllm_enable_sleep_mode is GPU-only too)" if args.vllm_enable_sleep_mode else ""
+        return (
+            f"use_vllm=True with vllm_mode='colocate' cannot train on a machine without a GPU{sleep}: vLLM's CPU "
+            "backend computes from packed copies of the weights, which TRL's weight sync does not update. Instead "
+            f"{fix}; vLLM on CPU pays for batched evaluation (trl-guided eval --backend vllm)."
+        )
+    if importlib.util.find_spec("vllm") is None:
+        return (
+            'use_vllm=True, but vllm is not installed in this Python environment: run `pip install -e ".[vllm]"` '
+            f"(TRL 1.16 supports vLLM 0.22-0.31), or {fix}."
+        )
+    return None
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 import yaml
 from trl import GRPOConfig, ModelConfig, TrlParser
 
-from .config import GuidedGRPOConfig
+from .config import GuidedGRPOConfig, vllm_training_refusal
 from .data import TASK_OPTIONS, TASKS
 from .rewards import get_reward
 from .tasks import REWARD_FIELDS, TaskArguments
@@ -242,6 +242,9 @@ def parse_args(argv: list[str]):
     for line in unused:
         logger.warning("Unused setting: %s.", line)
     check_deepspeed_without_gpu(training_args)
+    refusal = vllm_training_refusal(training_args)  # before the model, the starting evaluation or the engine load
+    if refusal:
+        raise SystemExit(refusal)
     if str(training_args.resume_from_checkpoint).lower() in ("true", "last"):
         training_args.resume_from_checkpoint = True  # the last checkpoint in output_dir
     elif str(training_args.resume_from_checkpoint).lower() == "auto":

@@ -23,7 +23,7 @@ from trl import GRPOTrainer
 
 from .backends import RolloutBackend, TRLGeneration, unwrap
 from .checkpoints import last_complete_checkpoint, load_sampler_state, save_sampler_state
-from .config import GuidedGRPOConfig
+from .config import GuidedGRPOConfig, vllm_training_refusal
 from .guidance import (
     Segments,
     prefix_copies,
@@ -135,6 +135,9 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 f"GuidedGRPOTrainer needs a GuidedGRPOConfig, got {type(args).__name__}. Build the config with "
                 "trl_guided.GuidedGRPOConfig (it accepts every GRPOConfig field)."
             )
+        refusal = vllm_training_refusal(args)  # TRL's __init__ would start the engine first, then fail at its sync
+        if refusal:
+            raise ValueError(refusal)
         if args.guidance:
             unsupported = [name for name in ("tools", "rollout_func", "environment_factory") if given.get(name)]
             if unsupported:

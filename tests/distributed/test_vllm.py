@@ -2,6 +2,10 @@
 
 vLLM pins its own versions, so it lives in a separate virtualenv (scripts/setup_vllm_env.sh, a no-op when up to date)
 and the checks run there as scripts (tests/distributed/vllm_scripts/), each printing one `REPORT {json}` line.
+
+The training scripts emulate GPU weight semantics on this CPU machine, to test the GPU user's path here: colocate.py
+makes vLLM compute from the weights TRL's sync writes (plain `F.linear` instead of packed copies), server.py stubs the
+NCCL weight push; each then lifts the package's refusal of vLLM training without a GPU (`gpu_weight_semantics`).
 """
 
 from __future__ import annotations
@@ -136,7 +140,13 @@ def test_a_server_that_is_down_at_start_is_one_line_with_the_fix(vllm_python, tm
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
-    command = [str(vllm_python), "-m", "trl_guided.cli", "train", "--config", str(tmp_path / "recipe.yaml")]
+    # As on a GPU machine whose server is down: without a GPU the package refuses server mode before it looks for the
+    # server (its NCCL weight push needs CUDA; tests/unit/test_config.py), so that refusal is lifted in this process.
+    as_on_gpu = (
+        "import sys, trl_guided.config as c; c.gpu_weight_semantics = lambda: True; "
+        "from trl_guided.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    command = [str(vllm_python), "-c", as_on_gpu, "train", "--config", str(tmp_path / "recipe.yaml")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]

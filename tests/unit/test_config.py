@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+import torch
 
-from trl_guided import GuidedGRPOConfig
+import trl_guided.config as config_module
+from trl_guided import GuidedGRPOConfig, GuidedGRPOTrainer
+from trl_guided.recipe import parse_args
 
-from .common import config
+from .common import config, reward_len
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -84,3 +95,75 @@ def test_tree_settings_are_accepted(tmp_path):
     args = config(tmp_path, num_prefixes_per_group=2, tree_advantage="group+branch", prefix_advantage_weight=0.5)
     assert args.num_prefixes_per_group == 2
     assert config(tmp_path, branch_point="entropy", branch_snap_to_punctuation=True).branch_snap_window == 8
+
+
+# ------------------------------------------------------------------------------------ vLLM where it cannot train
+
+
+@pytest.fixture
+def without_gpu(monkeypatch):
+    monkeypatch.setattr(config_module, "gpu_weight_semantics", lambda: False)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(vllm_mode="colocate"), "vllm_mode='colocate' cannot train on a machine without a GPU: vLLM's CPU"),
+        (
+            dict(vllm_mode="colocate", vllm_enable_sleep_mode=True),
+            "without a GPU (vllm_enable_sleep_mode is GPU-only too):",
+        ),
+        (dict(vllm_mode="server"), "vllm_mode='server' needs a GPU in the training process: TRL pushes"),
+    ],
+)
+def test_vllm_training_without_a_gpu_is_one_line_naming_the_transformers_backend(
+    tmp_path, without_gpu, overrides, message
+):
+    refusal = config_module.vllm_training_refusal(config(tmp_path, use_vllm=True, **overrides))
+    assert message in refusal and "\n" not in refusal
+    assert "use_vllm: false" in refusal and "docs/distributed.md" in refusal
+    assert config_module.vllm_training_refusal(config(tmp_path, use_vllm=False, **overrides)) is None
+
+
+def test_vllm_on_a_gpu_machine_is_refused_only_when_not_installed(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module, "gpu_weight_semantics", lambda: True)
+    args = config(tmp_path, use_vllm=True, vllm_mode="server")
+    find_spec = config_module.importlib.util.find_spec
+    monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: find_spec(name + "-missing"))
+    refusal = config_module.vllm_training_refusal(args)
+    assert refusal.startswith("use_vllm=True, but vllm is not installed") and 'pip install -e ".[vllm]"' in refusal
+    monkeypatch.setattr(config_module.importlib.util, "find_spec", lambda name: object())
+    assert config_module.vllm_training_refusal(args) is None
+
+
+def test_the_trainer_refuses_vllm_without_a_gpu_before_loading_the_model(tmp_path, without_gpu):
+    args = config(tmp_path, use_vllm=True, vllm_mode="colocate")
+    with pytest.raises(ValueError, match="cannot train on a machine without a GPU"):  # not the missing model's error
+        GuidedGRPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=reward_len, args=args)
+
+
+@pytest.mark.parametrize("mode", ["server", "colocate"])
+def test_a_vllm_recipe_without_a_gpu_is_refused_when_parsed(tmp_path, without_gpu, mode):
+    recipe = ROOT / "recipes" / "smollm2-135m-instruct" / "instructions_cpu.yaml"
+    argv = ["--config", str(recipe), "--output_dir", str(tmp_path), "--use_vllm", "true", "--vllm_mode", mode]
+    with pytest.raises(SystemExit, match=f"vllm_mode='{mode}'"):
+        parse_args(argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_train_with_vllm_colocate_on_cpu_exits_at_once_with_one_line(tmp_path):
+    """The command of issue 35: it used to start the engine (about 2 minutes) and die at its first weight sync."""
+    command = [sys.executable, "-m", "trl_guided.train"]
+    command += ["--config", str(ROOT / "recipes" / "smollm2-135m-instruct" / "instructions_cpu.yaml")]
+    command += ["--max_steps", "4", "--report_to", "none", "--save_strategy", "no", "--eval_before_after", "false"]
+    command += ["--use_vllm", "true", "--vllm_mode", "colocate", "--output_dir", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    seconds = time.monotonic() - started
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("use_vllm=True with vllm_mode='colocate' cannot train on a machine without a GPU")
+    assert seconds < 60, f"the refusal took {seconds:.0f} s"
+    assert not (tmp_path / "run").exists()

@@ -24,23 +24,29 @@ BF16_TOLERANCE = 0.25
 
 
 def keep_linear_weights_in_place() -> None:
-    """The one CPU-only patch: keep vLLM's linear weights as plain tensors so TRL can reload them in place.
+    """The one CPU-only patch: emulate GPU weight semantics, so that this CI machine without a GPU runs the colocated
+    engine, TRL's weight sync and the guided trainer together as a GPU user's run does.
 
     After loading, vLLM's CPU backend hands every linear layer to `dispatch_cpu_unquantized_gemm`, which packs a
     private copy of the weight for oneDNN (or the SGL kernel) and replaces `layer.weight` by an empty tensor (linear
     layers) or keeps it but computes from the copy (the LM head). TRL's colocate weight sync writes the training
     weights with `model.load_weights(...)` into `layer.weight`: into an empty tensor that fails, and for the LM head
-    it would silently keep sampling from the stale copy. GPU backends compute from `layer.weight` directly, so this is
-    CPU-only; the fallback below is the plain `F.linear` vLLM itself uses when oneDNN is unavailable.
+    it would silently keep sampling from the stale copy. GPU backends compute from `layer.weight` directly; the
+    fallback below is the plain `F.linear` vLLM itself uses when oneDNN is unavailable. It is slower than the packed
+    kernels, which is why the package refuses colocated training on CPU (`trl_guided.config.vllm_training_refusal`,
+    docs/distributed.md) instead of doing this; with the GPU semantics emulated, that refusal is switched off here.
     """
     import torch.nn.functional as F
     from vllm.model_executor.layers import utils
+
+    import trl_guided.config
 
     def plain_linear(layer: Any, remove_weight: bool) -> None:
         layer.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
 
     # Looked up by name at every call (`from ...utils import dispatch_cpu_unquantized_gemm` inside the loaders).
     utils.dispatch_cpu_unquantized_gemm = plain_linear
+    trl_guided.config.gpu_weight_semantics = lambda: True
 
 
 def same_cut_as_transformers(trainer: Any, model: str, config: Any) -> dict[str, Any]:

@@ -155,6 +155,12 @@ def disable_nccl_weight_transfer() -> list[int]:
 
     VLLMClient.init_communicator = no_communicator
     VLLMClient.update_named_params = record_push
+    # With the push stubbed (and learning_rate 0, so the server's weights stay the trainer's), this CPU process trains
+    # against the server as a GPU one would: lift the package's refusal of server mode without a GPU
+    # (`trl_guided.config.vllm_training_refusal`), which a user's run on CPU gets because it could not push weights.
+    import trl_guided.config
+
+    trl_guided.config.gpu_weight_semantics = lambda: True
     return pushes
 
 
