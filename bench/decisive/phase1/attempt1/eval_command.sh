@@ -1,0 +1,8 @@
+source /work/runs-phase1/env.sh
+CKPT=$1
+taskset -c 1 .venv-vllm/bin/python -m trl_guided.cli eval --config recipes/smollm2-135m-instruct/instructions_cpu.yaml \
+  --model /work/runs-phase1/attempt1/$CKPT --dataset-size 400 --limit 400 --temperature 0 --max-new-tokens 160 \
+  --sampling plain --backend vllm --seed 0 --quality-limit 100 \
+  --output /work/runs-phase1/attempt1/eval_end.json --records /work/runs-phase1/attempt1/eval_end.jsonl
+taskset -c 1 .venv/bin/python -m trl_guided.cli eval --compare /work/runs-phase1/start/eval_start.json /work/runs-phase1/attempt1/eval_end.json \
+  --output /work/runs-phase1/attempt1/comparison.json
