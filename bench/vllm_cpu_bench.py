@@ -8,8 +8,10 @@ batch of the CPU instruction recipe (recipes/smollm2-135m-instruct/instructions_
 Every row generates exactly 160 tokens (EOS ignored), so both engines do the same work and tokens/s compare. Each
 call's wall time and CPU time (this process and its children, vLLM's engine core among them) are recorded: on a core
 shared with other jobs the CPU time is the work done, the wall time includes the waiting. The
-transformers model is float32 (the CPU recipes' `bf16: false`); the vLLM engine uses `dtype="auto"` as TRL's colocated
-engine and `trl-guided eval` do. Run with the vLLM venv (scripts/setup_vllm_env.sh), pinned to one core:
+transformers model is float32 (the CPU recipes' `bf16: false`); the vLLM engine runs the dtype `trl-guided eval` gives
+it (float32 on CPU, `trl_guided.vllm_engine.engine_dtype`), or `--vllm-dtype` (`auto`: TRL's colocated engine, bfloat16
+from this checkpoint); each dtype's numbers are kept under `vllm_<dtype>`. Run with the vLLM venv
+(scripts/setup_vllm_env.sh), pinned to one core:
 
     OMP_NUM_THREADS=1 taskset -c 0 .venv-vllm/bin/python bench/vllm_cpu_bench.py --output bench/vllm_cpu.json
 
@@ -48,6 +50,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl_guided.data import load_task  # noqa: E402
 from trl_guided.evaluate import prompt_token_ids  # noqa: E402
 from trl_guided.models import resolve_model_path  # noqa: E402
+from trl_guided.vllm_engine import engine_dtype  # noqa: E402
 
 MODEL = "embedded:smollm2-135m-instruct"
 NEW_TOKENS = 160
@@ -100,11 +103,11 @@ def transformers_side(path: str, tokenizer, train: list, test: list, repeats: in
     return {"dtype": "float32", "training_batch": training, "evaluation_batch": evaluation}
 
 
-def vllm_side(path: str, train: list, test: list, repeats: int) -> dict:
+def vllm_side(path: str, train: list, test: list, repeats: int, dtype: str) -> dict:
     from vllm import LLM, __version__  # optional: the vLLM venv
 
     start, start_cpu = time.perf_counter(), cpu_seconds()
-    llm = LLM(model=path, tokenizer=path, dtype="auto", seed=0, max_model_len=1024, enable_prefix_caching=True)
+    llm = LLM(model=path, tokenizer=path, dtype=dtype, seed=0, max_model_len=1024, enable_prefix_caching=True)
     started, started_cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
     print(f"[bench] vLLM engine started in {started:.0f} s; training batch", flush=True)
     training = measure(lambda: vllm_call(llm, train, SAMPLES, True), repeats)
@@ -149,17 +152,19 @@ def measure(call, repeats: int, warm_up: bool = True) -> dict:
 
 def compare(result: dict) -> None:
     """vLLM's speed-up and both engines' tokens per second, per batch and clock, once both sides are measured."""
-    if "transformers" not in result or "vllm" not in result:
+    if "transformers" not in result:
         return
-    for name, rows in (("training_batch", TRAIN_PROMPTS * SAMPLES), ("evaluation_batch", EVAL_PROMPTS)):
-        for clock in ("wall", "cpu"):
-            hf = result["transformers"][name][f"median_{clock}_seconds"]
-            vl = result["vllm"][name][f"median_{clock}_seconds"]
-            result[f"{name}_vllm_speedup_{clock}"] = round(hf / vl, 2)
-            result[f"{name}_tokens_per_{clock}_second"] = {
-                "transformers": round(rows * NEW_TOKENS / hf, 1),
-                "vllm": round(rows * NEW_TOKENS / vl, 1),
-            }
+    for side in [key for key in result if key.startswith("vllm_") and "batch" not in key]:
+        for name, rows in (("training_batch", TRAIN_PROMPTS * SAMPLES), ("evaluation_batch", EVAL_PROMPTS)):
+            for clock in ("wall", "cpu"):
+                hf = result["transformers"][name][f"median_{clock}_seconds"]
+                vl = result[side][name][f"median_{clock}_seconds"]
+                result[f"{name}_{side}_speedup_{clock}"] = round(hf / vl, 2)
+                result[f"{name}_tokens_per_{clock}_second"] = {
+                    **result.get(f"{name}_tokens_per_{clock}_second", {}),
+                    "transformers": round(rows * NEW_TOKENS / hf, 1),
+                    side: round(rows * NEW_TOKENS / vl, 1),
+                }
 
 
 def record(output: Path, side: str, measured: dict, header: dict) -> dict:
@@ -182,6 +187,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed training-batch calls (after one warm-up)")
     parser.add_argument(
         "--only", choices=("transformers", "vllm"), help="measure one side (merged into --output); default both"
+    )
+    parser.add_argument(
+        "--vllm-dtype", default=engine_dtype(), help="the vLLM engine's dtype (default: what trl-guided eval runs)"
     )
     args = parser.parse_args()
     threads = len(os.sched_getaffinity(0))
@@ -207,9 +215,9 @@ def main() -> None:
         measured["command"] = command
         result = record(args.output, "transformers", measured, header)
     if args.only in (None, "vllm"):
-        measured = vllm_side(path, train, test, args.repeats)
+        measured = vllm_side(path, train, test, args.repeats, args.vllm_dtype)
         measured["command"] = command
-        result = record(args.output, "vllm", measured, header)
+        result = record(args.output, f"vllm_{measured['dtype']}", measured, header)
     print(json.dumps(result, indent=2))
 
 

@@ -73,9 +73,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
     trainer.train()
     ```
 
-    The constructor takes `GRPOTrainer`'s parameters unchanged (bound by GRPOTrainer's own signature and forwarded by
-    keyword); `model` may also be an `embedded:<name>`, `args` must be a `GuidedGRPOConfig`, and guidance refuses
-    `tools`, `rollout_func` and `environment_factory` (they own the rollout).
+    The constructor takes `GRPOTrainer`'s parameters unchanged; `model` may also be an `embedded:<name>`, `args` must
+    be a `GuidedGRPOConfig`, guidance refuses `tools`, `rollout_func` and `environment_factory` (they own the rollout).
 
     Overridden methods of `GRPOTrainer`, each calling the parent and post-processing. Maintenance notes: the TRL 1.16
     behaviour each relies on, checked by `tests/unit/test_trl_contract.py`:
@@ -119,8 +118,8 @@ class GuidedGRPOTrainer(GRPOTrainer):
     _name = "Guided GRPO"
 
     def __init__(self, model, reward_funcs=None, args: GuidedGRPOConfig | None = None, *more, **kwargs):
-        # GRPOTrainer's parameters, in its positions or by keyword: bound by GRPOTrainer's own signature (an unknown
-        # one is a TypeError there), so none is restated here; the plugin reads `model`, `args` and the rollout owners.
+        # GRPOTrainer's parameters, positional or by keyword, bound by its own signature (an unknown one is a TypeError
+        # there); none is restated here. The plugin reads `model`, `args` and the rollout owners.
         given = (
             inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *more, **kwargs).arguments
         )
@@ -135,17 +134,15 @@ class GuidedGRPOTrainer(GRPOTrainer):
                 f"GuidedGRPOTrainer needs a GuidedGRPOConfig, got {type(args).__name__}. Build the config with "
                 "trl_guided.GuidedGRPOConfig (it accepts every GRPOConfig field)."
             )
-        refusal = vllm_training_refusal(args)  # TRL's __init__ would start the engine first, then fail at its sync
-        if refusal:
+        if refusal := vllm_training_refusal(args):  # TRL's __init__ would start the engine, then fail at its sync
             raise ValueError(refusal)
-        if args.guidance:
-            unsupported = [name for name in ("tools", "rollout_func", "environment_factory") if given.get(name)]
-            if unsupported:
-                raise ValueError(
-                    f"Guided sampling cannot be combined with {', '.join(unsupported)}: those own the rollout "
-                    "(multi-turn or custom generation), guidance needs single-turn three-phase sampling. Set "
-                    "guidance=False in the config to train them with plain GRPO."
-                )
+        owners = [name for name in ("tools", "rollout_func", "environment_factory") if given.get(name)]
+        if args.guidance and owners:
+            raise ValueError(
+                f"Guided sampling cannot be combined with {', '.join(owners)}: those own the rollout (multi-turn or "
+                "custom generation), guidance needs single-turn three-phase sampling. Set guidance=False in the "
+                "config to train them with plain GRPO."
+            )
         super().__init__(**{**given, "model": model, "args": args})
         self._guidance_rng = random.Random(args.seed + self.accelerator.process_index)
         self._backend = self._rollout_backend()

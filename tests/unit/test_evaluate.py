@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from datasets import Dataset
 
@@ -311,6 +312,26 @@ def test_a_kept_vllm_engine_serves_every_model_of_its_architecture_and_only_insi
     evaluate(models[1])
     assert [engine["model"] for engine in fake.engines[2:]] == models[:2]
     assert sum(call[1] == "reload_weights" for call in fake.calls) == 2  # none outside the block
+
+
+def test_the_vllm_engine_runs_float32_on_cpu_auto_on_a_gpu_and_what_trl_guided_vllm_dtype_says(tmp_path, monkeypatch):
+    """On CPU vLLM's `auto` would take a bf16 checkpoint's dtype (many times slower on a CPU without native bf16, and
+    not what the transformers backend scores with): the engine runs float32 there; on a GPU `auto`; the environment
+    variable overrides both."""
+    from trl_guided.tiny_models import build_tiny_model
+    from trl_guided.vllm_engine import engine_dtype
+
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.delenv("TRL_GUIDED_VLLM_DTYPE", raising=False)
+    model = build_tiny_model(tmp_path / "model", seed=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(_eval_argv(model, tmp_path, "out", "--backend", "vllm", "--quality-model", "none")) == 0
+    assert [engine["dtype"] for engine in fake.engines] == ["float32"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_dtype() == "auto"
+    monkeypatch.setenv("TRL_GUIDED_VLLM_DTYPE", "bfloat16")
+    assert engine_dtype() == "bfloat16"
 
 
 def _model_folder(path: Path, complete: bool = True) -> Path:
