@@ -353,7 +353,6 @@ def _counts(name: str, entry: dict) -> str:
 def build_report(run_dir: str | Path, groups: int = 8, ot_plan: bool = True) -> str:
     """The HTML page of a run directory (see the module docstring)."""
     run = load_run(run_dir)
-    numbers = headline(run)
     notes = list(run.notes)
     title = f"Guided GRPO run: {run.path.resolve().name}"
     parts = [
@@ -365,8 +364,27 @@ def build_report(run_dir: str | Path, groups: int = 8, ot_plan: bool = True) -> 
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
     ]
     notes_at = len(parts)
+    parts.append(_facts_html(run, notes))
+    parts.append(_comparison_html(run))
+    ot_on = (run.training.get("ot_coef") or 0) > 0 or any("ot/cost" in e for e in run.history)
+    parts.extend(_curves_html(run, ot_on))
+    samples, chosen_groups = _samples_html(run, groups, notes)
+    parts.extend(samples)
+    if ot_on:
+        parts.extend(_ot_html(run, chosen_groups, notes, ot_plan))
+    if notes:
+        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        parts.insert(
+            notes_at, f"<div class='notes' id='notes'><strong>Missing or skipped</strong><ul>{items}</ul></div>"
+        )
+    parts.append("<footer>Written by <code>trl-guided report</code>; self-contained (no network).</footer>")
+    parts.append("</main></body></html>")
+    return "\n".join(parts)
 
-    # Header: headline numbers and settings.
+
+def _facts_html(run: Run, notes: list[str]) -> str:
+    """The header: headline numbers next to the settings."""
+    numbers = headline(run)
     steps = f"{numbers['steps']}" + (f" of {numbers['max_steps']}" if numbers.get("max_steps") else "")
     if "reward_first" in numbers:
         reward = (
@@ -382,84 +400,77 @@ def build_report(run_dir: str | Path, groups: int = 8, ot_plan: bool = True) -> 
     facts.append(("training reward", reward))
     left = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in facts)
     right = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in _settings_rows(run))
-    parts.append(f"<div class='facts'><table>{left}</table><table>{right}</table></div>")
-    parts.append(_comparison_html(run))
+    return f"<div class='facts'><table>{left}</table><table>{right}</table></div>"
 
-    # Curves.
-    ot_on = (run.training.get("ot_coef") or 0) > 0 or any("ot/cost" in e for e in run.history)
+
+def _curves_html(run: Run, ot_on: bool) -> list[str]:
+    """Every logged curve group (the OT group is drawn in its own section when OT is on)."""
     figures = []
     for group in plots.CURVE_GROUPS:
         if group.name == "ot" and ot_on:
-            continue  # drawn in the OT section
+            continue
         fig = plots.figure(run.history, group)
         if fig is not None:
             figures.append(f"<figure id='curve-{group.name}'>{plots.svg(fig)}</figure>")
-    parts.append("<h2 id='curves'>Curves</h2>")
-    parts.append(f"<div class='curves'>{''.join(figures)}</div>" if figures else "<p>No metrics were logged.</p>")
+    shown = f"<div class='curves'>{''.join(figures)}</div>" if figures else "<p>No metrics were logged.</p>"
+    return ["<h2 id='curves'>Curves</h2>", shown]
 
-    # Sample groups.
-    parts.append("<h2 id='samples'>Sample groups</h2>")
+
+def _samples_html(run: Run, groups: int, notes: list[str]) -> tuple[list[str], list[Group]]:
+    """Up to `groups` sample groups from the logged steps, and the groups shown (the OT plan draws on them)."""
+    parts = ["<h2 id='samples'>Sample groups</h2>"]
     files = run.completion_files
     chosen_groups: list[Group] = []
     if not files:
         notes.append("No completions/*.parquet: set log_completions: true in the recipe to see sample groups.")
-        parts.append("<p>No logged completions (log_completions was off).</p>")
+        return [*parts, "<p>No logged completions (log_completions was off).</p>"], chosen_groups
+    reward_names = list(run.task.get("reward_funcs") or [])
+    weights = run.training.get("reward_weights")
+    chosen = pick_steps(files)
+    parts.append(
+        f"<p class='sub'>{len(files)} logged steps; shown: "
+        + ", ".join(html.escape(f.stem.removeprefix("completions_").lstrip("0") or "0") for f in chosen)
+        + f". Up to {groups} groups in total.</p>"
+    )
+    legend_at = len(parts)
+    for path, count in zip(chosen, spread(groups, len(chosen)), strict=True):
+        try:
+            found = read_groups(path, reward_names, weights, run.training.get("num_generations"))
+        except Exception as error:  # noqa: BLE001 - a truncated or foreign parquet is reported, not raised
+            notes.append(f"{path.relative_to(run.path)} is unreadable ({type(error).__name__}); skipped.")
+            continue
+        if not found:
+            notes.append(f"{path.relative_to(run.path)} holds no rows.")
+            continue
+        # Spread the shown groups over the batch, so a step's groups are not all from its first prompts.
+        shown = min(count, len(found))
+        picks = sorted({round(i * (len(found) - 1) / max(shown - 1, 1)) for i in range(shown)})
+        names = reward_names or list(found[0].branches[0].rewards)
+        for group in (found[i] for i in picks):
+            parts.append(_group_html(group, names))
+            chosen_groups.append(group)
+    if any(group.prefix is not None for group in chosen_groups):
+        parts.insert(legend_at, LEGEND)
+    elif chosen_groups:
+        parts.insert(legend_at, "<p class='sub'>No segment columns (guidance was off): whole completions shown.</p>")
+    return parts, chosen_groups
+
+
+def _ot_html(run: Run, groups: list[Group], notes: list[str], ot_plan: bool) -> list[str]:
+    """The OT section: its curves and, unless skipped, the transport plan of a shown group."""
+    fig = plots.figure(run.history, next(g for g in plots.CURVE_GROUPS if g.name == "ot"))
+    parts = ["<h2 id='ot'>Optimal transport</h2><div class='ot'>"]
+    parts.append(
+        f"<div class='curves'><figure id='curve-ot'>{plots.svg(fig)}</figure></div>"
+        if fig
+        else "<p>No ot/* metric logged.</p>"
+    )
+    if ot_plan:
+        parts.append(_plan_html(run, groups, notes))
     else:
-        reward_names = list(run.task.get("reward_funcs") or [])
-        weights = run.training.get("reward_weights")
-        chosen = pick_steps(files)
-        parts.append(
-            f"<p class='sub'>{len(files)} logged steps; shown: "
-            + ", ".join(html.escape(f.stem.removeprefix("completions_").lstrip("0") or "0") for f in chosen)
-            + f". Up to {groups} groups in total.</p>"
-        )
-        legend_at = len(parts)
-        for path, count in zip(chosen, spread(groups, len(chosen)), strict=True):
-            try:
-                found = read_groups(path, reward_names, weights, run.training.get("num_generations"))
-            except Exception as error:  # noqa: BLE001 - a truncated or foreign parquet is reported, not raised
-                notes.append(f"{path.relative_to(run.path)} is unreadable ({type(error).__name__}); skipped.")
-                continue
-            if not found:
-                notes.append(f"{path.relative_to(run.path)} holds no rows.")
-                continue
-            # Spread the shown groups over the batch, so a step's groups are not all from its first prompts.
-            shown = min(count, len(found))
-            picks = sorted({round(i * (len(found) - 1) / max(shown - 1, 1)) for i in range(shown)})
-            names = reward_names or list(found[0].branches[0].rewards)
-            for group in (found[i] for i in picks):
-                parts.append(_group_html(group, names))
-                chosen_groups.append(group)
-        if any(group.prefix is not None for group in chosen_groups):
-            parts.insert(legend_at, LEGEND)
-        elif chosen_groups:
-            parts.insert(
-                legend_at, "<p class='sub'>No segment columns (guidance was off): whole completions shown.</p>"
-            )
-
-    # OT.
-    if ot_on:
-        parts.append("<h2 id='ot'>Optimal transport</h2><div class='ot'>")
-        fig = plots.figure(run.history, next(g for g in plots.CURVE_GROUPS if g.name == "ot"))
-        parts.append(
-            f"<div class='curves'><figure id='curve-ot'>{plots.svg(fig)}</figure></div>"
-            if fig
-            else "<p>No ot/* metric logged.</p>"
-        )
-        if ot_plan:
-            parts.append(_plan_html(run, chosen_groups, notes))
-        else:
-            notes.append(f"OT transport plan not drawn (skipped); `trl-guided report {run.path}` draws it.")
-        parts.append("</div>")
-
-    if notes:
-        items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-        parts.insert(
-            notes_at, f"<div class='notes' id='notes'><strong>Missing or skipped</strong><ul>{items}</ul></div>"
-        )
-    parts.append("<footer>Written by <code>trl-guided report</code>; self-contained (no network).</footer>")
-    parts.append("</main></body></html>")
-    return "\n".join(parts)
+        notes.append(f"OT transport plan not drawn (skipped); `trl-guided report {run.path}` draws it.")
+    parts.append("</div>")
+    return parts
 
 
 def _plan_html(run: Run, groups: list[Group], notes: list[str]) -> str:
