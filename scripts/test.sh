@@ -4,10 +4,11 @@
 #   bash scripts/test.sh                 # everything (CI): lint, tests/unit, tests/launch, tests/distributed
 #   bash scripts/test.sh --fast          # inner loop: lint + tests/unit without the slow (real-model) tests
 #   bash scripts/test.sh -k guidance -x  # other arguments go to pytest
-# Without arguments (CI): lint, then the suite in two pytest-xdist workers (whole files per worker, so a file's module
-# fixtures are built once) while a background lane builds the vLLM venv and then runs the tests that need it;
-# tests/launch/test_setup.py (which re-runs `pip install -e .`, as the vLLM setup does) runs last, alone.
-# The two installs are each several minutes on a fresh machine.
+# Without arguments (CI): lint, then the suite in one process while the vLLM venv is built in the background, then the
+# tests that need it, then tests/launch/test_setup.py (which re-runs `pip install -e .`, as the vLLM setup does), alone.
+# The two installs are each several minutes on a fresh machine. TEST_WORKERS=N runs the main pass in N pytest-xdist
+# workers (whole files per worker); not the default: on 2 cores two workers each running torch on every core were
+# slower, not faster (main pass 30 min in two workers; the last CI run took 17 min in all in one process).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,36 +41,35 @@ fi
 
 VLLM_TESTS=(tests/distributed/test_vllm.py tests/distributed/test_eval_vllm.py)
 SETUP_TESTS=(tests/launch/test_setup.py)  # re-runs pip in .venv: alone, after everything else
-VLLM_LOG="$(mktemp)"
-trap 'rm -f "$VLLM_LOG"' EXIT
-echo "[test] the vLLM lane in the background: build .venv-vllm, then pytest ${VLLM_TESTS[*]} (log: $VLLM_LOG)"
-# Its tests start as soon as the venv is ready, next to the main pass (no pytest cache: two sessions would write it).
-# Its own session (setsid), so the whole lane, pip and vLLM servers included, can be stopped as one process group.
-VLLM_LANE='bash scripts/setup_vllm_env.sh || exit 90; exec "$0" -m pytest -p no:cacheprovider --durations=10 "$@"'
-setsid bash -c "$VLLM_LANE" "$VENV/bin/python" "${VLLM_TESTS[@]}" >"$VLLM_LOG" 2>&1 &
-vllm_lane=$!
-# Never leave the lane running if lint or the suite stops the script.
-trap 'kill -- "-$vllm_lane" 2>/dev/null || true; rm -f "$VLLM_LOG"' EXIT
+VLLM_SETUP_LOG="$(mktemp)"
+trap 'rm -f "$VLLM_SETUP_LOG"' EXIT
+echo "[test] building the vLLM venv in the background (log: $VLLM_SETUP_LOG)"
+# Its own session (setsid), so the whole install, pip included, can be stopped as one process group.
+setsid bash scripts/setup_vllm_env.sh >"$VLLM_SETUP_LOG" 2>&1 &
+vllm_setup=$!
+# Never leave the background install running if lint or the suite stops the script.
+trap 'kill -- "-$vllm_setup" 2>/dev/null || true; rm -f "$VLLM_SETUP_LOG"' EXIT
 
 lint
 LAST=("${VLLM_TESTS[@]}" "${SETUP_TESTS[@]}")
-echo "[test] pytest in ${TEST_WORKERS:-2} workers (all but ${LAST[*]})"
+workers="${TEST_WORKERS:-1}"
+parallel=()
+if [ "$workers" -gt 1 ]; then
+  parallel=(-n "$workers" --dist loadfile)  # a file's module fixtures (e.g. test_faults.py's reference runs) built once
+fi
+echo "[test] pytest in $workers process(es) (all but ${LAST[*]})"
 status=0
-# Two workers for the two cores; --dist loadfile keeps each file on one worker (its module fixtures, e.g. the reference
-# runs of tests/launch/test_faults.py, are built once), and files go out in collection order, the slowest folders
-# (tests/distributed, tests/launch) first.
-"$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile --durations=25 "${LAST[@]/#/--ignore=}" ||
-  status=$?
+"$VENV/bin/python" -m pytest "${parallel[@]}" --durations=25 "${LAST[@]/#/--ignore=}" || status=$?
 
-echo "[test] waiting for the vLLM lane"
-lane=0
-wait "$vllm_lane" || lane=$?
-cat "$VLLM_LOG"
-if [ "$lane" -eq 90 ]; then
+echo "[test] waiting for the vLLM venv"
+if ! wait "$vllm_setup"; then
+  cat "$VLLM_SETUP_LOG" >&2
   echo "[test] scripts/setup_vllm_env.sh failed (log above); ${VLLM_TESTS[*]} cannot run" >&2
   exit 1
 fi
-[ "$lane" -eq 0 ] || status=$lane
+grep -E '^\[setup-vllm\]' "$VLLM_SETUP_LOG" || true
+echo "[test] pytest ${VLLM_TESTS[*]}"
+"$VENV/bin/python" -m pytest --durations=10 "${VLLM_TESTS[@]}" || status=$?
 echo "[test] pytest ${SETUP_TESTS[*]}"
 "$VENV/bin/python" -m pytest "${SETUP_TESTS[@]}" || status=$?
 exit "$status"
