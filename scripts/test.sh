@@ -5,7 +5,7 @@
 #   bash scripts/test.sh --fast          # inner loop: lint + tests/unit without the slow (real-model) tests
 #   bash scripts/test.sh -k guidance -x  # other arguments go to pytest
 # Without arguments (CI): lint, then the suite in one process while the vLLM venv is built in the background, then the
-# tests that need it, then tests/launch/test_setup.py (which re-runs `pip install -e .`, as the vLLM setup does), alone.
+# tests that need it, then tests/launch/test_setup.py (it re-runs `pip install -e .`, as the vLLM setup does), alone.
 # The two installs are each several minutes on a fresh machine. TEST_WORKERS=N runs the main pass in N pytest-xdist
 # workers (whole files per worker); not the default: on 2 cores two workers each running torch on every core were
 # slower, not faster (main pass 30 min in two workers, 17 min in one process; 21.7 min in all with the vLLM tests).
@@ -55,7 +55,8 @@ LAST=("${VLLM_TESTS[@]}" "${SETUP_TESTS[@]}")
 workers="${TEST_WORKERS:-1}"
 parallel=()
 if [ "$workers" -gt 1 ]; then
-  parallel=(-n "$workers" --dist loadfile)  # a file's module fixtures (e.g. test_faults.py's reference runs) built once
+  # Whole files per worker: a file's module fixtures (e.g. test_faults.py's reference runs) are built once.
+  parallel=(-n "$workers" --dist loadfile)
 fi
 echo "[test] pytest in $workers process(es) (all but ${LAST[*]})"
 status=0
