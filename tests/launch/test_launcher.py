@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from ..ports import answers, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launch_train.sh"
@@ -77,18 +78,6 @@ def test_bad_arguments_are_refused():
     assert launch("--gpus", "two", "--dry-run").returncode == 2
 
 
-def _free_port() -> int:
-    """A port nothing listens on now: fixed numbers collide with another run of the suite on the same machine."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _fake_vllm(tmp_path, body: str) -> str:
     fake = tmp_path / "fake-vllm"
     fake.write_text(f"#!/usr/bin/env bash\n{body}\n")
@@ -98,7 +87,7 @@ def _fake_vllm(tmp_path, body: str) -> str:
 
 def test_a_server_that_dies_stops_the_launch_with_its_log(tmp_path):
     body = 'echo "CUDA out of memory (fake)"; exit 3'
-    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, body), "VLLM_PORT": str(_free_port())}
+    env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, body), "VLLM_PORT": str(free_port())}
     result = launch(GPU_RECIPE, "--gpus", "2", env=env, timeout=300)
     assert result.returncode == 1
     assert "exited before answering" in result.stderr and "CUDA out of memory (fake)" in result.stderr
@@ -108,7 +97,7 @@ def test_a_server_that_dies_stops_the_launch_with_its_log(tmp_path):
 def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path):
     marker = tmp_path / "still-running"
     body = f"trap 'exit 0' TERM; echo loading; while true; do touch {marker}; sleep 0.2; done"
-    port = _free_port()
+    port = free_port()
     env = {**ENV, "VLLM_BIN": _fake_vllm(tmp_path, body), "VLLM_PORT": str(port), "VLLM_TIMEOUT": "3"}
     result = launch(GPU_RECIPE, "--gpus", "2", env=env, timeout=300)
     assert result.returncode == 1
@@ -121,7 +110,7 @@ def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path):
 def test_training_that_fails_stops_the_server_it_started(tmp_path):
     """The server answers, training dies (a GPU recipe on this CPU machine): the launcher exits with the failure and
     stops the server it started."""
-    port = _free_port()
+    port = free_port()
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "health").write_text("ok")
     body = f"cd {tmp_path / 'www'} && exec {sys.executable} -m http.server {port} --bind 127.0.0.1"
@@ -130,7 +119,7 @@ def test_training_that_fails_stops_the_server_it_started(tmp_path):
     assert "[launch] vLLM server ready" in result.stdout
     assert result.returncode != 0
     assert "No GPU found" in result.stderr  # the training process's own one-line error
-    assert not _answers(port), "the server still answers after the launcher exited"
+    assert not answers(port), "the server still answers after the launcher exited"
 
 
 # ------------------------------------------------------------------- stop signals reach the training, then the server
@@ -167,7 +156,7 @@ def _isolated_launcher(tmp_path: Path) -> tuple[Path, dict]:
 
 @pytest.mark.parametrize("gpus", [0, 2])
 def test_a_stop_signal_reaches_the_training_and_the_server_stops_after_it(tmp_path, gpus):
-    launcher, env, port = *_isolated_launcher(tmp_path), _free_port()
+    launcher, env, port = *_isolated_launcher(tmp_path), free_port()
     if gpus:
         (tmp_path / "www").mkdir()
         (tmp_path / "www" / "health").write_text("ok")
@@ -191,4 +180,4 @@ def test_a_stop_signal_reaches_the_training_and_the_server_stops_after_it(tmp_pa
     assert "SIGTERM: asking the training to save a checkpoint" in stderr and "stopped by SIGTERM" in stdout
     assert (tmp_path / "training.log").read_text() == ("TERM; server up while saving\n" if gpus else "TERM\n")
     if gpus:
-        assert not _answers(port), "the server still answers after the launcher exited"
+        assert not answers(port), "the server still answers after the launcher exited"

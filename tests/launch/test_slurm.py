@@ -7,7 +7,6 @@ import contextlib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from ..ports import answers, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "slurm" / "train.slurm"
@@ -237,17 +238,6 @@ def _tool(folder: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture
 def fake_cluster(tmp_path):
     bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
@@ -256,7 +246,7 @@ def fake_cluster(tmp_path):
     _tool(bin_dir, "srun", FAKE_SRUN.format(python=sys.executable))
     _tool(venv / "bin", "python", f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')
     _tool(venv / "bin", "accelerate", FAKE_ACCELERATE)
-    port = _free_port()
+    port = free_port()
     env = slurm_env(
         "localhost,fake[2-3]",
         3,
@@ -294,7 +284,7 @@ def test_a_run_waits_for_the_server_launches_every_node_and_stops_the_server(fak
     assert (tmp_path / "server-ran").exists(), "the health check never reached the fake server"
     assert "fake vllm serve" in (tmp_path / "logs" / "vllm-4242.log").read_text()
     time.sleep(0.5)
-    assert not _answers(port), "the vLLM server is still running after the job ended"
+    assert not answers(port), "the vLLM server is still running after the job ended"
 
 
 def test_a_failed_training_step_is_the_job_status_and_the_server_is_stopped(fake_cluster):
@@ -304,7 +294,7 @@ def test_a_failed_training_step_is_the_job_status_and_the_server_is_stopped(fake
     result = run(RECIPE, env=env, timeout=120)
     assert result.returncode == 3 and "training exited with status 3" in result.stdout
     time.sleep(0.5)
-    assert not _answers(port)
+    assert not answers(port)
 
 
 def test_a_server_that_dies_stops_the_job_with_its_log(fake_cluster):
@@ -385,7 +375,7 @@ def test_the_time_limit_signal_stops_the_training_requeues_the_job_and_the_reque
     assert calls[-1] == "scontrol requeue 4242", calls
     assert "requeueing job 4242" in stdout and "SIGUSR1: asking the training to save a checkpoint" in stderr
     assert "--resume_from_checkpoint" not in " ".join(calls)
-    assert not _answers(port), "the vLLM server is still running after the job ended"
+    assert not answers(port), "the vLLM server is still running after the job ended"
 
     requeued = commands(run(RECIPE, "--dry-run", env=slurm_env("n[1-2]", 2, SLURM_RESTART_COUNT="1")))
     assert requeued["train rank 0 on n2"][-2:] == ["--resume_from_checkpoint", "auto"]
@@ -412,4 +402,4 @@ def test_scancel_stops_the_training_with_a_checkpoint_and_does_not_requeue(fake_
     assert process.returncode == 143, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     calls = (tmp_path / "calls.log").read_text()
     assert "rank=0 got TERM" in calls and "scontrol requeue" not in calls
-    assert not _answers(port)
+    assert not answers(port)
