@@ -186,12 +186,13 @@ def build_trainer(
     training_args: GuidedGRPOConfig,
     model_args: ModelConfig,
     callbacks: list | None = None,
+    start: ModelSource | None = None,
 ) -> GuidedGRPOTrainer:
     """The one place a parsed recipe becomes a `GuidedGRPOTrainer` (the CLI, the study's worker and the benchmarks
     call it): the starting model located and checked (`starting_model`), the task's rewards and splits
     (`task_inputs`), PEFT and quantization from the model arguments. A vLLM server that does not answer is one line,
-    not a traceback."""
-    source = starting_model(model_args, training_args)
+    not a traceback. `start`: the starting model when the caller has located it already (`starting_model`)."""
+    source = start or starting_model(model_args, training_args)
     training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
     try:
         return GuidedGRPOTrainer(
@@ -209,10 +210,11 @@ def build_trainer(
 
 
 def main(task_args: TaskArguments, training_args: GuidedGRPOConfig, model_args: ModelConfig) -> dict:
-    # The starting model is evaluated before the trainer exists: the evaluation has the memory to itself. It is the
-    # model build_trainer starts from (the same locator, called again there for the callers without an evaluation).
-    eval_before = evaluate_start(task_args, training_args, starting_model(model_args, training_args))
-    trainer = build_trainer(task_args, training_args, model_args)
+    # The starting model is evaluated before the trainer exists (the evaluation has the memory to itself), and the
+    # trainer starts from the very folder that was evaluated.
+    start = starting_model(model_args, training_args)
+    eval_before = evaluate_start(task_args, training_args, start)
+    trainer = build_trainer(task_args, training_args, model_args, start=start)
     if trainer.accelerator.is_main_process:
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
         write_run_config(Path(training_args.output_dir), task_args, training_args, model_args)
