@@ -69,6 +69,12 @@ imports_ok() {
   "$VENV/bin/python" -c "import torch, trl, trl_guided, vllm; from trl.generation.vllm_generation import VLLMGeneration"
 }
 
+# One setup of a venv at a time: the test command builds .venv-vllm in the background while the suite runs, and the
+# vLLM tests' fixture runs this script too; the second waits here for the first, then finds the venv up to date.
+mkdir -p "$VENV"
+exec 9>"$VENV/.setup.lock"
+flock 9
+
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $("$PYTHON" --version 2>&1)"
   "$PYTHON" -m venv "$VENV" || fail "could not create $VENV"

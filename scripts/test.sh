@@ -4,11 +4,11 @@
 #   bash scripts/test.sh                 # everything (CI): lint, tests/unit, tests/launch, tests/distributed
 #   bash scripts/test.sh --fast          # inner loop: lint + tests/unit without the slow (real-model) tests
 #   bash scripts/test.sh -k guidance -x  # other arguments go to pytest
-# Without arguments (CI): lint, then the suite in one process while the vLLM venv is built in the background, then the
-# tests that need it, then tests/launch/test_setup.py (it re-runs `pip install -e .`, as the vLLM setup does), alone.
-# The two installs are each several minutes on a fresh machine. TEST_WORKERS=N runs the main pass in N pytest-xdist
-# workers (whole files per worker); not the default: on 2 cores two workers each running torch on every core were
-# slower, not faster (main pass 30 min in two workers, 17 min in one process; 21.7 min in all with the vLLM tests).
+# Without arguments (CI): lint, then the suite in pytest-xdist workers (one per core, at most 4, one torch thread
+# each) while the vLLM venv is built in the background (the vLLM tests wait for it; tests/conftest.py puts them after
+# the launch tests), then tests/launch/test_setup.py alone (it re-runs `pip install -e .`, as the vLLM setup does).
+# TEST_WORKERS=N sets the number of workers (1: one process, torch on every core). Two workers each running torch on
+# both cores were slower than one process (30 vs 17 min): a worker gets cores/workers threads.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,11 +24,26 @@ lint() {
   "$VENV/bin/ruff" format --check .
 }
 
+# Sets `workers` and `parallel` (pytest's xdist options), and the torch threads every worker (and its subprocesses) gets.
+workers_and_threads() {
+  local cores
+  cores="$(nproc)"
+  workers="${TEST_WORKERS:-$((cores < 4 ? cores : 4))}"
+  parallel=()
+  if [ "$workers" -gt 1 ]; then
+    local threads=$((cores / workers > 0 ? cores / workers : 1))
+    export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads"
+    # Whole files per worker: a file's module fixtures (e.g. test_faults.py's reference runs) are built once.
+    parallel=(-n "$workers" --dist loadfile)
+  fi
+}
+
 if [ "${1:-}" = "--fast" ]; then
   shift
   lint
-  echo "[test] pytest tests/unit -m \"not slow\" $*"
-  exec "$VENV/bin/python" -m pytest tests/unit -m "not slow" "$@"
+  workers_and_threads
+  echo "[test] pytest tests/unit -m \"not slow\" in $workers process(es) $*"
+  exec "$VENV/bin/python" -m pytest "${parallel[@]}" tests/unit -m "not slow" "$@"
 fi
 
 if [ "$#" -gt 0 ]; then
@@ -39,7 +54,6 @@ if [ "$#" -gt 0 ]; then
   exec "$VENV/bin/python" -m pytest "$@"
 fi
 
-VLLM_TESTS=(tests/distributed/test_vllm.py tests/distributed/test_eval_vllm.py)
 SETUP_TESTS=(tests/launch/test_setup.py)  # re-runs pip in .venv: alone, after everything else
 VLLM_SETUP_LOG="$(mktemp)"
 trap 'rm -f "$VLLM_SETUP_LOG"' EXIT
@@ -51,26 +65,18 @@ vllm_setup=$!
 trap 'kill -- "-$vllm_setup" 2>/dev/null || true; rm -f "$VLLM_SETUP_LOG"' EXIT
 
 lint
-LAST=("${VLLM_TESTS[@]}" "${SETUP_TESTS[@]}")
-workers="${TEST_WORKERS:-1}"
-parallel=()
-if [ "$workers" -gt 1 ]; then
-  # Whole files per worker: a file's module fixtures (e.g. test_faults.py's reference runs) are built once.
-  parallel=(-n "$workers" --dist loadfile)
-fi
-echo "[test] pytest in $workers process(es) (all but ${LAST[*]})"
+workers_and_threads
+echo "[test] pytest in $workers process(es), OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset} (all but ${SETUP_TESTS[*]})"
 status=0
-"$VENV/bin/python" -m pytest "${parallel[@]}" --durations=25 "${LAST[@]/#/--ignore=}" || status=$?
+"$VENV/bin/python" -m pytest "${parallel[@]}" --durations=25 "${SETUP_TESTS[@]/#/--ignore=}" || status=$?
 
-echo "[test] waiting for the vLLM venv"
+# The vLLM tests ran the same script (it waited for this build); a failed build is reported here as well.
 if ! wait "$vllm_setup"; then
   cat "$VLLM_SETUP_LOG" >&2
-  echo "[test] scripts/setup_vllm_env.sh failed (log above); ${VLLM_TESTS[*]} cannot run" >&2
-  exit 1
+  echo "[test] the background scripts/setup_vllm_env.sh failed (log above)" >&2
+  status=1
 fi
 grep -E '^\[setup-vllm\]' "$VLLM_SETUP_LOG" || true
-echo "[test] pytest ${VLLM_TESTS[*]}"
-"$VENV/bin/python" -m pytest --durations=10 "${VLLM_TESTS[@]}" || status=$?
 echo "[test] pytest ${SETUP_TESTS[*]}"
 "$VENV/bin/python" -m pytest "${SETUP_TESTS[@]}" || status=$?
 exit "$status"

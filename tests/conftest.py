@@ -14,6 +14,20 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The vLLM tests run just before the unit tests.
+
+    The test command builds .venv-vllm in the background while the suite runs, and a vLLM test waits for that build
+    (scripts/setup_vllm_env.sh takes a lock): after the launch and distributed tests it has had minutes to finish, and
+    the many short unit tests last let pytest-xdist's workers end together.
+    """
+    uses_vllm = {item.nodeid for item in items if "vllm_python" in getattr(item, "fixturenames", ())}
+    vllm = [item for item in items if item.nodeid in uses_vllm]
+    others = [item for item in items if item.nodeid not in uses_vllm]
+    first_unit = next((i for i, item in enumerate(others) if item.nodeid.startswith("tests/unit/")), len(others))
+    items[:] = others[:first_unit] + vllm + others[first_unit:]
+
+
 @pytest.fixture(autouse=True)
 def force_cpu_offline(monkeypatch):
     """Every TrainingArguments (so every GRPOConfig) built in a test runs on CPU in fp32, with the Hub unreachable.
