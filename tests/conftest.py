@@ -15,17 +15,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The vLLM tests run just before the unit tests.
+    """Long tests first and short ones last, so that pytest-xdist's workers end together (scripts/test.sh).
 
-    The test command builds .venv-vllm in the background while the suite runs, and a vLLM test waits for that build
-    (scripts/setup_vllm_env.sh takes a lock): after the launch and distributed tests it has had minutes to finish, and
-    the many short unit tests last let pytest-xdist's workers end together.
+    Long: the subprocess tests of tests/launch and tests/distributed, then the vLLM ones (the test command builds
+    .venv-vllm in the background and they wait for it: later is better), then the unit tests marked slow.
     """
-    uses_vllm = {item.nodeid for item in items if "vllm_python" in getattr(item, "fixturenames", ())}
-    vllm = [item for item in items if item.nodeid in uses_vllm]
-    others = [item for item in items if item.nodeid not in uses_vllm]
-    first_unit = next((i for i, item in enumerate(others) if item.nodeid.startswith("tests/unit/")), len(others))
-    items[:] = others[:first_unit] + vllm + others[first_unit:]
+
+    def rank(item) -> int:
+        if "vllm_python" in getattr(item, "fixturenames", ()):
+            return 1
+        if not item.nodeid.startswith("tests/unit/"):
+            return 0
+        return 2 if item.get_closest_marker("slow") else 3
+
+    items.sort(key=rank)  # stable: the collection order within each rank
 
 
 @pytest.fixture(autouse=True)
