@@ -11,11 +11,13 @@ NCCL weight push; each then lifts the package's refusal of vLLM training without
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,20 @@ def test_a_server_that_is_down_at_start_is_one_line_with_the_fix(vllm_python, tm
     assert "vllm serve" in last and "launch_train.sh" in last
     assert time.monotonic() - started < 300
     assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_a_second_setup_of_the_vllm_venv_waits_for_the_first(vllm_python):
+    """The test command builds .venv-vllm in the background while these tests' fixture runs the same script: the
+    second waits for the first's lock (`$VENV/.setup.lock`), then finds the venv up to date."""
+    venv = vllm_python.parents[1]
+    command = ["bash", str(ROOT / "scripts" / "setup_vllm_env.sh")]
+    with open(venv / ".setup.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a setup in progress
+        waiting = subprocess.Popen(
+            command, env={**os.environ, "VLLM_VENV": str(venv)}, stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(3)  # alone, the script returns in about a second
+        assert waiting.poll() is None, waiting.stderr.read()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    _, stderr = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0 and "is up to date; nothing to do" in stderr, stderr

@@ -11,6 +11,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trl_guided.tiny_models import build_tiny_model
 
+from ..conftest import pytest_collection_modifyitems
+
 
 def test_tiny_models_are_deterministic_by_seed(tmp_path):
     a = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "a", seed=3))
@@ -73,3 +75,28 @@ def test_plain_trl_grpo_runs_two_steps(tiny_llama, tmp_path):
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert changed, "two GRPO steps left every parameter unchanged"
+
+
+class FakeItem:
+    def __init__(self, nodeid: str, fixturenames=(), slow: bool = False):
+        self.nodeid, self.fixturenames, self.slow = nodeid, fixturenames, slow
+
+    def get_closest_marker(self, name):
+        return object() if name == "slow" and self.slow else None
+
+
+def test_the_suite_runs_long_tests_first_and_the_vllm_tests_after_the_other_subprocess_tests():
+    """tests/conftest.py's order, which lets the test command's xdist workers end together and gives the background
+    vLLM build time: tests/launch + tests/distributed, then the vLLM tests, then slow unit tests, then the rest."""
+    collected = [
+        FakeItem("tests/distributed/test_ddp.py::a"),
+        FakeItem("tests/distributed/test_vllm.py::b", fixturenames=("tmp_path", "vllm_python")),
+        FakeItem("tests/launch/test_train.py::c"),
+        FakeItem("tests/unit/test_ot.py::d"),
+        FakeItem("tests/unit/test_quality.py::e", slow=True),
+        FakeItem("tests/unit/test_ot.py::f"),
+        FakeItem("tests/launch/test_slurm.py::g"),
+    ]
+    items = list(collected)
+    pytest_collection_modifyitems(None, items)
+    assert [item.nodeid[-1] for item in items] == ["a", "c", "g", "b", "e", "d", "f"]
