@@ -1,0 +1,283 @@
+"""The decisive study's report: bench/learning_decisive.json and bench/learning_decisive.png, in the schema of the
+other study reports (bench/learning.py), from the committed records alone.
+
+    python bench/decisive/report.py             # bench/decisive/{phase1/start,phase2/*} -> bench/learning_decisive.*
+    python bench/decisive/report.py --out DIR   # somewhere else (the tests)
+
+Phase 2's runs (bench/decisive/phase2/run.sh) train and evaluate with `trl-guided train` and `trl-guided eval`; this
+script lays their records out as a study's run folders (`<arm>-seed<k>/run.json`, `eval.jsonl`, and the starting
+model's `before/`) and hands them to the study's own statistics (`study.analysis.analyse`): the gain per arm with a
+95 % CI over seeds and problems, the differences paired by seed and problem, the curves. Machine time comes from the
+decisive study's ledger (bench/decisive/ledger.jsonl): jobs side by side count once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+BENCH = Path(__file__).resolve().parents[1]
+sys.path[:0] = [folder for folder in (str(BENCH), str(BENCH.parent)) if folder not in sys.path]
+
+from study.analysis import analyse  # noqa: E402
+from study.ledger import load_json, save_json  # noqa: E402
+from study.outputs import PALETTE, machine  # noqa: E402
+from study.plan import run_name, study_paths  # noqa: E402
+from study.worker import count_tokens  # noqa: E402
+
+DECISIVE = Path(__file__).resolve().parent
+NAME = "learning_decisive"
+ARM_ORDER = ["plain", "guided_postfix", "guided", "treerl"]
+SMOOTHING = 5  # steps in the training reward's moving mean
+RUN_FOLDER = re.compile(r"(?P<arm>[a-z_0-9]+)-s(?P<seed>\d+)")
+
+
+def finished_runs(phase2: Path) -> list[tuple[str, int, Path]]:
+    """(arm, seed, folder) of every phase-2 run with its comparison to the start (trained and evaluated)."""
+    runs = []
+    for folder in sorted(phase2.iterdir()):
+        match = RUN_FOLDER.fullmatch(folder.name)
+        if match and (folder / "comparison.json").exists():
+            runs.append((match["arm"], int(match["seed"]), folder))
+    return runs
+
+
+def check_overlay(folder: Path, arm: str, overlay: dict) -> None:
+    """The run trained what its arm's overlay says (its run_config.json), else the report would mislabel it."""
+    training = load_json(folder / "run_config.json")["training"]
+    wrong = {key: (training.get(key), value) for key, value in overlay.items() if training.get(key) != value}
+    if wrong:
+        raise SystemExit(f"{folder}: trained with {wrong} (run's value, arm {arm}'s overlay); rerun it or rename it")
+
+
+def training_curve(state: dict, training: dict) -> tuple[list[dict], float]:
+    """The per-step curve of a run (trainer_state.json's log), as the study's worker records it, and its tokens."""
+    curve, seconds = [], 0.0
+    for entry in state["log_history"]:
+        if "step_time" not in entry:
+            continue
+        seconds += entry["step_time"]
+        curve.append(
+            {
+                "step": entry["step"],
+                "seconds": round(seconds, 3),
+                "reward": entry["reward"],
+                "mean_length": entry.get("completions/mean_length", 0.0),
+                "prefix_length": entry.get("guidance/prefix_length", 0.0),
+            }
+        )
+    rows_per_step = training["per_device_train_batch_size"] * training["gradient_accumulation_steps"]
+    return curve, count_tokens(curve, rows_per_step, training["num_generations"])
+
+
+def run_record(arm: str, seed: int, folder: Path, overlay: dict) -> dict:
+    """A phase-2 run as the study's run.json: settings, per-step curve, timings and its final evaluation."""
+    training = load_json(folder / "run_config.json")["training"]
+    state = load_json(folder / "trainer_state.json")
+    curve, tokens = training_curve(state, training)
+    result = load_json(folder / "eval_end.json")
+    evaluation = {key: result["metrics"][key]["value"] for key in result["metrics"]}
+    summary = next((e for e in reversed(state["log_history"]) if "train_runtime" in e), {})
+    return {
+        "arm": arm,
+        "arm_overlay": overlay,
+        "seed": seed,
+        "phase": "final",
+        "name": run_name(arm, seed),
+        "learning_rate": training["learning_rate"],
+        "train_seconds": round(summary.get("train_runtime", curve[-1]["seconds"] if curve else 0.0), 2),
+        "steps": state["global_step"],
+        "tokens": round(tokens),
+        "curve": curve,
+        "records": str(folder.relative_to(BENCH.parent)) if folder.is_relative_to(BENCH.parent) else str(folder),
+        "evals": [{"seconds": curve[-1]["seconds"] if curve else 0.0, "step": state["global_step"],
+                   "records": "eval.jsonl", "split": "test", **evaluation}],
+    }  # fmt: skip
+
+
+def start_record(start: Path) -> dict:
+    """The starting model's evaluation as the study's before/run.json."""
+    result = load_json(start / "eval_start.json")
+    evaluation = {key: result["metrics"][key]["value"] for key in result["metrics"]}
+    return {
+        "model": result["model"],
+        "settings": result["settings"],
+        "versions": result["versions"],
+        "evals": [{"seconds": 0.0, "step": 0, "records": "eval.jsonl", **evaluation}],
+    }
+
+
+def parse_utc(moment: str) -> datetime:
+    return datetime.strptime(moment, "%Y-%m-%dT%H:%M:%SZ")
+
+
+def machine_time(ledger: list[dict], sittings: list[dict]) -> dict:
+    """Wall minutes the study held the machine (the union of its jobs' intervals: jobs side by side count once), per
+    sitting (a job belongs to the last sitting begun at or before its start) and core-minutes (minutes x cores)."""
+    starts = sorted((parse_utc(s["from_utc"]), s["sitting"]) for s in sittings)
+    by_sitting: dict[int, list[tuple[datetime, datetime]]] = {}
+    for job in ledger:
+        start, end = parse_utc(job["start_utc"]), parse_utc(job["end_utc"])
+        sitting = [number for begun, number in starts if begun <= start]
+        if not sitting:
+            raise SystemExit(f"a job started at {job['start_utc']}, before the first sitting: add its sitting")
+        by_sitting.setdefault(sitting[-1], []).append((start, end))
+    minutes = {number: union_minutes(intervals) for number, intervals in sorted(by_sitting.items())}
+    cores = sum(job["wall_minutes"] * len(str(job["cores"]).split(",")) for job in ledger)
+    return {
+        "wall_minutes": round(sum(minutes.values()), 1),
+        "sittings": {str(number): round(value, 1) for number, value in minutes.items()},
+        "core_minutes": round(cores, 1),
+        "jobs": len(ledger),
+        "note": (
+            "from bench/decisive/ledger.jsonl (phase 1's jobs included) and sittings.json: wall minutes are the union "
+            "of the jobs' intervals (jobs side by side count once); core minutes: each job's minutes times its cores"
+        ),
+    }
+
+
+def union_minutes(intervals: list[tuple[datetime, datetime]]) -> float:
+    total, reached = 0.0, None
+    for start, end in sorted(intervals):
+        if reached is not None and start < reached:
+            start = reached
+        if end > start:
+            total += (end - start).total_seconds() / 60
+        reached = end if reached is None else max(reached, end)
+    return total
+
+
+def lay_out(runs_dir: Path, start: Path, runs: list[tuple[str, int, Path]], overlays: dict) -> None:
+    """The records as a study's run folders, for `study.analysis.analyse`."""
+    (runs_dir / "before").mkdir(parents=True)
+    save_json(runs_dir / "before" / "run.json", start_record(start))
+    shutil.copy(start / "eval_start.jsonl", runs_dir / "before" / "eval.jsonl")
+    for arm, seed, folder in runs:
+        check_overlay(folder, arm, overlays[arm])
+        target = runs_dir / run_name(arm, seed)
+        target.mkdir()
+        save_json(target / "run.json", run_record(arm, seed, folder, overlays[arm]))
+        shutil.copy(folder / "eval_end.jsonl", target / "eval.jsonl")
+
+
+def build_report(decisive: Path, arms_file: Path) -> dict:
+    overlays = yaml.safe_load(arms_file.read_text())
+    runs = finished_runs(decisive / "phase2")
+    if not runs:
+        raise SystemExit(f"{decisive / 'phase2'}: no finished run (a folder <arm>-s<seed> with comparison.json) yet")
+    unknown = sorted({arm for arm, _, _ in runs} - set(overlays))
+    if unknown:
+        raise SystemExit(f"{decisive / 'phase2'}: runs of arms {unknown}, which {arms_file} does not define")
+    with tempfile.TemporaryDirectory() as scratch:
+        lay_out(study_paths(Path(scratch), NAME)[2], decisive / "phase1" / "start", runs, overlays)
+        report = analyse(Path(scratch), NAME, ARM_ORDER)
+    ledger = [json.loads(line) for line in (decisive / "ledger.jsonl").read_text().splitlines() if line.strip()]
+    sittings = load_json(decisive / "sittings.json")["sittings"]
+    report["machine_time"] = machine_time(ledger, sittings)
+    report["study_seconds"] = round(report["machine_time"]["wall_minutes"] * 60, 1)
+    report["question"] = "Does guided GRPO reach a better model than plain GRPO in the same optimizer steps?"
+    runs_commands = {run_name(arm, seed): (folder / "train_command.sh").read_text() for arm, seed, folder in runs}
+    return {
+        "command": "python bench/decisive/report.py",
+        "settings": {
+            "name": NAME,
+            "design": (
+                "equal optimizer steps (each arm's step time measured apart: bench/decisive/phase1.md); every run on "
+                "one core with one thread, two runs side by side"
+            ),
+            "arms": {arm: overlays[arm] for arm in report["arms"]},
+            "train_commands": runs_commands,
+        },
+        "machine": machine(),
+        **report,
+    }
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Training reward over optimizer steps per arm; each arm's held-out gain and its difference to plain GRPO."""
+    import matplotlib  # heavy, and only the report draws
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after choosing the backend
+
+    arms = list(report["arms"])
+    colours = dict(zip(arms, PALETTE, strict=False))
+    fig, (reward_ax, gain_ax, difference_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for arm in arms:
+        rewards = []
+        for seed in report["arms"][arm]["seeds"]:
+            curve = report["curves"][run_name(arm, seed)]
+            window = min(SMOOTHING, len(curve))
+            if window == 0:
+                continue
+            reward = np.convolve([row["reward"] for row in curve], np.ones(window) / window, mode="valid")
+            steps = np.arange(window, len(curve) + 1)
+            reward_ax.plot(steps, reward, color=colours[arm], alpha=0.3, linewidth=0.8)
+            rewards.append((steps, reward))
+        if rewards:
+            length = min(len(r) for _, r in rewards)
+            mean = np.mean([r[:length] for _, r in rewards], axis=0)
+            reward_ax.plot(rewards[0][0][:length], mean, color=colours[arm], linewidth=2.5, label=arm)
+    reward_ax.set(
+        title=f"Training reward (moving mean of {SMOOTHING} steps)", xlabel="optimizer step", ylabel="reward"
+    )
+    for ax, key, title in (
+        (gain_ax, "gain", f"Held-out gain vs start ({report['problems']} test problems, greedy)"),
+        (difference_ax, "difference_to_plain", "Difference to plain GRPO (paired by seed and problem)"),
+    ):
+        shown = [arm for arm in arms if key in report["arms"][arm]]
+        for i, arm in enumerate(shown):
+            entry = report["arms"][arm]
+            low, high = entry[f"{key}_ci95"]
+            ax.errorbar(i, entry[key], yerr=[[entry[key] - low], [high - entry[key]]], fmt="o", capsize=6,
+                        color=colours[arm], markersize=8)  # fmt: skip
+            if key == "gain":
+                after = np.array(entry["accuracy_after"]) - entry["accuracy_before"]
+                ax.scatter(np.full(len(after), i + 0.15), after, color=colours[arm], alpha=0.5, s=14)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(shown)), shown)
+        ax.set(title=title, ylabel=report["metric"].split()[0] + " (95 % CI)")
+    difference_ax.axhspan(-0.04, 0.04, color="grey", alpha=0.15, label="within +-0.04")
+    low, high = difference_ax.get_ylim()
+    difference_ax.set_ylim(min(low, -0.06), max(high, 0.06))
+    for ax in (reward_ax, gain_ax, difference_ax):
+        ax.grid(alpha=0.3)
+    reward_ax.legend(loc="best", fontsize=9)
+    difference_ax.legend(loc="best", fontsize=9)
+    fig.suptitle("Thin / small: one seed; thick / large: mean over seeds with its 95 % CI")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decisive", default=str(DECISIVE), help="the study's records (phase1/, phase2/, ledger)")
+    parser.add_argument("--arms", default=str(BENCH / "learning_regime_arms.yaml"), help="arm name -> overlay")
+    parser.add_argument("--out", default=str(BENCH), help=f"where {NAME}.json and {NAME}.png go")
+    args = parser.parse_args(argv)
+    report = build_report(Path(args.decisive), Path(args.arms))
+    json_path, png_path, _ = study_paths(Path(args.out), NAME)
+    save_json(json_path, report)
+    plot_report(report, png_path)
+    for arm, entry in report["arms"].items():
+        low, high = entry["gain_ci95"]
+        line = f"{arm:16s} seeds {entry['seeds']}  gain {entry['gain']:+.3f} [{low:+.3f}, {high:+.3f}]"
+        if "difference_to_plain" in entry:
+            low, high = entry["difference_to_plain_ci95"]
+            line += f"  vs plain {entry['difference_to_plain']:+.3f} [{low:+.3f}, {high:+.3f}]"
+        print(line)
+    print(f"wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
