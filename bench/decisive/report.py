@@ -177,6 +177,10 @@ def build_report(decisive: Path, arms_file: Path) -> dict:
     unknown = sorted({arm for arm, _, _ in runs} - set(overlays))
     if unknown:
         raise SystemExit(f"{decisive / 'phase2'}: runs of arms {unknown}, which {arms_file} does not define")
+    seeds = {arm: {seed for run_arm, seed, _ in runs if run_arm == arm} for arm, _, _ in runs}
+    if not set.intersection(*seeds.values()):
+        finished = ", ".join(f"{arm} {sorted(arm_seeds)}" for arm, arm_seeds in seeds.items())
+        raise SystemExit(f"no seed that every arm finished yet (finished: {finished}); the report pairs by seed")
     with tempfile.TemporaryDirectory() as scratch:
         lay_out(study_paths(Path(scratch), NAME)[2], decisive / "phase1" / "start", runs, overlays)
         report = analyse(Path(scratch), NAME, ARM_ORDER)

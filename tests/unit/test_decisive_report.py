@@ -107,6 +107,17 @@ def test_a_run_whose_settings_differ_from_its_arm_is_refused(decisive):
         report_module.build_report(root, arms)
 
 
+def test_without_a_seed_every_arm_finished_the_report_says_so(decisive):
+    root, arms = decisive
+    for seed in (1, 2):
+        (root / "phase2" / f"plain-s{seed}" / "comparison.json").unlink()
+    write_run(root / "phase2" / "plain-s3", "plain", START)
+    with pytest.raises(
+        SystemExit, match=r"no seed that every arm finished yet \(finished: guided \[1, 2\], plain \[3\]"
+    ):
+        report_module.build_report(root, arms)
+
+
 def test_machine_time_counts_side_by_side_jobs_once_per_sitting():
     ledger = [
         job("2026-12-06T08:00:00Z", "2026-12-06T09:00:00Z", "1"),
