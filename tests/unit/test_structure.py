@@ -32,6 +32,7 @@ SCRIPT_DEFERRED = {
         "trl_guided.tiny_models": "builds the tiny model of a --tiny study (torch, transformers)",
     },
     "study/outputs.py": {"matplotlib": "heavy; only the plot", "matplotlib.pyplot": "after choosing its backend"},
+    "decisive/report.py": {"matplotlib": "heavy; only the plot", "matplotlib.pyplot": "after choosing its backend"},
     "vllm_cpu_bench.py": {"vllm": "optional: only the vLLM venv has it, and only the vLLM side needs it"},
 }
 
