@@ -28,6 +28,8 @@ import yaml
 BENCH = Path(__file__).resolve().parents[1]
 sys.path[:0] = [folder for folder in (str(BENCH), str(BENCH.parent)) if folder not in sys.path]
 
+from answer_position import _test_problems  # noqa: E402
+from constraint_kinds import problem_specs, tally  # noqa: E402
 from study.analysis import analyse  # noqa: E402
 from study.ledger import load_json, save_json  # noqa: E402
 from study.outputs import PALETTE, machine  # noqa: E402
@@ -49,6 +51,10 @@ def finished_runs(phase2: Path) -> list[tuple[str, int, Path]]:
         if match and (folder / "comparison.json").exists():
             runs.append((match["arm"], int(match["seed"]), folder))
     return runs
+
+
+def arm_rank(arm: str) -> int:
+    return ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER)
 
 
 def check_overlay(folder: Path, arm: str, overlay: dict) -> None:
@@ -156,6 +162,26 @@ def union_minutes(intervals: list[tuple[datetime, datetime]]) -> float:
     return total
 
 
+def constraint_kinds(runs: list[tuple[str, int, Path]], start: Path) -> dict | None:
+    """Instruction following only: per constraint kind, followed / given by the starting model and by each arm (its
+    seeds summed), which shows the decisions training won or lost. None for other tasks."""
+    task = load_json(runs[0][2] / "run_config.json").get("task", {})
+    if task.get("task") != "instructions":
+        return None
+    specs = problem_specs(_test_problems(task))
+    kinds = {"start": tally(read_jsonl(start / "eval_start.jsonl"), specs)["kinds"]}
+    for arm, _, folder in runs:
+        counts = kinds.setdefault(arm, {})
+        for kind, (followed, given) in tally(read_jsonl(folder / "eval_end.jsonl"), specs)["kinds"].items():
+            total = counts.setdefault(kind, [0, 0])
+            total[0], total[1] = total[0] + followed, total[1] + given
+    return kinds
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def lay_out(runs_dir: Path, start: Path, runs: list[tuple[str, int, Path]], overlays: dict) -> None:
     """The records as a study's run folders, for `study.analysis.analyse`."""
     (runs_dir / "before").mkdir(parents=True)
@@ -171,7 +197,7 @@ def lay_out(runs_dir: Path, start: Path, runs: list[tuple[str, int, Path]], over
 
 def build_report(decisive: Path, arms_file: Path) -> dict:
     overlays = yaml.safe_load(arms_file.read_text())
-    runs = finished_runs(decisive / "phase2")
+    runs = sorted(finished_runs(decisive / "phase2"), key=lambda run: (arm_rank(run[0]), run[1]))
     if not runs:
         raise SystemExit(f"{decisive / 'phase2'}: no finished run (a folder <arm>-s<seed> with comparison.json) yet")
     unknown = sorted({arm for arm, _, _ in runs} - set(overlays))
@@ -184,7 +210,8 @@ def build_report(decisive: Path, arms_file: Path) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         lay_out(study_paths(Path(scratch), NAME)[2], decisive / "phase1" / "start", runs, overlays)
         report = analyse(Path(scratch), NAME, ARM_ORDER)
-    ledger = [json.loads(line) for line in (decisive / "ledger.jsonl").read_text().splitlines() if line.strip()]
+    report["constraint_kinds"] = constraint_kinds(runs, decisive / "phase1" / "start")
+    ledger = read_jsonl(decisive / "ledger.jsonl")
     sittings = load_json(decisive / "sittings.json")["sittings"]
     report["machine_time"] = machine_time(ledger, sittings)
     report["study_seconds"] = round(report["machine_time"]["wall_minutes"] * 60, 1)
@@ -280,6 +307,11 @@ def main(argv: list[str] | None = None) -> None:
             low, high = entry["difference_to_plain_ci95"]
             line += f"  vs plain {entry['difference_to_plain']:+.3f} [{low:+.3f}, {high:+.3f}]"
         print(line)
+    kinds = report["constraint_kinds"] or {}
+    for kind in sorted(kinds.get("start", {})):
+        print(
+            f"{kind:16s}", "  ".join(f"{column} {kinds[column][kind][0]}/{kinds[column][kind][1]}" for column in kinds)
+        )
     print(f"wrote {json_path} and {png_path}")
 
 

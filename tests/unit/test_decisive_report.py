@@ -15,7 +15,9 @@ spec = importlib.util.spec_from_file_location("decisive_report", ROOT / "bench" 
 report_module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(report_module)
 
-PROBLEMS = ["p0", "p1", "p2", "p3"]
+# Ids of the instructions task's first test problems (an id starts with the problem's index in the split); problem 0
+# asks for at most 3 sentences, no "help", and to start with "Dear reader".
+PROBLEMS = ["0-a", "1-b", "2-c", "3-d"]
 START = [0.0, 1.0, 0.5, 0.0]
 AFTER = {
     ("plain", 1): [1.0, 1.0, 0.5, 0.0],
@@ -26,9 +28,10 @@ AFTER = {
 OVERLAYS = {"plain": {"guidance": False}, "guided": {"guidance": True, "guidance_loss_scope": "guidance"}}
 
 
-def write_eval(path: Path, scores: list[float]) -> None:
+def write_eval(path: Path, scores: list[float], first_answer: str = "x") -> None:
     rows = [
-        {"problem_id": p, "sample": 0, "completion": "x", "tokens": 5, "truncated": False,
+        {"problem_id": p, "sample": 0, "completion": first_answer if p == PROBLEMS[0] else "x", "tokens": 5,
+         "truncated": False,
          "rewards": {"constraints_followed": s}, "nll": 2.0, "nll_tokens": 4}
         for p, s in zip(PROBLEMS, scores, strict=True)
     ]  # fmt: skip
@@ -38,18 +41,19 @@ def write_eval(path: Path, scores: list[float]) -> None:
     path.write_text(json.dumps({**result, "metrics": metrics, "problems": 4}))
 
 
-def write_run(folder: Path, arm: str, scores: list[float], steps: int = 3, finished: bool = True) -> None:
+def write_run(folder: Path, arm: str, scores: list[float], steps: int = 3, finished: bool = True, **answer) -> None:
     folder.mkdir(parents=True)
     training = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "num_generations": 4,
                 "learning_rate": 1e-5, "guidance_loss_scope": "guidance_postfix", **OVERLAYS[arm]}  # fmt: skip
-    (folder / "run_config.json").write_text(json.dumps({"training": training}))
+    task = {"task": "instructions", "dataset_size": 400, "dataset_seed": 0}
+    (folder / "run_config.json").write_text(json.dumps({"task": task, "training": training}))
     log = [
         {"step": s, "step_time": 10.0, "reward": 0.1 * s, "completions/mean_length": 100.0} for s in range(1, steps)
     ]
     log.append({"step": steps, "train_runtime": 35.0})
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": steps, "log_history": log}))
     (folder / "train_command.sh").write_text(f"train {arm}\n")
-    write_eval(folder / "eval_end.json", scores)
+    write_eval(folder / "eval_end.json", scores, **answer)
     if finished:
         (folder / "comparison.json").write_text("{}")
 
@@ -65,7 +69,8 @@ def decisive(tmp_path):
     (root / "phase1" / "start").mkdir(parents=True)
     write_eval(root / "phase1" / "start" / "eval_start.json", START)
     for (arm, seed), scores in AFTER.items():
-        write_run(root / "phase2" / f"{arm}-s{seed}", arm, scores)
+        answer = {"first_answer": "Dear reader, the park is green."} if (arm, seed) == ("guided", 1) else {}
+        write_run(root / "phase2" / f"{arm}-s{seed}", arm, scores, **answer)
     write_run(root / "phase2" / "guided-s3", "guided", [1.0] * 4, finished=False)  # trained, never evaluated
     ledger = [
         job("2026-12-06T10:00:00Z", "2026-12-06T11:00:00Z", "0"),
@@ -96,6 +101,16 @@ def test_the_report_has_the_gains_and_differences_of_a_hand_computation(decisive
     assert report["pairs"]["plain - guided"]["difference"] == pytest.approx(-guided["difference_to_plain"])
     assert guided["overrides"] == OVERLAYS["guided"]
     assert report["settings"]["train_commands"]["guided-seed1"] == "train guided\n"
+    kinds = report["constraint_kinds"]  # problem 0's answer in guided seed 1 follows its three constraints
+    assert (
+        kinds["guided"]["start_with"][0] == 1
+        and kinds["plain"]["start_with"][0] == 0 == kinds["start"]["start_with"][0]
+    )
+    assert (
+        kinds["guided"]["max_sentences"][0] >= 1
+        and kinds["guided"]["avoid_word"][0] >= kinds["plain"]["avoid_word"][0]
+    )
+    assert all(kinds["plain"][kind][1] == 2 * given for kind, (_, given) in kinds["start"].items())
     assert report["machine_time"]["wall_minutes"] == 90.0 and report["machine_time"]["core_minutes"] == 120.0
 
 
