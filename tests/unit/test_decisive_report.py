@@ -128,7 +128,7 @@ def test_without_a_seed_every_arm_finished_the_report_says_so(decisive):
         (root / "phase2" / f"plain-s{seed}" / "comparison.json").unlink()
     write_run(root / "phase2" / "plain-s3", "plain", START)
     with pytest.raises(
-        SystemExit, match=r"no seed that every arm finished yet \(finished: guided \[1, 2\], plain \[3\]"
+        SystemExit, match=r"no seed that every arm finished yet \(finished: plain \[3\], guided \[1, 2\]"
     ):
         report_module.build_report(root, arms)
 
