@@ -34,6 +34,7 @@ from study.analysis import analyse  # noqa: E402
 from study.ledger import load_json, save_json  # noqa: E402
 from study.outputs import PALETTE, machine  # noqa: E402
 from study.plan import run_name, study_paths  # noqa: E402
+from study.tables import markdown_table  # noqa: E402
 from study.worker import count_tokens  # noqa: E402
 
 DECISIVE = Path(__file__).resolve().parent
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decisive", default=str(DECISIVE), help="the study's records (phase1/, phase2/, ledger)")
     parser.add_argument("--arms", default=str(BENCH / "learning_regime_arms.yaml"), help="arm name -> overlay")
     parser.add_argument("--out", default=str(BENCH), help=f"where {NAME}.json and {NAME}.png go")
+    parser.add_argument("--markdown", action="store_true", help="also print the README's table")
     args = parser.parse_args(argv)
     report = build_report(Path(args.decisive), Path(args.arms))
     json_path, png_path, _ = study_paths(Path(args.out), NAME)
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{kind:16s}", "  ".join(f"{column} {kinds[column][kind][0]}/{kinds[column][kind][1]}" for column in kinds)
         )
     print(f"wrote {json_path} and {png_path}")
+    if args.markdown:
+        print(markdown_table(report))
 
 
 if __name__ == "__main__":
