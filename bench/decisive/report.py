@@ -86,13 +86,18 @@ def training_curve(state: dict, training: dict) -> tuple[list[dict], float]:
     return curve, count_tokens(curve, rows_per_step, training["num_generations"])
 
 
+def metric_values(result: dict) -> dict:
+    """An evaluation result's metrics (`trl-guided eval --output`), each as its value."""
+    return {key: metric["value"] for key, metric in result["metrics"].items()}
+
+
 def run_record(arm: str, seed: int, folder: Path, overlay: dict) -> dict:
     """A phase-2 run as the study's run.json: settings, per-step curve, timings and its final evaluation."""
     training = load_json(folder / "run_config.json")["training"]
     state = load_json(folder / "trainer_state.json")
     curve, tokens = training_curve(state, training)
     result = load_json(folder / "eval_end.json")
-    evaluation = {key: result["metrics"][key]["value"] for key in result["metrics"]}
+    evaluation = metric_values(result)
     summary = next((e for e in reversed(state["log_history"]) if "train_runtime" in e), {})
     return {
         "arm": arm,
@@ -114,7 +119,7 @@ def run_record(arm: str, seed: int, folder: Path, overlay: dict) -> dict:
 def start_record(start: Path) -> dict:
     """The starting model's evaluation as the study's before/run.json."""
     result = load_json(start / "eval_start.json")
-    evaluation = {key: result["metrics"][key]["value"] for key in result["metrics"]}
+    evaluation = metric_values(result)
     return {
         "model": result["model"],
         "settings": result["settings"],
