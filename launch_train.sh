@@ -9,7 +9,7 @@
 # SIGTERM or Ctrl-C reaches the training as SIGTERM: with enable_jit_checkpoint (every GPU recipe) it saves the step
 # it is in and exits 143; then the server is stopped. Resume with `-- --resume_from_checkpoint true`.
 # --gpus defaults to what nvidia-smi sees; --dry-run prints the commands and runs nothing.
-# Flags after `--` override recipe fields, e.g. `./launch_train.sh -- --max_steps 10`.
+# Flags after `--` override recipe fields (`--model_name_or_path` the served model too), e.g. `-- --max_steps 10`.
 # Environment: VLLM_PORT (8000), VLLM_TIMEOUT seconds to wait for the server (900), VLLM_BIN (vllm), VENV (.venv),
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds the workers get after a stop signal (600).
 set -euo pipefail
@@ -17,13 +17,28 @@ set -euo pipefail
 # Helpers shared with slurm/train.slurm, which sources this file (sourcing defines them and runs nothing else).
 quoted() { printf '%q ' "$@"; }
 
-# recipe_model TAG RECIPE: the recipe's model_name_or_path (an embedded: model resolved to its local folder).
+# recipe_model TAG RECIPE [TRAINER_FLAGS...]: the model the training will load, for the vLLM server to serve the same
+# one: the last --model_name_or_path among the trainer flags, else the recipe's (an embedded: model resolved to its
+# local folder).
 recipe_model() {
-  local model
-  model=$("$VENV/bin/python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["model_name_or_path"])' \
-    "$2" 2>/dev/null) || model=""
-  [ -n "$model" ] || { echo "$1: $2 has no model_name_or_path (add one to the recipe)" >&2; return 2; }
-  case "$model" in embedded:*) model=$("$VENV/bin/trl-guided" resolve-model "$model") || return 2 ;; esac
+  local tag=$1 recipe=$2 model="" overridden=0
+  shift 2
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --model_name_or_path) overridden=1; model="${2:-}"; if [ $# -ge 2 ]; then shift; fi ;;
+      --model_name_or_path=*) overridden=1; model="${1#*=}" ;;
+    esac
+    shift
+  done
+  if [ "$overridden" -eq 1 ]; then
+    [ -n "$model" ] || { echo "$tag: --model_name_or_path needs a value (a model name or folder)" >&2; return 2; }
+  else
+    model=$("$VENV/bin/python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["model_name_or_path"])' \
+      "$recipe" 2>/dev/null) || model=""
+    [ -n "$model" ] || { echo "$tag: $recipe has no model_name_or_path (add one to the recipe)" >&2; return 2; }
+  fi
+  # The last line: under WANDB_MODE=offline, importing transformers prints a line to stdout first.
+  case "$model" in embedded:*) model=$("$VENV/bin/trl-guided" resolve-model "$model" | tail -n 1) || return 2 ;; esac
   echo "$model"
 }
 
@@ -137,7 +152,7 @@ if [ "$GPUS" -eq 0 ]; then
 elif [ "$GPUS" -eq 1 ]; then
   CMD=("$VENV/bin/accelerate" launch --num_processes 1 "${TRAIN[@]}" --use_vllm true --vllm_mode colocate)
 else
-  MODEL=$(recipe_model launch_train.sh "$RECIPE") || exit 2
+  MODEL=$(recipe_model launch_train.sh "$RECIPE" "${EXTRA[@]}") || exit 2
   vllm_serve_command "$MODEL" 127.0.0.1 "$PORT" "$VLLM_GPUS" 1
   SERVER=(env "CUDA_VISIBLE_DEVICES=$(seq_csv 0 $((VLLM_GPUS - 1)))" "${VLLM_SERVE[@]}")
   CMD=(env "CUDA_VISIBLE_DEVICES=$(seq_csv "$VLLM_GPUS" $((GPUS - 1)))" "$VENV/bin/accelerate" launch

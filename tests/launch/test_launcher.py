@@ -72,6 +72,20 @@ def test_dry_run_several_gpus_serves_vllm_and_trains_with_zero3(gpus, vllm_gpus)
     assert train[-6:] == ["--vllm_server_host", "127.0.0.1", "--vllm_server_port", "8000", "--max_steps", "5"]
 
 
+@pytest.mark.parametrize("flags", [["--model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct"], ["--model_name_or_path=x"]])
+def test_a_model_given_after_the_separator_is_the_one_vllm_serves(flags):
+    result = launch(GPU_RECIPE, "--gpus", 2, "--dry-run", "--", "--model_name_or_path", "first", *flags)
+    assert result.returncode == 0, result.stderr
+    served = flags[-1].split("=")[-1]
+    assert commands(result)["server"][5] == served  # the last one given, like the trainer's parser
+    assert commands(result)["train"][-len(flags) :] == flags
+
+
+def test_a_model_flag_without_a_value_is_refused():
+    result = launch(GPU_RECIPE, "--gpus", 2, "--dry-run", "--", "--model_name_or_path")
+    assert result.returncode == 2 and "--model_name_or_path needs a value" in result.stderr
+
+
 def test_bad_arguments_are_refused():
     assert launch("--gpus", "2", "--vllm-gpus", "2", "--dry-run").returncode == 2
     assert launch(ROOT / "recipes" / "nope.yaml", "--dry-run").returncode == 2

@@ -146,6 +146,14 @@ def test_nodelists_are_expanded_like_scontrol(tmp_path):
     assert option(found["train"], "--nodelist") == "s2,s3" and option(found["server"], "--nodelist") == "s1"
 
 
+def test_the_server_serves_the_model_the_trainer_flags_give():
+    override = ["--", "--model_name_or_path", "embedded:smollm2-135m-instruct"]
+    result = run(RECIPE, "--dry-run", *override, env=slurm_env("n[1-2]", 2, WANDB_MODE="offline"))
+    assert result.returncode == 0, result.stderr
+    served = commands(result)["server"][8]
+    assert Path(served, "config.json").is_file()  # resolved to its folder, whatever transformers prints on import
+
+
 @pytest.mark.parametrize(
     "args, env, message",
     [
