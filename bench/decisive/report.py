@@ -29,8 +29,9 @@ BENCH = Path(__file__).resolve().parents[1]
 sys.path[:0] = [folder for folder in (str(BENCH), str(BENCH.parent)) if folder not in sys.path]
 
 from answer_position import _test_problems  # noqa: E402
+from answer_relevance import relevance_by_problem  # noqa: E402
 from constraint_kinds import problem_specs, tally  # noqa: E402
-from study.analysis import analyse  # noqa: E402
+from study.analysis import analyse, hierarchical_ci  # noqa: E402
 from study.ledger import load_json, save_json  # noqa: E402
 from study.outputs import PALETTE, machine  # noqa: E402
 from study.plan import run_name, study_paths  # noqa: E402
@@ -184,6 +185,48 @@ def constraint_kinds(runs: list[tuple[str, int, Path]], start: Path) -> dict | N
     return kinds
 
 
+def answer_relevance(runs: list[tuple[str, int, Path]], start: Path, seeds: list[int], metric: str) -> dict | None:
+    """Instruction following only, two measures the reward does not see (bench/answer_relevance.py): the share of
+    answers that name their request's topic, and the reward with off-topic answers scored 0. Per arm over the seeds
+    every arm finished: the value per seed, the change from the start and the difference to plain GRPO, with 95 % CIs
+    over seeds and problems. A fall in the first is the constraint checker being gamed."""
+    task = load_json(runs[0][2] / "run_config.json").get("task", {})
+    if task.get("task") != "instructions":
+        return None
+    before = relevance_by_problem(read_jsonl(start / "eval_start.jsonl"), metric)
+    problems = sorted(before)
+    after = {
+        (arm, seed): relevance_by_problem(read_jsonl(folder / "eval_end.jsonl"), metric)
+        for arm, seed, folder in runs
+        if seed in seeds
+    }
+    arms = list(dict.fromkeys(arm for arm, _ in after))
+    measures = {}
+    for name in ("on_topic", "followed_on_topic"):
+        base = np.array([before[p][name] for p in problems])
+        matrices = {arm: np.array([[after[arm, s][p][name] for p in problems] for s in seeds]) for arm in arms}
+        entries = {}
+        for arm, matrix in matrices.items():
+            entry = {
+                "after": [float(row.mean()) for row in matrix],
+                "change": float((matrix - base).mean()),
+                "change_ci95": hierarchical_ci(matrix - base),
+            }
+            if arm != "plain" and "plain" in matrices:
+                entry["difference_to_plain"] = float((matrix - matrices["plain"]).mean())
+                entry["difference_to_plain_ci95"] = hierarchical_ci(matrix - matrices["plain"])
+            entries[arm] = entry
+        measures[name] = {"before": float(base.mean()), "arms": entries}
+    return {
+        "note": (
+            "added after reading the answers (not in the study's design): on_topic = the answer names its request's "
+            f"topic; followed_on_topic = {metric} with off-topic answers scored 0"
+        ),
+        "seeds": seeds,
+        **measures,
+    }
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -217,6 +260,9 @@ def build_report(decisive: Path, arms_file: Path) -> dict:
         lay_out(study_paths(Path(scratch), NAME)[2], decisive / "phase1" / "start", runs, overlays)
         report = analyse(Path(scratch), NAME, ARM_ORDER)
     report["constraint_kinds"] = constraint_kinds(runs, decisive / "phase1" / "start")
+    report["answer_relevance"] = answer_relevance(
+        runs, decisive / "phase1" / "start", report["seeds_complete"], report["metric"].split()[0].rsplit("/", 1)[0]
+    )
     ledger = read_jsonl(decisive / "ledger.jsonl")
     sittings = load_json(decisive / "sittings.json")["sittings"]
     report["machine_time"] = machine_time(ledger, sittings)
@@ -296,6 +342,12 @@ def plot_report(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def interval(entry: dict, key: str) -> str:
+    """An entry's value and its 95 % CI, e.g. "+0.111 [+0.071, +0.149]"."""
+    low, high = entry[f"{key}_ci95"]
+    return f"{entry[key]:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decisive", default=str(DECISIVE), help="the study's records (phase1/, phase2/, ledger)")
@@ -308,17 +360,24 @@ def main(argv: list[str] | None = None) -> None:
     save_json(json_path, report)
     plot_report(report, png_path)
     for arm, entry in report["arms"].items():
-        low, high = entry["gain_ci95"]
-        line = f"{arm:16s} seeds {entry['seeds']}  gain {entry['gain']:+.3f} [{low:+.3f}, {high:+.3f}]"
+        line = f"{arm:16s} seeds {entry['seeds']}  gain {interval(entry, 'gain')}"
         if "difference_to_plain" in entry:
-            low, high = entry["difference_to_plain_ci95"]
-            line += f"  vs plain {entry['difference_to_plain']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            line += f"  vs plain {interval(entry, 'difference_to_plain')}"
         print(line)
     kinds = report["constraint_kinds"] or {}
     for kind in sorted(kinds.get("start", {})):
         print(
             f"{kind:16s}", "  ".join(f"{column} {kinds[column][kind][0]}/{kinds[column][kind][1]}" for column in kinds)
         )
+    relevance = report["answer_relevance"] or {}
+    for name in ("on_topic", "followed_on_topic"):
+        if name in relevance:
+            print(f"{name} (not rewarded, not in the design): start {relevance[name]['before']:.3f}")
+            for arm, entry in relevance[name]["arms"].items():
+                line = f"{arm:16s} change {interval(entry, 'change')}"
+                if "difference_to_plain" in entry:
+                    line += f"  vs plain {interval(entry, 'difference_to_plain')}"
+                print(line)
     print(f"wrote {json_path} and {png_path}")
     if args.markdown:
         print(markdown_table(report))

@@ -31,7 +31,7 @@ OVERLAYS = {"plain": {"guidance": False}, "guided": {"guidance": True, "guidance
 def write_eval(path: Path, scores: list[float], first_answer: str = "x") -> None:
     rows = [
         {"problem_id": p, "sample": 0, "completion": first_answer if p == PROBLEMS[0] else "x", "tokens": 5,
-         "truncated": False,
+         "truncated": False, "prompt": [{"role": "user", "content": "Describe public parks in a few sentences."}],
          "rewards": {"constraints_followed": s}, "nll": 2.0, "nll_tokens": 4}
         for p, s in zip(PROBLEMS, scores, strict=True)
     ]  # fmt: skip
@@ -112,6 +112,12 @@ def test_the_report_has_the_gains_and_differences_of_a_hand_computation(decisive
         and kinds["guided"]["avoid_word"][0] >= kinds["plain"]["avoid_word"][0]
     )
     assert all(kinds["plain"][kind][1] == 2 * given for kind, (_, given) in kinds["start"].items())
+    relevance = report["answer_relevance"]  # only guided seed 1's first answer names the topic (a park)
+    assert relevance["on_topic"]["before"] == 0.0 == relevance["on_topic"]["arms"]["plain"]["change"]
+    assert relevance["on_topic"]["arms"]["guided"]["after"] == [0.25, 0.0]
+    assert relevance["on_topic"]["arms"]["guided"]["difference_to_plain"] == pytest.approx(0.125)
+    followed = relevance["followed_on_topic"]["arms"]["guided"]  # that answer's reward, the others count 0
+    assert followed["after"] == [AFTER["guided", 1][0] / 4, 0.0] and followed["change"] == pytest.approx(0.125)
     assert report["machine_time"]["wall_minutes"] == 90.0 and report["machine_time"]["core_minutes"] == 120.0
 
 
