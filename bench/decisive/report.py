@@ -285,8 +285,21 @@ def build_report(decisive: Path, arms_file: Path) -> dict:
     }
 
 
+def draw_intervals(ax, entries: dict[str, dict], key: str, colours: dict, per_seed: dict | None = None) -> None:
+    """One point with its 95 % CI per arm (`entries[arm][key]`, `[key + "_ci95"]`), and small dots per seed."""
+    for i, (arm, entry) in enumerate(entries.items()):
+        low, high = entry[f"{key}_ci95"]
+        ax.errorbar(i, entry[key], yerr=[[entry[key] - low], [high - entry[key]]], fmt="o", capsize=6,
+                    color=colours[arm], markersize=8)  # fmt: skip
+        if per_seed:
+            ax.scatter(np.full(len(per_seed[arm]), i + 0.15), per_seed[arm], color=colours[arm], alpha=0.5, s=14)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(entries)), list(entries))
+
+
 def plot_report(report: dict, path: Path) -> None:
-    """Training reward over optimizer steps per arm; each arm's held-out gain and its difference to plain GRPO."""
+    """Training reward over optimizer steps per arm; each arm's held-out gain, its difference to plain GRPO, and
+    (instruction following) the change in answers that name their topic."""
     import matplotlib  # heavy, and only the report draws
 
     matplotlib.use("Agg")
@@ -294,7 +307,7 @@ def plot_report(report: dict, path: Path) -> None:
 
     arms = list(report["arms"])
     colours = dict(zip(arms, PALETTE, strict=False))
-    fig, (reward_ax, gain_ax, difference_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, ((reward_ax, gain_ax), (difference_ax, topic_ax)) = plt.subplots(2, 2, figsize=(14, 9))
     for arm in arms:
         rewards = []
         for seed in report["arms"][arm]["seeds"]:
@@ -313,32 +326,33 @@ def plot_report(report: dict, path: Path) -> None:
     reward_ax.set(
         title=f"Training reward (moving mean of {SMOOTHING} steps)", xlabel="optimizer step", ylabel="reward"
     )
-    for ax, key, title in (
-        (gain_ax, "gain", f"Held-out gain vs start ({report['problems']} test problems, greedy)"),
-        (difference_ax, "difference_to_plain", "Difference to plain GRPO (paired by seed and problem)"),
-    ):
-        shown = [arm for arm in arms if key in report["arms"][arm]]
-        for i, arm in enumerate(shown):
-            entry = report["arms"][arm]
-            low, high = entry[f"{key}_ci95"]
-            ax.errorbar(i, entry[key], yerr=[[entry[key] - low], [high - entry[key]]], fmt="o", capsize=6,
-                        color=colours[arm], markersize=8)  # fmt: skip
-            if key == "gain":
-                after = np.array(entry["accuracy_after"]) - entry["accuracy_before"]
-                ax.scatter(np.full(len(after), i + 0.15), after, color=colours[arm], alpha=0.5, s=14)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(shown)), shown)
-        ax.set(title=title, ylabel=report["metric"].split()[0] + " (95 % CI)")
+    metric = report["metric"].split()[0]
+    per_seed = {arm: np.array(e["accuracy_after"]) - e["accuracy_before"] for arm, e in report["arms"].items()}
+    draw_intervals(gain_ax, report["arms"], "gain", colours, per_seed)
+    gain_ax.set(title=f"Held-out gain vs start ({report['problems']} test problems, greedy)", ylabel=metric)
+    guided = {arm: entry for arm, entry in report["arms"].items() if "difference_to_plain" in entry}
+    draw_intervals(difference_ax, guided, "difference_to_plain", colours)
+    difference_ax.set(title="Difference to plain GRPO (paired by seed and problem)", ylabel=metric)
     difference_ax.axhspan(-0.04, 0.04, color="grey", alpha=0.15, label="within +-0.04")
     low, high = difference_ax.get_ylim()
     difference_ax.set_ylim(min(low, -0.06), max(high, 0.06))
-    for ax in (reward_ax, gain_ax, difference_ax):
+    difference_ax.legend(loc="best", fontsize=9)
+    relevance = (report.get("answer_relevance") or {}).get("on_topic")
+    if relevance:
+        before = relevance["before"]
+        per_seed = {arm: np.array(e["after"]) - before for arm, e in relevance["arms"].items()}
+        draw_intervals(topic_ax, relevance["arms"], "change", colours, per_seed)
+        topic_ax.set(
+            title=f"Answers that name their topic: change vs start ({before:.2f}; not rewarded)", ylabel="share"
+        )
+    else:
+        topic_ax.axis("off")
+    for ax in (reward_ax, gain_ax, difference_ax, topic_ax):
         ax.grid(alpha=0.3)
     reward_ax.legend(loc="best", fontsize=9)
-    difference_ax.legend(loc="best", fontsize=9)
     fig.suptitle("Thin / small: one seed; thick / large: mean over seeds with its 95 % CI")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
