@@ -111,9 +111,9 @@ NAMED_METHOD_RECIPES = {"qwen2.5-1.5b-instruct/gsm8k_guided.yaml"}
 
 
 def study_reports() -> dict[str, dict]:
-    """The guided-vs-plain studies that have run: bench/learning.json (one-step arithmetic) and, once it has run,
-    bench/learning_regime.json."""
-    paths = [ROOT / "bench" / name for name in ("learning.json", "learning_regime.json")]
+    """The guided-vs-plain studies that have run: bench/learning.json (one-step arithmetic),
+    bench/learning_regime.json and bench/learning_decisive.json (instruction following)."""
+    paths = [ROOT / "bench" / name for name in ("learning.json", "learning_regime.json", "learning_decisive.json")]
     return {path.stem: json.loads(path.read_text()) for path in paths if path.exists()}
 
 
