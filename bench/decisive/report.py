@@ -8,7 +8,9 @@ Phase 2's runs (bench/decisive/phase2/run.sh) train and evaluate with `trl-guide
 script lays their records out as a study's run folders (`<arm>-seed<k>/run.json`, `eval.jsonl`, and the starting
 model's `before/`) and hands them to the study's own statistics (`study.analysis.analyse`): the gain per arm with a
 95 % CI over seeds and problems, the differences paired by seed and problem, the curves. Machine time comes from the
-decisive study's ledger (bench/decisive/ledger.jsonl): jobs side by side count once.
+decisive study's ledger (bench/decisive/ledger.jsonl): jobs side by side count once. For instruction following it adds
+two measures the reward does not see (bench/answer_relevance.py): answers that name their topic, and the reward with
+off-topic answers scored 0.
 """
 
 from __future__ import annotations
@@ -260,8 +262,9 @@ def build_report(decisive: Path, arms_file: Path) -> dict:
         lay_out(study_paths(Path(scratch), NAME)[2], decisive / "phase1" / "start", runs, overlays)
         report = analyse(Path(scratch), NAME, ARM_ORDER)
     report["constraint_kinds"] = constraint_kinds(runs, decisive / "phase1" / "start")
+    reward = report["metric"].split()[0].rsplit("/", 1)[0]  # "constraints_followed/mean on the test split, ..."
     report["answer_relevance"] = answer_relevance(
-        runs, decisive / "phase1" / "start", report["seeds_complete"], report["metric"].split()[0].rsplit("/", 1)[0]
+        runs, decisive / "phase1" / "start", report["seeds_complete"], reward
     )
     ledger = read_jsonl(decisive / "ledger.jsonl")
     sittings = load_json(decisive / "sittings.json")["sittings"]
@@ -370,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", action="store_true", help="also print the README's table")
     args = parser.parse_args(argv)
     report = build_report(Path(args.decisive), Path(args.arms))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     json_path, png_path, _ = study_paths(Path(args.out), NAME)
     save_json(json_path, report)
     plot_report(report, png_path)

@@ -85,10 +85,11 @@ def decisive(tmp_path):
 
 def test_the_report_has_the_gains_and_differences_of_a_hand_computation(decisive, tmp_path, capsys):
     root, arms = decisive
-    report_module.main(["--decisive", str(root), "--arms", str(arms), "--out", str(tmp_path), "--markdown"])
+    out = tmp_path / "out"  # made if missing
+    report_module.main(["--decisive", str(root), "--arms", str(arms), "--out", str(out), "--markdown"])
     assert "| guided | 3.0 | 1600 | 0.375 -> 0.750 | +0.375 [" in capsys.readouterr().out  # the README's table
-    report = json.loads((tmp_path / "learning_decisive.json").read_text())
-    assert (tmp_path / "learning_decisive.png").stat().st_size > 10_000
+    report = json.loads((out / "learning_decisive.json").read_text())
+    assert (out / "learning_decisive.png").stat().st_size > 10_000
     assert report["problems"] == 4 and report["seeds_complete"] == [1, 2]  # guided-s3 has no comparison: left out
     plain, guided = report["arms"]["plain"], report["arms"]["guided"]
     start = sum(START) / 4
