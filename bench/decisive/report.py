@@ -171,12 +171,9 @@ def union_minutes(intervals: list[tuple[datetime, datetime]]) -> float:
     return total
 
 
-def constraint_kinds(runs: list[tuple[str, int, Path]], start: Path) -> dict | None:
-    """Instruction following only: per constraint kind, followed / given by the starting model and by each arm (its
-    seeds summed), which shows the decisions training won or lost. None for other tasks."""
-    task = load_json(runs[0][2] / "run_config.json").get("task", {})
-    if task.get("task") != "instructions":
-        return None
+def constraint_kinds(runs: list[tuple[str, int, Path]], start: Path, task: dict) -> dict:
+    """Instruction following: per constraint kind, followed / given by the starting model and by each arm (its seeds
+    summed), which shows the decisions training won or lost."""
     specs = problem_specs(_test_problems(task))
     kinds = {"start": tally(read_jsonl(start / "eval_start.jsonl"), specs)["kinds"]}
     for arm, _, folder in runs:
@@ -187,14 +184,12 @@ def constraint_kinds(runs: list[tuple[str, int, Path]], start: Path) -> dict | N
     return kinds
 
 
-def answer_relevance(runs: list[tuple[str, int, Path]], start: Path, seeds: list[int], metric: str) -> dict | None:
-    """Instruction following only, two measures the reward does not see (bench/answer_relevance.py): the share of
-    answers that name their request's topic, and the reward with off-topic answers scored 0. Per arm over the seeds
+def answer_relevance(runs: list[tuple[str, int, Path]], start: Path, seeds: list[int]) -> dict:
+    """Instruction following, two measures the reward does not see (bench/answer_relevance.py): the share of answers
+    that name their request's topic, and the headline reward with off-topic answers scored 0. Per arm over the seeds
     every arm finished: the value per seed, the change from the start and the difference to plain GRPO, with 95 % CIs
     over seeds and problems. A fall in the first is the constraint checker being gamed."""
-    task = load_json(runs[0][2] / "run_config.json").get("task", {})
-    if task.get("task") != "instructions":
-        return None
+    metric = load_json(start / "eval_start.json")["settings"]["reward_funcs"][0]  # the study's headline reward
     before = relevance_by_problem(read_jsonl(start / "eval_start.jsonl"), metric)
     problems = sorted(before)
     after = {
@@ -261,11 +256,12 @@ def build_report(decisive: Path, arms_file: Path) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         lay_out(study_paths(Path(scratch), NAME)[2], decisive / "phase1" / "start", runs, overlays)
         report = analyse(Path(scratch), NAME, ARM_ORDER)
-    report["constraint_kinds"] = constraint_kinds(runs, decisive / "phase1" / "start")
-    reward = report["metric"].split()[0].rsplit("/", 1)[0]  # "constraints_followed/mean on the test split, ..."
-    report["answer_relevance"] = answer_relevance(
-        runs, decisive / "phase1" / "start", report["seeds_complete"], reward
-    )
+    task = load_json(runs[0][2] / "run_config.json").get("task", {})
+    report["constraint_kinds"] = report["answer_relevance"] = None  # both exist for instruction following only
+    if task.get("task") == "instructions":
+        start = decisive / "phase1" / "start"
+        report["constraint_kinds"] = constraint_kinds(runs, start, task)
+        report["answer_relevance"] = answer_relevance(runs, start, report["seeds_complete"])
     ledger = read_jsonl(decisive / "ledger.jsonl")
     sittings = load_json(decisive / "sittings.json")["sittings"]
     report["machine_time"] = machine_time(ledger, sittings)
