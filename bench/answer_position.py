@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_guided.constraints import check, parse_specs, words
 from trl_guided.data import load_task
-from trl_guided.evaluate import prompt_token_ids
+from trl_guided.evaluate import prompt_token_ids, read_records
 from trl_guided.guidance import BranchRule, TokenSignals
 from trl_guided.locate import locate_model
 from trl_guided.tasks import TaskArguments, task_options
@@ -130,7 +130,7 @@ def main() -> None:
     scorer = _signal_scorer(recipe, tokenizer, problems) if needs_signals else None
     prefix_range = (recipe.get("prefix_min_tokens", 2), recipe.get("prefix_max_tokens", 12))
     guide_range = (recipe.get("min_guide_tokens", 2), recipe.get("max_guide_tokens", 8))
-    records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
+    records = read_records(args.records)
     counts = {name: {"prefix": 0, "guidance": 0, "postfix": 0} for name in args.branch_point}
     empty = dict.fromkeys(args.branch_point, 0)
     decided_how: dict[str, int] = {}

@@ -10,13 +10,12 @@ reward. The starting model names its topic in most answers; a trained model that
 from __future__ import annotations
 
 import argparse
-import json
 import re
-from pathlib import Path
 
 from constraint_kinds import answer_text
 
 from trl_guided.data import INSTRUCTION_TOPICS
+from trl_guided.evaluate import read_records
 
 # Each topic of the task (trl_guided.data.INSTRUCTION_TOPICS) -> words that show an answer is about it, matched as
 # whole words, also with an "s" or "es" ending.
@@ -100,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default="constraints_followed", help="the reward the answers were scored with")
     args = parser.parse_args(argv)
     for path in args.records:
-        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        scores = relevance_by_problem(records, args.metric).values()
+        scores = relevance_by_problem(read_records(path), args.metric).values()
         means = {name: sum(s[name] for s in scores) / len(scores) for name in ("on_topic", "followed_on_topic")}
         print(f"{path}\ton topic {means['on_topic']:.3f}\t{args.metric} on topic {means['followed_on_topic']:.3f}")
 

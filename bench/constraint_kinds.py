@@ -11,7 +11,6 @@ the files must come from evaluations of the same test split (the recipe's task s
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import yaml
 from answer_position import _test_problems
 
 from trl_guided.constraints import check, parse_specs
+from trl_guided.evaluate import read_records
 
 
 def problem_specs(problems) -> list[list[dict]]:
@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     if recipe.get("task") != "instructions":
         parser.error(f"{args.recipe}: task {recipe.get('task')!r}; constraint kinds exist for task: instructions")
     specs = problem_specs(_test_problems(recipe))
-    tallies = {
-        path: tally([json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()], specs)
-        for path in args.records
-    }
+    tallies = {path: tally(read_records(path), specs) for path in args.records}
     kinds = sorted({kind for t in tallies.values() for kind in t["kinds"]})
     print("records", "truncated", "median words", *kinds, sep="\t")
     for path, t in tallies.items():

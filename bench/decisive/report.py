@@ -16,7 +16,6 @@ off-topic answers scored 0.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import sys
@@ -39,6 +38,8 @@ from study.outputs import PALETTE, machine  # noqa: E402
 from study.plan import run_name, study_paths  # noqa: E402
 from study.tables import markdown_table  # noqa: E402
 from study.worker import count_tokens  # noqa: E402
+
+from trl_guided.evaluate import read_records  # noqa: E402
 
 DECISIVE = Path(__file__).resolve().parent
 NAME = "learning_decisive"
@@ -175,10 +176,10 @@ def constraint_kinds(runs: list[tuple[str, int, Path]], start: Path, task: dict)
     """Instruction following: per constraint kind, followed / given by the starting model and by each arm (its seeds
     summed), which shows the decisions training won or lost."""
     specs = problem_specs(_test_problems(task))
-    kinds = {"start": tally(read_jsonl(start / "eval_start.jsonl"), specs)["kinds"]}
+    kinds = {"start": tally(read_records(start / "eval_start.jsonl"), specs)["kinds"]}
     for arm, _, folder in runs:
         counts = kinds.setdefault(arm, {})
-        for kind, (followed, given) in tally(read_jsonl(folder / "eval_end.jsonl"), specs)["kinds"].items():
+        for kind, (followed, given) in tally(read_records(folder / "eval_end.jsonl"), specs)["kinds"].items():
             total = counts.setdefault(kind, [0, 0])
             total[0], total[1] = total[0] + followed, total[1] + given
     return kinds
@@ -190,10 +191,10 @@ def answer_relevance(runs: list[tuple[str, int, Path]], start: Path, seeds: list
     every arm finished: the value per seed, the change from the start and the difference to plain GRPO, with 95 % CIs
     over seeds and problems. A fall in the first is the constraint checker being gamed."""
     metric = load_json(start / "eval_start.json")["settings"]["reward_funcs"][0]  # the study's headline reward
-    before = relevance_by_problem(read_jsonl(start / "eval_start.jsonl"), metric)
+    before = relevance_by_problem(read_records(start / "eval_start.jsonl"), metric)
     problems = sorted(before)
     after = {
-        (arm, seed): relevance_by_problem(read_jsonl(folder / "eval_end.jsonl"), metric)
+        (arm, seed): relevance_by_problem(read_records(folder / "eval_end.jsonl"), metric)
         for arm, seed, folder in runs
         if seed in seeds
     }
@@ -222,10 +223,6 @@ def answer_relevance(runs: list[tuple[str, int, Path]], start: Path, seeds: list
         "seeds": seeds,
         **measures,
     }
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def lay_out(runs_dir: Path, start: Path, runs: list[tuple[str, int, Path]], overlays: dict) -> None:
@@ -262,7 +259,7 @@ def build_report(decisive: Path, arms_file: Path) -> dict:
         start = decisive / "phase1" / "start"
         report["constraint_kinds"] = constraint_kinds(runs, start, task)
         report["answer_relevance"] = answer_relevance(runs, start, report["seeds_complete"])
-    ledger = read_jsonl(decisive / "ledger.jsonl")
+    ledger = read_records(decisive / "ledger.jsonl")
     sittings = load_json(decisive / "sittings.json")["sittings"]
     report["machine_time"] = machine_time(ledger, sittings)
     report["study_seconds"] = round(report["machine_time"]["wall_minutes"] * 60, 1)
