@@ -152,7 +152,7 @@ def test_a_vllm_recipe_without_a_gpu_is_refused_when_parsed(tmp_path, without_gp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_train_with_vllm_colocate_on_cpu_exits_at_once_with_one_line(tmp_path):
-    """The command of issue 35: it used to start the engine (about 2 minutes) and die at its first weight sync."""
+    """A command that used to start the engine (about 2 minutes) and die at its first weight sync."""
     command = [sys.executable, "-m", "trl_guided.train"]
     command += ["--config", str(ROOT / "recipes" / "smollm2-135m-instruct" / "instructions_cpu.yaml")]
     command += ["--max_steps", "4", "--report_to", "none", "--save_strategy", "no", "--eval_before_after", "false"]
