@@ -76,3 +76,70 @@ def test_config_docstring_documents_every_added_field_in_its_group():
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         if not isinstance(default, list):
             assert entry.group(1) == (f'"{default}"' if isinstance(default, str) else str(default)), field.name
+
+
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "GPU.md"]
+
+
+def _doc_text() -> dict[str, str]:
+    return {str(page.relative_to(ROOT)): page.read_text() for page in DOC_PAGES}
+
+
+def test_every_recipe_path_the_docs_name_exists():
+    for page, text in _doc_text().items():
+        for path in re.findall(r"recipes/[\w./-]+?\.yaml", text):
+            if re.search(r"[A-Z]{3,}|/my[-_]", path):  # a placeholder: recipes/MODEL/NAME_cpu.yaml, recipes/my-model/
+                continue
+            assert (ROOT / path).exists(), f"{page} names {path}, which does not exist"
+
+
+def _known_flags() -> set[str]:
+    """Every flag a documented command can take: `trl-guided train`'s fields, the other subcommands' options (both
+    spellings), and `accelerate launch`'s."""
+    import argparse
+
+    from accelerate.commands.launch import launch_command_parser
+
+    from trl_guided.cli import build_parser
+    from trl_guided.train import make_parser
+
+    flags = {f"--{name}" for parser_class in make_parser().dataclass_types for name in parser_class.__dataclass_fields__}
+    parsers = [launch_command_parser()]
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += list(action.choices.values())
+    for parser in parsers:
+        for action in parser._actions:
+            for option in action.option_strings:
+                flags |= {option, option.replace("-", "_").replace("__", "--", 1)}
+    return flags
+
+
+def test_every_flag_the_docs_show_exists():
+    known = _known_flags()
+    for page, text in _doc_text().items():
+        for flag in sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b", text))):
+            assert flag in known, f"{page} shows {flag}, which no trl-guided or accelerate command takes"
+
+
+def test_every_default_the_docs_state_is_the_code_default():
+    import dataclasses
+
+    from trl_guided import GuidedGRPOConfig
+
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(GuidedGRPOConfig)
+        if field.default is not dataclasses.MISSING
+    }
+    values = {str(value) for value in defaults.values()}
+    for page, text in _doc_text().items():
+        # `field` (default 8 ...) and `field: value` (default)
+        for name, value in re.findall(r"`(\w+)` \(default ([^;),\s]+)", text) + re.findall(
+            r"`(\w+): ([^`]+)` \((?:the )?default\)", text
+        ):
+            if name in defaults:
+                assert str(defaults[name]) == value, f"{page}: `{name}` defaults to {defaults[name]!r}, not {value}"
+        # `value` (default) / (the default): some field of GuidedGRPOConfig must default to it
+        for value in re.findall(r"`([\w.+-]+)` \((?:the )?default\)", text):
+            assert value in values, f"{page} calls `{value}` the default, but no GuidedGRPOConfig field defaults to it"
