@@ -103,7 +103,8 @@ def _known_flags() -> set[str]:
     from trl_guided.cli import build_parser
     from trl_guided.train import make_parser
 
-    flags = {f"--{name}" for parser_class in make_parser().dataclass_types for name in parser_class.__dataclass_fields__}
+    fields = [name for parser_class in make_parser().dataclass_types for name in parser_class.__dataclass_fields__]
+    flags = {f"--{name}" for name in fields}
     parsers = [launch_command_parser()]
     for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction):
