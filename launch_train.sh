@@ -22,44 +22,55 @@ set -euo pipefail
 # Helpers shared with slurm/train.slurm, which sources this file (sourcing defines them and runs nothing else).
 quoted() { printf '%q ' "$@"; }
 
-# trainer_setting TAG RECIPE FIELD [TRAINER_FLAGS...]: the value the training will use for FIELD, as its parser
-# reads it: the last --FIELD VALUE (or --FIELD=VALUE) among the trainer flags, else the recipe's (booleans as
-# true/false), else nothing (the field's default).
+# trainer_setting [--bool] TAG RECIPE FIELD [TRAINER_FLAGS...]: the value the training will use for FIELD, as its
+# parser reads it: the last --FIELD VALUE (or --FIELD=VALUE) among the trainer flags, else the recipe's, else nothing
+# (the field's default). --bool: FIELD is a boolean, printed as true or false (nothing when unset); a bare --FIELD
+# means true, as in the trainer's parser.
 trainer_setting() {
-  local tag=$1 recipe=$2 field=$3 value="" given=0
+  local boolean=0 value="" given=0
+  if [ "$1" = --bool ]; then boolean=1; shift; fi
+  local tag=$1 recipe=$2 field=$3
   shift 3
   while [ $# -gt 0 ]; do
     case "$1" in
-      "--$field") given=1; value="${2:-}"; if [ $# -ge 2 ]; then shift; fi ;;
+      "--$field")
+        given=1
+        value=""
+        if [ $# -ge 2 ] && [ "${2#--}" = "$2" ]; then value=$2; shift; elif [ "$boolean" -eq 1 ]; then value=true; fi
+        ;;
       "--$field="*) given=1; value="${1#*=}" ;;
     esac
     shift
   done
   if [ "$given" -eq 1 ]; then
     [ -n "$value" ] || { echo "$tag: --$field needs a value" >&2; return 2; }
-    echo "$value"
-    return 0
-  fi
-  if ! "$VENV/bin/python" - "$recipe" "$field" 2>/dev/null <<'PY'; then
+  elif ! value=$("$VENV/bin/python" - "$recipe" "$field" 2>/dev/null <<'PY'
 import sys, yaml
 value = (yaml.safe_load(open(sys.argv[1])) or {}).get(sys.argv[2])
 print("" if value is None else str(value).lower() if isinstance(value, bool) else value)
 PY
+  ); then
     echo "$tag: cannot read $recipe as a recipe (a YAML mapping of fields)" >&2
     return 2
   fi
+  if [ "$boolean" -eq 1 ] && [ -n "$value" ]; then
+    # The spellings of transformers' string_to_bool.
+    case "${value,,}" in
+      true | t | yes | y | 1) value=true ;;
+      false | f | no | n | 0) value=false ;;
+      *) echo "$tag: $field is '$value'; it takes true or false" >&2; return 2 ;;
+    esac
+  fi
+  echo "$value"
 }
-
-# is_true VALUE: VALUE spells true as the trainer's parser reads booleans.
-is_true() { case "${1,,}" in true | t | yes | y | 1) return 0 ;; *) return 1 ;; esac; }
 
 # vllm_layout TAG RECIPE [TRAINER_FLAGS...]: how the training generates, from use_vllm and vllm_mode (TRL's defaults:
 # false, colocate): none (transformers generation), colocate (vLLM inside each training process) or server (a vLLM
 # server the training processes call, which the launcher starts).
 vllm_layout() {
   local use_vllm mode
-  use_vllm=$(trainer_setting "$1" "$2" use_vllm "${@:3}") || return 2
-  if ! is_true "${use_vllm:-false}"; then
+  use_vllm=$(trainer_setting --bool "$1" "$2" use_vllm "${@:3}") || return 2
+  if [ "$use_vllm" != true ]; then
     echo none
     return 0
   fi
@@ -206,8 +217,8 @@ fi
 LAYOUT=cpu
 NOTE=""
 if [ "$GPUS" -gt 0 ]; then
-  USE_CPU=$(trainer_setting launch_train.sh "$RECIPE" use_cpu "${EXTRA[@]}") || exit 2
-  if is_true "${USE_CPU:-false}"; then
+  USE_CPU=$(trainer_setting --bool launch_train.sh "$RECIPE" use_cpu "${EXTRA[@]}") || exit 2
+  if [ "$USE_CPU" = true ]; then
     if [ -n "$GPUS_GIVEN" ]; then
       echo "launch_train.sh: $RECIPE sets use_cpu: true, so --gpus $GPUS would go unused: drop --gpus to train it on" \
         "CPU, or give a GPU recipe (with no recipe, --gpus N trains $GPU_RECIPE)" >&2

@@ -120,6 +120,10 @@ def test_the_flags_after_the_separator_decide_the_generation_too():
     assert found["train"][found["train"].index("--num_processes") + 1] == "3"
     result = launch(GPU_RECIPE, "--gpus", 4, "--dry-run", "--", "--use_vllm", "false")
     assert "server" not in commands(result)
+    result = launch(NO_VLLM_RECIPE, "--gpus", 4, "--dry-run", "--", "--use_vllm", "--max_steps", "5")  # bare: true
+    assert "generation: vLLM colocated" in result.stdout and "server" not in commands(result)
+    result = launch(NO_VLLM_RECIPE, "--gpus", 4, "--dry-run", "--", "--use_vllm", "maybe")
+    assert result.returncode == 2 and "use_vllm is 'maybe'; it takes true or false" in result.stderr
     result = launch(GPU_RECIPE, "--gpus", 4, "--dry-run", "--", "--vllm_mode", "remote")
     assert result.returncode == 2 and "vllm_mode 'remote' is neither server nor colocate" in result.stderr
 
