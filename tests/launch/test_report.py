@@ -149,9 +149,11 @@ def _chromium() -> str:
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail(
-                "chromium is missing in CI: scripts/setup_env.sh installs it (apt-get install chromium, as root)"
+                "chromium is missing in CI: bash scripts/setup_env.sh --with-browser installs it (apt-get, as root)"
             )
-        pytest.skip("chromium is not installed; scripts/setup_env.sh installs it when run as root (apt-get)")
+        pytest.skip(
+            "chromium is not installed; bash scripts/setup_env.sh --with-browser installs it (apt-get, as root)"
+        )
     return binary
 
 
