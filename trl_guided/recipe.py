@@ -145,6 +145,8 @@ def validate(task_args: TaskArguments) -> None:
             raise SystemExit(str(error)) from None
     if task_args.dataset_path is not None and not Path(task_args.dataset_path).exists():
         raise SystemExit(f"dataset_path={task_args.dataset_path!r} does not exist.")
+    if task_args.dataset_path is not None and task_args.dataset_name is not None:
+        raise SystemExit("dataset_path and dataset_name both name the data: keep one of them.")
 
 
 # Fields that act only while a switch is on. Set while it is off, they are named in one warning rather than refused,

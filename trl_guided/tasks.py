@@ -12,7 +12,21 @@ from .rewards import REWARD_FUNCS, get_reward
 @dataclass
 class TaskArguments:
     task: str = field(default="length", metadata={"help": "Task name (trl_guided.data.TASKS)."})
-    dataset_path: str | None = field(default=None, metadata={"help": "Local data file instead of the default."})
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "Local data file (or saved dataset folder) instead of the task's data."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "As in TRL: the dataset to load with `datasets` instead of the task's data: a local file or "
+            "folder, a folder written by save_to_disk, or a Hub name (needs the Hub)."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "As in TRL: the config of dataset_name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "As in TRL: the split trained on."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "As in TRL: the held-out split (evaluation, eval_strategy)."}
+    )
     eval_size: int = field(default=8, metadata={"help": "Prompts held out for the test split (length task)."})
     dataset_size: int = field(default=1000, metadata={"help": "Rows of a generated task (countdown, ...)."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of a generated task (countdown, ...)."})

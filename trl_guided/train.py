@@ -22,7 +22,7 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .checkpoints import last_complete_checkpoint
 from .config import GuidedGRPOConfig
-from .data import load_task
+from .data import DataError, load_task
 from .evaluate import EvalError, EvalSettings, evaluate, write_json
 from .locate import ModelError, ModelSource, locate_start
 from .plots import reward_curve
@@ -353,7 +353,11 @@ def _log_to_trackers(comparison: dict) -> None:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    return main(*parse_args(list(sys.argv[1:] if argv is None else argv)))
+    arguments = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return main(*arguments)
+    except DataError as error:  # raised while the task's data loads, before anything is trained
+        raise SystemExit(f"Cannot load the data of task {arguments[0].task!r}: {error}") from None
 
 
 if __name__ == "__main__":

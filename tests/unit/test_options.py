@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from trl import GRPOConfig, ModelConfig, get_peft_config, get_quantization_config
 
 from trl_guided import GuidedGRPOConfig
-from trl_guided.data import TASK_OPTIONS, load_task
+from trl_guided.data import DATA_SOURCE, TASK_OPTIONS, load_task
 from trl_guided.recipe import model_init_kwargs, parse_args
 from trl_guided.sampler import GuidedSampler
 from trl_guided.tasks import TaskArguments, reward_functions, task_options
@@ -256,6 +256,10 @@ def test_every_task_field_is_read_by_its_tasks_and_refused_by_the_others(recipe)
         "arithmetic_mode": "expand",
         "arithmetic_terms": 2,
         "arithmetic_max_number": 9,
+        "dataset_name": "my-org/my-data",
+        "dataset_config": "main",
+        "dataset_train_split": "training",
+        "dataset_test_split": "validation",
     }
     assert set(changed) == {name for options in TASK_OPTIONS.values() for name in options}
     for task, read in TASK_OPTIONS.items():
@@ -267,7 +271,7 @@ def test_every_task_field_is_read_by_its_tasks_and_refused_by_the_others(recipe)
                 assert task_options(task_args) == task_options(TaskArguments(task=task)), (task, name)
     # Generated tasks: the change reaches the rows.
     for task in ("countdown", "arithmetic", "instructions"):
-        for name in set(TASK_OPTIONS[task]) - {"dataset_path"}:  # instructions from a file: test_constraints.py
+        for name in set(TASK_OPTIONS[task]) - set(DATA_SOURCE):  # instructions from a file: test_constraints.py
             rows = load_task(task, "train", **task_options(TaskArguments(task=task, **{name: changed[name]})))
             assert rows.to_list() != load_task(task, "train", **task_options(defaults.__class__(task=task))).to_list()
     # Set on a task that does not read it: one line.
