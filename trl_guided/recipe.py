@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import sys
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -37,6 +38,14 @@ def read_recipe(path: str) -> dict:
     if not isinstance(config, dict):
         raise SystemExit(f"{path}: a recipe must be a YAML mapping of field: value.")
     return config
+
+
+def import_next_to(recipe: str) -> None:
+    """Put the recipe's folder on the import path, after the working directory, so that a reward function named by
+    a dotted path (`my_task.reward_polite`) may live in a module next to the recipe."""
+    folder = str(Path(recipe).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(1, folder)
 
 
 def make_parser() -> TrlParser:
@@ -224,6 +233,8 @@ def parse_args(argv: list[str]):
     for anything that is wrong or cannot take effect."""
     recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
     config = read_recipe(recipe) if recipe is not None else {}
+    if recipe is not None:
+        import_next_to(recipe)
     _check_recipe_types(recipe, config)
     _check_keys_before_building(argv, recipe, config)
     try:
