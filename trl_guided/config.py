@@ -174,6 +174,8 @@ class GuidedGRPOConfig(GRPOConfig):
             Keep the reference hidden states on CPU between generation and loss.
     """
 
+    _argument_group_name = "Training fields (GuidedGRPOConfig: TRL's GRPOConfig and the guided fields)"  # --help
+
     guidance: bool = field(
         default=True,
         metadata={"help": "Sample prefix/guidance/postfix rollouts. False: behave exactly like trl.GRPOTrainer."},

@@ -9,6 +9,7 @@ off are named in one warning.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import logging
 import os
@@ -48,15 +49,38 @@ def import_next_to(recipe: str) -> None:
         sys.path.insert(1, folder)
 
 
+class ModelArguments(ModelConfig):
+    """TRL's ModelConfig under its own heading in `trl-guided train --help` (HfArgumentParser groups the fields of a
+    dataclass that names an `_argument_group_name`)."""
+
+    _argument_group_name = "Model fields (TRL's ModelConfig)"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown (as HfArgumentParser does), the description kept as written."""
+
+
+TRAIN_USAGE = "trl-guided train --config RECIPE.yaml [--FIELD VALUE ...]"
+TRAIN_DESCRIPTION = """\
+Train with Guided GRPO from a recipe: a YAML mapping of the fields listed below, e.g.
+  trl-guided train --config recipes/smollm2-135m-instruct/length_cpu.yaml --max_steps 10 --output_dir runs/try
+  accelerate launch --config_file zero3.yaml -m trl_guided.train --config RECIPE.yaml
+Flags after --config override the recipe (--field_name or --field-name). An unknown key, a value of the wrong type
+or a setting no part of the run reads stops the run with one line before anything is written. Recipes and their
+fields: docs/recipes.md, docs/configuration.md."""
+
+
 def make_parser() -> TrlParser:
     return TrlParser(
-        (TaskArguments, GuidedGRPOConfig, ModelConfig),
+        (TaskArguments, GuidedGRPOConfig, ModelArguments),
         prog="trl-guided train",
-        epilog="Recipe: --config RECIPE.yaml, a YAML mapping of the fields above; flags given after it override it.",
+        usage=TRAIN_USAGE,
+        description=TRAIN_DESCRIPTION,
+        formatter_class=_HelpFormatter,
     )
 
 
-DATACLASSES = (TaskArguments, GuidedGRPOConfig, ModelConfig)
+DATACLASSES = (TaskArguments, GuidedGRPOConfig, ModelArguments)
 
 
 def _field_types() -> dict[str, object]:

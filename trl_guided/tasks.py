@@ -11,6 +11,8 @@ from .rewards import REWARD_FUNCS, get_reward
 
 @dataclass
 class TaskArguments:
+    _argument_group_name = "Task fields (TaskArguments: the task, its data, rewards, held-out evaluation)"  # --help
+
     task: str = field(default="length", metadata={"help": "Task name (trl_guided.data.TASKS)."})
     dataset_path: str | None = field(
         default=None, metadata={"help": "Local data file (or saved dataset folder) instead of the task's data."}
