@@ -15,7 +15,7 @@ from .evaluate import DEFAULT_QUALITY_MODEL, EvalSettings, default_backend, eval
 from .locate import ModelError, locate_model
 from .models import EMBEDDED_MODELS, EMBEDDED_PREFIX
 from .plots import save_pngs
-from .recipe import read_recipe
+from .recipe import read_recipe, refuse_renamed
 from .report import write_report
 from .rundir import RunDirError, load_run
 from .stats import EvalError, compare, format_comparison, format_result
@@ -215,6 +215,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 def _eval_settings(args: argparse.Namespace):
     """EvalSettings from the flags, then the recipe (--config), then the defaults; and the model name."""
     recipe = read_recipe(args.config) if args.config else {}
+    refuse_renamed(recipe, args.config)
     task_fields = {k: recipe[k] for k in EVAL_TASK_FIELDS if k in recipe}
     task_fields.update({k: getattr(args, k) for k in EVAL_TASK_FIELDS if getattr(args, k) is not None})
     task = args.task or recipe.get("task")
@@ -233,12 +234,12 @@ def _eval_settings(args: argparse.Namespace):
     settings = EvalSettings(
         task=task,
         split=args.split,
-        limit=pick(args.limit, "eval_limit", None),
-        num_samples=pick(args.num_samples, "eval_num_samples", 1),
-        temperature=pick(args.temperature, "eval_temperature", 0.0),
+        limit=pick(args.limit, "heldout_limit", None),
+        num_samples=pick(args.num_samples, "heldout_num_samples", 1),
+        temperature=pick(args.temperature, "heldout_temperature", 0.0),
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens
-        or recipe.get("eval_max_new_tokens")
+        or recipe.get("heldout_max_new_tokens")
         or recipe.get("max_completion_length")
         or 128,
         batch_size=args.batch_size,

@@ -26,7 +26,7 @@ from trl import GRPOConfig, ModelConfig, TrlParser
 from .config import GuidedGRPOConfig, vllm_training_refusal
 from .data import TASK_OPTIONS, TASKS
 from .rewards import get_reward
-from .tasks import REWARD_FIELDS, TaskArguments
+from .tasks import RENAMED_FIELDS, REWARD_FIELDS, TaskArguments
 
 logger = logging.getLogger("trl_guided.train")
 
@@ -115,6 +115,7 @@ def _check_keys_before_building(argv: list[str], recipe: str | None, config: dic
     built and would otherwise report a consequence (e.g. bf16 on a machine without GPU) instead of the typo."""
     names = set(_field_types()) | {"config", "help", "h"}
     given = [t[2:].split("=")[0] for t in argv if t.startswith("--")] + list(config)
+    refuse_renamed(given, recipe or "command line")
     for key in sorted(set(given) & set(OBJECT_FIELDS)):
         raise SystemExit(f"{key} cannot be set from a recipe or the command line: {OBJECT_FIELDS[key]}")
     unknown = [key for key in config if key not in names and key != "env"]
@@ -124,6 +125,17 @@ def _check_keys_before_building(argv: list[str], recipe: str | None, config: dic
     unknown = [flag for flag in flags if flag[2:].split("=")[0] not in names]
     if unknown:
         raise _unknown_keys(unknown, "command line")
+
+
+def refuse_renamed(keys, source: str) -> None:
+    """SystemExit naming the new name of every renamed field among `keys` (a recipe's keys or flag names)."""
+    old = [key for key in dict.fromkeys(k.replace("-", "_") for k in keys) if key in RENAMED_FIELDS]
+    if old:
+        renames = ", ".join(f"{key} -> {RENAMED_FIELDS[key]}" for key in old)
+        raise SystemExit(
+            f"{source}: renamed field(s): {renames}. The held-out evaluation's settings are heldout_*, apart from "
+            "transformers' eval_* fields (evaluation on eval_dataset during training); rename them."
+        )
 
 
 def _config_error(error: Exception) -> SystemExit:
@@ -219,7 +231,7 @@ SWITCHES = (
     (
         "eval_before_after: false",
         lambda t, c, m: not t.eval_before_after,
-        {"eval_limit", "eval_num_samples", "eval_temperature", "eval_max_new_tokens"},
+        {"heldout_limit", "heldout_num_samples", "heldout_temperature", "heldout_max_new_tokens"},
     ),
 )
 

@@ -51,12 +51,26 @@ class TaskArguments:
             "eval_before.json, eval_after.json and comparison.json into output_dir (docs/evaluation.md)."
         },
     )
-    eval_limit: int | None = field(default=None, metadata={"help": "Test problems evaluated (None: the whole split)."})
-    eval_num_samples: int = field(default=1, metadata={"help": "Samples per test problem (K of pass@K)."})
-    eval_temperature: float = field(default=0.0, metadata={"help": "Evaluation temperature (0: greedy)."})
-    eval_max_new_tokens: int | None = field(
-        default=None, metadata={"help": "Evaluation completion budget (None: max_completion_length)."}
+    # The held-out evaluation's settings (eval_before_after, and `trl-guided eval --config`). Not transformers' eval_*
+    # fields, which govern evaluation on eval_dataset during training: hence heldout_* (they were eval_*).
+    heldout_limit: int | None = field(
+        default=None, metadata={"help": "Held-out evaluation: test problems evaluated (None: the whole split)."}
     )
+    heldout_num_samples: int = field(
+        default=1, metadata={"help": "Held-out evaluation: samples per test problem (K of pass@K)."}
+    )
+    heldout_temperature: float = field(
+        default=0.0, metadata={"help": "Held-out evaluation: sampling temperature (0: greedy)."}
+    )
+    heldout_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Held-out evaluation: completion budget (None: max_completion_length)."}
+    )
+
+
+# Old names of renamed fields -> the new ones; refused with a message naming the new name (`recipe.refuse_renamed`).
+RENAMED_FIELDS = {
+    f"eval_{name}": f"heldout_{name}" for name in ("limit", "num_samples", "temperature", "max_new_tokens")
+}
 
 
 # Reward options: read only by the reward functions named here.
