@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .data import TASK_OPTIONS
+from .data import TASK_OPTIONS, TASKS
 from .rewards import REWARD_FUNCS, get_reward
 
 
@@ -13,7 +13,7 @@ from .rewards import REWARD_FUNCS, get_reward
 class TaskArguments:
     _argument_group_name = "Task fields (TaskArguments: the task, its data, rewards, held-out evaluation)"  # --help
 
-    task: str = field(default="length", metadata={"help": "Task name (trl_guided.data.TASKS)."})
+    task: str = field(default="length", metadata={"help": f"Task name: {', '.join(TASKS)}."})
     dataset_path: str | None = field(
         default=None, metadata={"help": "Local data file (or saved dataset folder) instead of the task's data."}
     )

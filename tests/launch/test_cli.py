@@ -55,6 +55,7 @@ def test_train_help_names_config_in_its_usage_then_the_field_groups():
     headings = [line for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
     assert [h.split(" (")[0] for h in headings] == ["options:", "Task fields", "Training fields", "Model fields"]
     assert text.index("trl-guided train --config recipes/") < text.index("--guidance_loss_scope")
+    assert "Task name: length, countdown, arithmetic, instructions, gsm8k, math, tldr." in " ".join(text.split())
 
 
 @pytest.mark.parametrize("command", sorted(commands.PARSERS))
