@@ -167,7 +167,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--compare", nargs=2, metavar=("BEFORE.json", "AFTER.json"), help="compare two results")
     evaluation.add_argument("--force", action="store_true", help="compare results of different problems/settings")
     evaluation.add_argument("--config", help="a training recipe: its task fields (and model) are the defaults")
-    evaluation.add_argument("--task", choices=sorted(TASKS), help="task name (default: the recipe's)")
+    evaluation.add_argument("--task", help=f"task name: {', '.join(TASKS)} (default: the recipe's)")
     evaluation.add_argument("--split", default="test", help="dataset split (default: test)")
     evaluation.add_argument("--limit", type=int, help="first N problems (recipe: heldout_limit; default: all)")
     evaluation.add_argument("--num-samples", type=int, help="samples per problem, K of pass@K (default 1)")

@@ -76,5 +76,5 @@ def test_eval_takes_snake_case_flags_and_lists_its_choices(capsys):
     error = capsys.readouterr().err.replace("'", "")
     assert "invalid choice: vlm (choose from auto, transformers, vllm)" in error
     help_text = " ".join(parser.format_help().split())
-    assert "{arithmetic,countdown,gsm8k,instructions,length,math,tldr}" in help_text
+    assert "task name: length, countdown, arithmetic, instructions, gsm8k, math, tldr" in help_text
     assert commands.PARSERS["chat"]().parse_args(["m", "--max_new_tokens", "3"]).max_new_tokens == 3

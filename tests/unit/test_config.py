@@ -138,8 +138,11 @@ def test_vllm_on_a_gpu_machine_is_refused_only_when_not_installed(tmp_path, monk
 
 def test_the_trainer_refuses_vllm_without_a_gpu_before_loading_the_model(tmp_path, without_gpu):
     args = config(tmp_path, use_vllm=True, vllm_mode="colocate")
-    with pytest.raises(ValueError, match="cannot train on a machine without a GPU"):  # not the missing model's error
-        GuidedGRPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=reward_len, args=args)
+    unloadable = tmp_path / "unloadable-model"  # found by the model resolver, but loading it would fail
+    unloadable.mkdir()
+    (unloadable / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="cannot train on a machine without a GPU"):  # not the loading error
+        GuidedGRPOTrainer(model=str(unloadable), reward_funcs=reward_len, args=args)
 
 
 @pytest.mark.parametrize("mode", ["server", "colocate"])
