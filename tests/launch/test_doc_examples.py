@@ -52,7 +52,6 @@ def test_code_block_finds_the_block_under_its_heading(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(os.environ.get("CUDA_VISIBLE_DEVICES")), reason="the quick start is timed on CPU")
 def test_readme_quick_start_in_python_runs_on_cpu_within_3_minutes(tmp_path):
     """The README's block as written, in a fresh interpreter (the test kit's forced CPU settings do not apply), in an
     empty working directory, without a GPU."""
