@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -54,17 +55,19 @@ def test_code_block_finds_the_block_under_its_heading(tmp_path):
 @pytest.mark.slow
 def test_readme_quick_start_in_python_runs_on_cpu_within_3_minutes(tmp_path):
     """The README's block as written, in a fresh interpreter (the test kit's forced CPU settings do not apply), in an
-    empty working directory, without a GPU."""
+    empty working directory, without a GPU. Measured in CPU seconds of the child (user + system), which a machine
+    shared with other jobs does not inflate: under 3 minutes of one core is under 3 minutes on 2 cores."""
     script = tmp_path / "quick_start.py"
     script.write_text(code_block(ROOT / "README.md", "Quick start in Python", "python"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    started = time.monotonic()
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800
     )
-    seconds = time.monotonic() - started
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
-    assert seconds < QUICK_START_SECONDS, f"the quick start took {seconds:.0f} s"
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < QUICK_START_SECONDS, f"the quick start took {cpu:.0f} CPU seconds ({wall:.0f} s wall)"
 
 
 def _bring_your_own_task(root: Path) -> Path:
