@@ -6,6 +6,7 @@ import importlib.util
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import GRPOConfig
 
 from .guidance import BRANCH_POINTS, DEFAULT_PUNCTUATION, LOSS_SCOPES, TREE_ADVANTAGES
@@ -78,6 +79,11 @@ class GuidedGRPOConfig(GRPOConfig):
     Configuration for [`GuidedGRPOTrainer`]. Every [`~trl.GRPOConfig`] field works as in TRL; the fields below are new.
     Rollouts of a prompt group are sampled in three phases: one shared **prefix**, `num_generations` short
     **guidance** continuations of it, then each chain's **postfix**, up to `max_completion_length` tokens in all.
+
+    Precision: when neither `bf16` nor `fp16` is set and training runs on CPU (`use_cpu`, or no accelerator that
+    computes in bf16), `bf16` is turned off and training runs in float32; TRL's default (`bf16` unless `fp16`) would
+    stop there with "Your setup doesn't support bf16/gpu". On a GPU the default stays TRL's. An explicit `bf16=True`
+    without a bf16 accelerator is still refused (set `bf16=False`, or train where a GPU is visible).
 
     Parameters that control the prefix:
         guidance (`bool`, defaults to `True`):
@@ -167,6 +173,8 @@ class GuidedGRPOConfig(GRPOConfig):
         ot_reference_on_cpu (`bool`, defaults to `False`):
             Keep the reference hidden states on CPU between generation and loss.
     """
+
+    _argument_group_name = "Training fields (GuidedGRPOConfig: TRL's GRPOConfig and the guided fields)"  # --help
 
     guidance: bool = field(
         default=True,
@@ -293,6 +301,7 @@ class GuidedGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        self._default_precision()
         super().__post_init__()
         self._derive_prefix_range()
         errors = self._ot_errors()
@@ -365,6 +374,12 @@ class GuidedGRPOConfig(GRPOConfig):
             )
         if errors:
             raise ValueError("Invalid GuidedGRPOConfig:\n- " + "\n- ".join(errors))
+
+    def _default_precision(self) -> None:
+        """bf16 off when the user set neither bf16 nor fp16 and training runs on CPU (see the class docstring)."""
+        on_cpu = self.use_cpu or not (is_torch_bf16_gpu_available() or is_torch_xla_available())
+        if self.bf16 is None and not self.fp16 and on_cpu:
+            self.bf16 = False
 
     def _branch_errors(self) -> list[str]:
         errors = []

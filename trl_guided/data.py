@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 
+import datasets
 from datasets import Dataset, load_dataset, load_from_disk
 
 from .constraints import ConstraintError, describe, parse_specs
@@ -292,27 +294,29 @@ def load_instructions(
     split: str = "train",
     size: int = 1000,
     seed: int = 0,
-    dataset_path: str | None = None,
     system_prompt: str = INSTRUCTIONS_SYSTEM_PROMPT,
+    **source,
 ) -> Dataset:
     """Verifiable instruction following (IFEval-style): a short writing request with one to three constraints that
     a program can check (keywords, a word to avoid, sentence/word/bullet counts, opening/closing phrase, lowercase,
     no commas, a <<title>>, a postscript, JSON; trl_guided/constraints.py). Generated from a fixed catalogue of
     topics and constraints, deterministic by seed and split; the test split shares no prompt with train. Or a local
-    .jsonl/.json/.csv/.parquet file (`dataset_path`) with an `instruction` and a `constraints` column (a JSON list of
-    specs such as `[{"kind": "min_words", "n": 50}]`), checked when loaded."""
-    if dataset_path is None:
+    .jsonl/.json/.csv/.parquet file or a dataset (`source`: `dataset_path` or `dataset_name`, see `_load_rows`) with an
+    `instruction` and a `constraints` column (a JSON list of specs such as `[{"kind": "min_words", "n": 50}]`),
+    checked when loaded."""
+    given = source.get("dataset_path") or source.get("dataset_name")
+    if given is None:
         rng = random.Random(_split_seed(seed, split))
         rows = _draw_split(rng, lambda r: _instruction_problem(r, 3), lambda row: row[0], split, size)
     else:
-        loaded = _load_rows("", None, split, dataset_path)
+        loaded = _load_rows("", None, split, **source)
         _need(loaded, ("instruction", "constraints"), "instructions")
         rows = [(row["instruction"], row["constraints"]) for row in loaded]
     for index, (_, constraints) in enumerate(rows):
         try:
             specs = parse_specs(constraints)
         except ConstraintError as error:
-            raise ValueError(f"{dataset_path or 'instructions task'} row {index}: {error}") from None
+            raise ValueError(f"{given or 'instructions task'} row {index}: {error}") from None
         rows[index] = (rows[index][0], json.dumps(specs))
     return Dataset.from_dict(
         {
@@ -342,28 +346,75 @@ def _evaluate_integer(expression: str) -> int:
     return int(result[0])
 
 
-def _load_rows(hub_name: str, hub_config: str | None, split: str, dataset_path: str | None) -> Dataset:
-    """Rows from a local file/folder (`dataset_path`: .json/.jsonl/.csv/.parquet or a saved dataset) or the Hub."""
+class DataError(ValueError):
+    """Data that cannot be loaded; the message says what is wrong and how to fix it, in one line."""
+
+
+def _load_rows(
+    default_name: str,
+    default_config: str | None,
+    split: str,
+    dataset_path: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+) -> Dataset:
+    """A task's rows: from `dataset_path` (a local .json/.jsonl/.csv/.parquet file or a saved dataset folder), from
+    `dataset_name` (TRL's key: a local file or folder, a folder written by `save_to_disk`, or a Hub dataset with
+    `dataset_config`), else from the task's own Hub dataset. `split` "train" / "test" reads `train_split` /
+    `test_split` (TRL's `dataset_train_split` / `dataset_test_split`)."""
+    if dataset_path is not None and dataset_name is not None:
+        raise DataError(f"dataset_path={dataset_path!r} and dataset_name={dataset_name!r}: give one of them")
+    split = {"train": train_split, "test": test_split}.get(split, split)
     if dataset_path is not None:
-        path = Path(dataset_path)
-        if not path.exists():
-            raise FileNotFoundError(f"dataset_path={dataset_path!r} does not exist.")
-        if path.is_dir():
-            loaded = load_from_disk(str(path))
-            return loaded[split] if hasattr(loaded, "keys") else loaded
-        kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
-        if kind is None:
-            raise ValueError(
-                f"dataset_path={dataset_path!r}: use a .json, .jsonl, .csv or .parquet file, or a folder."
-            )
-        return load_dataset(kind, data_files=str(path), split="train")
+        if not Path(dataset_path).exists():
+            raise DataError(f"dataset_path={dataset_path!r} does not exist.")
+        return _local_rows(Path(dataset_path), None, split, "dataset_path")
+    if dataset_name is not None and Path(dataset_name).expanduser().exists():
+        return _local_rows(Path(dataset_name).expanduser(), dataset_config, split, "dataset_name")
+    name, config = (dataset_name, dataset_config) if dataset_name is not None else (default_name, default_config)
+    if _hub_offline():
+        raise DataError(
+            f"{name!r} is not a local file or folder, and the Hub is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): set "
+            "dataset_name to a local copy (a .jsonl/.json/.csv/.parquet file, a folder of them, or a folder written "
+            "by Dataset.save_to_disk; dataset_path takes a local file too), or allow the Hub (HF_HUB_OFFLINE=0)."
+        )
     try:
-        return load_dataset(hub_name, hub_config, split=split)
-    except Exception as error:  # offline, gated, missing split: say what to do instead
-        raise RuntimeError(
-            f"Could not load {hub_name} ({split}) from the Hub: {error}. Without network, set dataset_path to a "
-            "local copy (a .jsonl file with the same columns)."
+        return load_dataset(name, config, split=split)
+    except Exception as error:  # no network, gated, missing split or config: say what to do instead
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"Could not load {name!r} (config {config}, split {split!r}) from the Hub: {first}. Check the name, "
+            "dataset_config and the split names (dataset_train_split / dataset_test_split), or set dataset_name to a "
+            "local copy."
         ) from error
+
+
+def _hub_offline() -> bool:
+    """Whether `datasets` may not reach the Hub (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE, read now, not at import)."""
+    flags = (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE"))
+    return datasets.config.HF_HUB_OFFLINE or any(str(f).upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _local_rows(path: Path, config: str | None, split: str, key: str) -> Dataset:
+    """Rows of a local data file (every row, whatever the split), a saved dataset folder or a folder of data files."""
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # written by save_to_disk
+            loaded = load_from_disk(str(path))
+            if not hasattr(loaded, "keys"):
+                return loaded
+            if split not in loaded:
+                raise DataError(
+                    f"{key}={str(path)!r} has the splits {sorted(loaded)}, not {split!r}: set "
+                    "dataset_train_split / dataset_test_split to the split names it has."
+                )
+            return loaded[split]
+        return load_dataset(str(path), config, split=split)
+    kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+    if kind is None:
+        raise DataError(f"{key}={str(path)!r}: use a .json, .jsonl, .csv or .parquet file, or a folder.")
+    return load_dataset(kind, data_files=str(path), split="train")
 
 
 def _need(rows: Dataset, columns: tuple[str, ...], task: str) -> None:
@@ -372,21 +423,20 @@ def _need(rows: Dataset, columns: tuple[str, ...], task: str) -> None:
         raise ValueError(f"The {task} data lacks column(s) {missing}; it has {rows.column_names}.")
 
 
-def load_gsm8k(
-    split: str = "train", dataset_path: str | None = None, system_prompt: str = GSM8K_SYSTEM_PROMPT
-) -> Dataset:
-    """GSM8K (openai/gsm8k, config main): `question` -> prompt; `answer` keeps the `#### n` gold for the reward."""
-    rows = _load_rows("openai/gsm8k", "main", split, dataset_path)
+def load_gsm8k(split: str = "train", system_prompt: str = GSM8K_SYSTEM_PROMPT, **source) -> Dataset:
+    """GSM8K (openai/gsm8k, config main, or `source`, see `_load_rows`): `question` -> prompt; `answer` keeps the
+    `#### n` gold for the reward."""
+    rows = _load_rows("openai/gsm8k", "main", split, **source)
     _need(rows, ("question", "answer"), "gsm8k")
     return rows.map(lambda r: {"prompt": _chat(system_prompt, r["question"])})
 
 
-def load_math(
-    split: str = "test", dataset_path: str | None = None, system_prompt: str = MATH_SYSTEM_PROMPT
-) -> Dataset:
-    """MATH with boxed answers (default HuggingFaceH4/MATH-500): `problem` -> prompt; `solution` for math_accuracy
-    (built as `$answer$` when only an `answer` column exists)."""
-    rows = _load_rows("HuggingFaceH4/MATH-500", None, "test" if dataset_path is None else split, dataset_path)
+def load_math(split: str = "test", system_prompt: str = MATH_SYSTEM_PROMPT, **source) -> Dataset:
+    """MATH with boxed answers (default HuggingFaceH4/MATH-500, which has a test split only; or `source`, see
+    `_load_rows`): `problem` -> prompt; `solution` for math_accuracy (built as `$answer$` when only an `answer` column
+    exists)."""
+    own_data = source.get("dataset_path") or source.get("dataset_name")
+    rows = _load_rows("HuggingFaceH4/MATH-500", None, split if own_data else "test", **source)
     _need(rows, ("problem",), "math")
     if "solution" not in rows.column_names:
         _need(rows, ("answer",), "math")
@@ -394,11 +444,10 @@ def load_math(
     return rows.map(lambda r: {"prompt": _chat(system_prompt, r["problem"])})
 
 
-def load_tldr(
-    split: str = "train", dataset_path: str | None = None, system_prompt: str = TLDR_SYSTEM_PROMPT
-) -> Dataset:
-    """TL;DR (trl-lib/tldr), in dialogue form as TRL's GRPO example uses it: the post becomes the user message."""
-    rows = _load_rows("trl-lib/tldr", None, split, dataset_path)
+def load_tldr(split: str = "train", system_prompt: str = TLDR_SYSTEM_PROMPT, **source) -> Dataset:
+    """TL;DR (trl-lib/tldr, or `source`, see `_load_rows`), in dialogue form as TRL's GRPO example uses it: the post
+    becomes the user message."""
+    rows = _load_rows("trl-lib/tldr", None, split, **source)
     _need(rows, ("prompt",), "tldr")
     if len(rows) and not isinstance(rows[0]["prompt"], str):
         return rows  # already conversational
@@ -416,6 +465,14 @@ TASKS = {
 }
 
 
+# The data source fields of the tasks that read data (`_load_rows`), with TRL's names for a dataset and its splits.
+DATA_SOURCE = {
+    "dataset_path": "dataset_path",
+    "dataset_name": "dataset_name",
+    "dataset_config": "dataset_config",
+    "dataset_train_split": "train_split",
+    "dataset_test_split": "test_split",
+}
 # Which TaskArguments fields each task reads, and the loader option each one sets. A field a task does not read is
 # refused when set (`trl_guided.train.unused_settings`), so e.g. an arithmetic option never changes another task.
 TASK_OPTIONS = {
@@ -429,15 +486,10 @@ TASK_OPTIONS = {
         "arithmetic_terms": "terms",
         "arithmetic_max_number": "max_number",
     },
-    "instructions": {
-        "dataset_size": "size",
-        "dataset_seed": "seed",
-        "dataset_path": "dataset_path",
-        "system_prompt": "system_prompt",
-    },
-    "gsm8k": {"dataset_path": "dataset_path", "system_prompt": "system_prompt"},
-    "math": {"dataset_path": "dataset_path", "system_prompt": "system_prompt"},
-    "tldr": {"dataset_path": "dataset_path", "system_prompt": "system_prompt"},
+    "instructions": {"dataset_size": "size", "dataset_seed": "seed", "system_prompt": "system_prompt", **DATA_SOURCE},
+    "gsm8k": {"system_prompt": "system_prompt", **DATA_SOURCE},
+    "math": {"system_prompt": "system_prompt", **DATA_SOURCE},
+    "tldr": {"system_prompt": "system_prompt", **DATA_SOURCE},
 }
 
 

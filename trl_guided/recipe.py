@@ -9,9 +9,11 @@ off are named in one warning.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import logging
 import os
+import sys
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -24,7 +26,7 @@ from trl import GRPOConfig, ModelConfig, TrlParser
 from .config import GuidedGRPOConfig, vllm_training_refusal
 from .data import TASK_OPTIONS, TASKS
 from .rewards import get_reward
-from .tasks import REWARD_FIELDS, TaskArguments
+from .tasks import RENAMED_FIELDS, REWARD_FIELDS, TaskArguments
 
 logger = logging.getLogger("trl_guided.train")
 
@@ -39,15 +41,46 @@ def read_recipe(path: str) -> dict:
     return config
 
 
+def import_next_to(recipe: str) -> None:
+    """Put the recipe's folder on the import path, after the working directory, so that a reward function named by
+    a dotted path (`my_task.reward_polite`) may live in a module next to the recipe."""
+    folder = str(Path(recipe).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(1, folder)
+
+
+class ModelArguments(ModelConfig):
+    """TRL's ModelConfig under its own heading in `trl-guided train --help` (HfArgumentParser groups the fields of a
+    dataclass that names an `_argument_group_name`)."""
+
+    _argument_group_name = "Model fields (TRL's ModelConfig)"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown (as HfArgumentParser does), the description kept as written."""
+
+
+TRAIN_USAGE = "trl-guided train --config RECIPE.yaml [--FIELD VALUE ...]"
+TRAIN_DESCRIPTION = """\
+Train with Guided GRPO from a recipe: a YAML mapping of the fields listed below, e.g.
+  trl-guided train --config recipes/smollm2-135m-instruct/length_cpu.yaml --max_steps 10 --output_dir runs/try
+  accelerate launch --config_file zero3.yaml -m trl_guided.train --config RECIPE.yaml
+Flags after --config override the recipe (--field_name or --field-name). An unknown key, a value of the wrong type
+or a setting no part of the run reads stops the run with one line before anything is written. Recipes and their
+fields: docs/recipes.md, docs/configuration.md."""
+
+
 def make_parser() -> TrlParser:
     return TrlParser(
-        (TaskArguments, GuidedGRPOConfig, ModelConfig),
+        (TaskArguments, GuidedGRPOConfig, ModelArguments),
         prog="trl-guided train",
-        epilog="Recipe: --config RECIPE.yaml, a YAML mapping of the fields above; flags given after it override it.",
+        usage=TRAIN_USAGE,
+        description=TRAIN_DESCRIPTION,
+        formatter_class=_HelpFormatter,
     )
 
 
-DATACLASSES = (TaskArguments, GuidedGRPOConfig, ModelConfig)
+DATACLASSES = (TaskArguments, GuidedGRPOConfig, ModelArguments)
 
 
 def _field_types() -> dict[str, object]:
@@ -82,6 +115,7 @@ def _check_keys_before_building(argv: list[str], recipe: str | None, config: dic
     built and would otherwise report a consequence (e.g. bf16 on a machine without GPU) instead of the typo."""
     names = set(_field_types()) | {"config", "help", "h"}
     given = [t[2:].split("=")[0] for t in argv if t.startswith("--")] + list(config)
+    refuse_renamed(given, recipe or "command line")
     for key in sorted(set(given) & set(OBJECT_FIELDS)):
         raise SystemExit(f"{key} cannot be set from a recipe or the command line: {OBJECT_FIELDS[key]}")
     unknown = [key for key in config if key not in names and key != "env"]
@@ -91,6 +125,17 @@ def _check_keys_before_building(argv: list[str], recipe: str | None, config: dic
     unknown = [flag for flag in flags if flag[2:].split("=")[0] not in names]
     if unknown:
         raise _unknown_keys(unknown, "command line")
+
+
+def refuse_renamed(keys, source: str) -> None:
+    """SystemExit naming the new name of every renamed field among `keys` (a recipe's keys or flag names)."""
+    old = [key for key in dict.fromkeys(k.replace("-", "_") for k in keys) if key in RENAMED_FIELDS]
+    if old:
+        renames = ", ".join(f"{key} -> {RENAMED_FIELDS[key]}" for key in old)
+        raise SystemExit(
+            f"{source}: renamed field(s): {renames}. The held-out evaluation's settings are heldout_*, apart from "
+            "transformers' eval_* fields (evaluation on eval_dataset during training); rename them."
+        )
 
 
 def _config_error(error: Exception) -> SystemExit:
@@ -145,6 +190,8 @@ def validate(task_args: TaskArguments) -> None:
             raise SystemExit(str(error)) from None
     if task_args.dataset_path is not None and not Path(task_args.dataset_path).exists():
         raise SystemExit(f"dataset_path={task_args.dataset_path!r} does not exist.")
+    if task_args.dataset_path is not None and task_args.dataset_name is not None:
+        raise SystemExit("dataset_path and dataset_name both name the data: keep one of them.")
 
 
 # Fields that act only while a switch is on. Set while it is off, they are named in one warning rather than refused,
@@ -184,7 +231,7 @@ SWITCHES = (
     (
         "eval_before_after: false",
         lambda t, c, m: not t.eval_before_after,
-        {"eval_limit", "eval_num_samples", "eval_temperature", "eval_max_new_tokens"},
+        {"heldout_limit", "heldout_num_samples", "heldout_temperature", "heldout_max_new_tokens"},
     ),
 )
 
@@ -222,6 +269,8 @@ def parse_args(argv: list[str]):
     for anything that is wrong or cannot take effect."""
     recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
     config = read_recipe(recipe) if recipe is not None else {}
+    if recipe is not None:
+        import_next_to(recipe)
     _check_recipe_types(recipe, config)
     _check_keys_before_building(argv, recipe, config)
     try:

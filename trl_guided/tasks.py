@@ -5,14 +5,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .data import TASK_OPTIONS
+from .data import TASK_OPTIONS, TASKS
 from .rewards import REWARD_FUNCS, get_reward
 
 
 @dataclass
 class TaskArguments:
-    task: str = field(default="length", metadata={"help": "Task name (trl_guided.data.TASKS)."})
-    dataset_path: str | None = field(default=None, metadata={"help": "Local data file instead of the default."})
+    _argument_group_name = "Task fields (TaskArguments: the task, its data, rewards, held-out evaluation)"  # --help
+
+    task: str = field(default="length", metadata={"help": f"Task name: {', '.join(TASKS)}."})
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "Local data file (or saved dataset folder) instead of the task's data."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "As in TRL: the dataset to load with `datasets` instead of the task's data: a local file or "
+            "folder, a folder written by save_to_disk, or a Hub name (needs the Hub)."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "As in TRL: the config of dataset_name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "As in TRL: the split trained on."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "As in TRL: the held-out split (evaluation, eval_strategy)."}
+    )
     eval_size: int = field(default=8, metadata={"help": "Prompts held out for the test split (length task)."})
     dataset_size: int = field(default=1000, metadata={"help": "Rows of a generated task (countdown, ...)."})
     dataset_seed: int = field(default=0, metadata={"help": "Seed of a generated task (countdown, ...)."})
@@ -35,12 +51,26 @@ class TaskArguments:
             "eval_before.json, eval_after.json and comparison.json into output_dir (docs/evaluation.md)."
         },
     )
-    eval_limit: int | None = field(default=None, metadata={"help": "Test problems evaluated (None: the whole split)."})
-    eval_num_samples: int = field(default=1, metadata={"help": "Samples per test problem (K of pass@K)."})
-    eval_temperature: float = field(default=0.0, metadata={"help": "Evaluation temperature (0: greedy)."})
-    eval_max_new_tokens: int | None = field(
-        default=None, metadata={"help": "Evaluation completion budget (None: max_completion_length)."}
+    # The held-out evaluation's settings (eval_before_after, and `trl-guided eval --config`). Not transformers' eval_*
+    # fields, which govern evaluation on eval_dataset during training: hence heldout_* (they were eval_*).
+    heldout_limit: int | None = field(
+        default=None, metadata={"help": "Held-out evaluation: test problems evaluated (None: the whole split)."}
     )
+    heldout_num_samples: int = field(
+        default=1, metadata={"help": "Held-out evaluation: samples per test problem (K of pass@K)."}
+    )
+    heldout_temperature: float = field(
+        default=0.0, metadata={"help": "Held-out evaluation: sampling temperature (0: greedy)."}
+    )
+    heldout_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Held-out evaluation: completion budget (None: max_completion_length)."}
+    )
+
+
+# Old names of renamed fields -> the new ones; refused with a message naming the new name (`recipe.refuse_renamed`).
+RENAMED_FIELDS = {
+    f"eval_{name}": f"heldout_{name}" for name in ("limit", "num_samples", "temperature", "max_new_tokens")
+}
 
 
 # Reward options: read only by the reward functions named here.

@@ -22,7 +22,7 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .checkpoints import last_complete_checkpoint
 from .config import GuidedGRPOConfig
-from .data import load_task
+from .data import DataError, load_task
 from .evaluate import EvalError, EvalSettings, evaluate, write_json
 from .locate import ModelError, ModelSource, locate_start
 from .plots import reward_curve
@@ -265,7 +265,7 @@ def leave_process_group() -> None:
 
 # ------------------------------------------------------------------------------------- before/after evaluation
 # Runs on the main process only: the other processes wait at a barrier (the wait is bounded by ddp_timeout, 1800 s by
-# default; keep eval_limit small enough). The final model is read back from output_dir, where save_model wrote it in
+# default; keep heldout_limit small enough). The final model is read back from output_dir, where save_model wrote it in
 # full (also under ZeRO-3), so no sharded parameter has to be gathered during generation.
 
 
@@ -273,11 +273,11 @@ def eval_settings(task_args: TaskArguments, training_args: GuidedGRPOConfig) -> 
     return EvalSettings(
         task=task_args.task,
         split="test",
-        limit=task_args.eval_limit,
-        num_samples=task_args.eval_num_samples,
-        temperature=task_args.eval_temperature,
-        top_p=training_args.top_p if task_args.eval_temperature > 0 else 1.0,
-        max_new_tokens=task_args.eval_max_new_tokens or training_args.max_completion_length,
+        limit=task_args.heldout_limit,
+        num_samples=task_args.heldout_num_samples,
+        temperature=task_args.heldout_temperature,
+        top_p=training_args.top_p if task_args.heldout_temperature > 0 else 1.0,
+        max_new_tokens=task_args.heldout_max_new_tokens or training_args.max_completion_length,
         batch_size=32,
         seed=training_args.seed,
         backend="transformers",  # the trainer (and maybe a vLLM engine) holds the GPU memory already
@@ -353,7 +353,11 @@ def _log_to_trackers(comparison: dict) -> None:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    return main(*parse_args(list(sys.argv[1:] if argv is None else argv)))
+    arguments = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return main(*arguments)
+    except DataError as error:  # raised while the task's data loads, before anything is trained
+        raise SystemExit(f"Cannot load the data of task {arguments[0].task!r}: {error}") from None
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from .guidance import (
     representable_marks,
     share_prefix,
 )
+from .locate import locate_start
 from .loss_focus import LossFocus
-from .models import resolve_model_path
 from .ot_reference import OTReference, build_reference_model, capture_hidden_states
 from .preemption import StopOnSignal
 from .sampler import GuidedRollout, GuidedSampler
@@ -125,7 +125,7 @@ class GuidedGRPOTrainer(GRPOTrainer):
         )
         del given["self"]
         if isinstance(model, str):
-            model = resolve_model_path(model)
+            model = locate_start(model).path  # the resolver of `trl-guided train`: run folders, embedded:, paths
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = GuidedGRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-GuidedGRPO")

@@ -32,8 +32,8 @@ TINY = {
     "prefix_min_tokens": 2,
     "prefix_max_tokens": 6,
     "max_guide_tokens": 3,
-    "eval_max_new_tokens": 12,
-    "eval_limit": 8,
+    "heldout_max_new_tokens": 12,
+    "heldout_limit": 8,
     "dataset_size": 40,
 }
 # Over a training recipe (--task, or a --recipe outside bench/; bench's own study recipes hold these already): what
@@ -46,7 +46,7 @@ STUDY_SETTINGS = {
     "logging_steps": 1,
     "save_strategy": "no",
     "report_to": "none",
-    "eval_temperature": 0.0,
+    "heldout_temperature": 0.0,
     "eval_before_after": False,
     "log_completions": False,
 }

@@ -101,7 +101,7 @@ def test_embedded_cpu_recipes_run_two_steps(tmp_path, recipe):
     out = tmp_path / "run"
     short = ["--max_steps", "2", "--save_steps", "2", "--max_completion_length", "24", "--prefix_min_tokens", "2"]
     short += ["--prefix_max_tokens", "8", "--max_guide_tokens", "4", "--output_dir", str(out), "--summary_window", "1"]
-    short += ["--log_completions", "true", "--eval_limit", "2"]  # the recipes' before/after eval, on 2 problems
+    short += ["--log_completions", "true", "--heldout_limit", "2"]  # the recipes' before/after eval, on 2 problems
     assert cli.main(["train", "--config", str(recipe), *short]) == 0
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2

@@ -138,8 +138,11 @@ def test_vllm_on_a_gpu_machine_is_refused_only_when_not_installed(tmp_path, monk
 
 def test_the_trainer_refuses_vllm_without_a_gpu_before_loading_the_model(tmp_path, without_gpu):
     args = config(tmp_path, use_vllm=True, vllm_mode="colocate")
-    with pytest.raises(ValueError, match="cannot train on a machine without a GPU"):  # not the missing model's error
-        GuidedGRPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=reward_len, args=args)
+    unloadable = tmp_path / "unloadable-model"  # found by the model resolver, but loading it would fail
+    unloadable.mkdir()
+    (unloadable / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="cannot train on a machine without a GPU"):  # not the loading error
+        GuidedGRPOTrainer(model=str(unloadable), reward_funcs=reward_len, args=args)
 
 
 @pytest.mark.parametrize("mode", ["server", "colocate"])
@@ -167,3 +170,48 @@ def test_train_with_vllm_colocate_on_cpu_exits_at_once_with_one_line(tmp_path):
     assert last.startswith("use_vllm=True with vllm_mode='colocate' cannot train on a machine without a GPU")
     assert seconds < 60, f"the refusal took {seconds:.0f} s"
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------ precision without a GPU
+
+
+@pytest.mark.parametrize(
+    "set_by_user, bf16_accelerator, use_cpu, expected",
+    [
+        ({}, False, False, False),  # nothing set, no GPU: float32 instead of TRL's bf16 refusal
+        ({}, True, True, False),  # nothing set, training on CPU although a GPU is there
+        ({}, True, False, None),  # nothing set, a GPU: TRL's default (bf16 unless fp16) decides
+        ({"bf16": True}, False, False, True),  # asked for: kept, and transformers refuses it
+        ({"fp16": True}, False, False, None),  # fp16 asked for: bf16 left to TRL (not fp16)
+    ],
+)
+def test_precision_default_without_a_gpu(tmp_path, monkeypatch, set_by_user, bf16_accelerator, use_cpu, expected):
+    """The test kit forces bf16=False on every config it builds, so the decision is called on its own here; the
+    subprocess test below runs it end to end."""
+    monkeypatch.setattr(config_module, "is_torch_bf16_gpu_available", lambda: bf16_accelerator)
+    args = config(tmp_path)
+    args.bf16, args.fp16, args.use_cpu = None, False, use_cpu
+    for name, value in set_by_user.items():
+        setattr(args, name, value)
+    args._default_precision()
+    assert args.bf16 is expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default is for machines without a GPU")
+def test_a_config_without_precision_settings_builds_on_cpu_and_explicit_bf16_is_refused(tmp_path):
+    """Outside the test kit (a subprocess): GuidedGRPOConfig(output_dir=...) builds in float32 on a CPU machine, while
+    an explicit bf16=True still stops with transformers' error saying what to set."""
+    script = (
+        "import sys\nfrom trl_guided import GuidedGRPOConfig\n"
+        "args = GuidedGRPOConfig(output_dir=sys.argv[1])\n"
+        "print('default', args.bf16, args.fp16)\n"
+        "try:\n    GuidedGRPOConfig(output_dir=sys.argv[1], bf16=True)\n"
+        "except ValueError as error:\n    print('refused', error)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "default False False" in result.stdout
+    assert "refused Your setup doesn't support bf16/gpu" in result.stdout

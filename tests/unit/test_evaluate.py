@@ -595,8 +595,8 @@ def test_eval_before_after_in_a_two_step_run(tiny_llama, tmp_path, capsys):
         max_guide_tokens=4,
         log_completions=False,
         eval_before_after=True,
-        eval_limit=3,
-        eval_max_new_tokens=8,
+        heldout_limit=3,
+        heldout_max_new_tokens=8,
     )
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     assert cli.main(["train", "--config", str(tmp_path / "recipe.yaml")]) == 0

@@ -12,10 +12,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from trl_guided import cli
+from trl_guided import GuidedGRPOTrainer, cli
 from trl_guided.locate import ModelError, locate_model, locate_start
 from trl_guided.tiny_models import build_tiny_model
 from trl_guided.train import build_trainer, parse_args
+
+from .common import config, dataset, reward_len
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "smollm2-135m-instruct" / "length_cpu.yaml"
@@ -59,12 +61,20 @@ def _train_weights(run: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
 
 
+def _class_weights(run: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The starting weights of `GuidedGRPOTrainer(model="RUN")` in Python."""
+    trainer = GuidedGRPOTrainer(
+        model=str(run), reward_funcs=reward_len, args=config(tmp_path), train_dataset=dataset()
+    )
+    return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+
+
 def _same_weights(weights: dict[str, torch.Tensor], folder: str) -> bool:
     saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     return weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
 
 
-def test_train_eval_and_resolve_model_start_from_the_same_weights_of_a_run_folder(tmp_path, capsys):
+def test_train_eval_resolve_model_and_the_trainer_class_start_from_the_same_weights_of_a_run_folder(tmp_path, capsys):
     run = _run_folder(tmp_path)
     for expected in (run, run / "checkpoint-10"):  # the final model; then, without it, the newest checkpoint
         if expected != run:
@@ -75,6 +85,7 @@ def test_train_eval_and_resolve_model_start_from_the_same_weights_of_a_run_folde
         weights = _train_weights(run, tmp_path)
         assert _same_weights(weights, str(expected))
         assert not _same_weights(weights, str(run / "checkpoint-2"))  # the models differ: the check can fail
+        assert _same_weights(_class_weights(run, tmp_path), str(expected))  # Python: the same resolver
 
 
 def test_training_refuses_a_lora_adapter_in_one_line_and_writes_nothing(tiny_llama, tmp_path, capsys):
@@ -95,6 +106,8 @@ def test_training_refuses_a_lora_adapter_in_one_line_and_writes_nothing(tiny_lla
     assert "\n" not in str(error.value.code)
     assert not out.exists()
     assert locate_start(tiny_llama).path == tiny_llama
+    with pytest.raises(ModelError, match="LoRA adapter"):  # the trainer class refuses it as `train` does
+        GuidedGRPOTrainer(model=str(run), reward_funcs=reward_len, args=config(tmp_path), train_dataset=dataset())
 
 
 def test_names_that_mean_no_model_are_one_line_for_every_command(tmp_path):

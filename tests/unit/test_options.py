@@ -8,6 +8,7 @@ import json
 import logging
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 from types import UnionType
 
 import pytest
@@ -16,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trl import GRPOConfig, ModelConfig, get_peft_config, get_quantization_config
 
-from trl_guided import GuidedGRPOConfig
-from trl_guided.data import TASK_OPTIONS, load_task
+from trl_guided import GuidedGRPOConfig, cli
+from trl_guided.data import DATA_SOURCE, TASK_OPTIONS, load_task
 from trl_guided.recipe import model_init_kwargs, parse_args
 from trl_guided.sampler import GuidedSampler
 from trl_guided.tasks import TaskArguments, reward_functions, task_options
@@ -256,6 +257,10 @@ def test_every_task_field_is_read_by_its_tasks_and_refused_by_the_others(recipe)
         "arithmetic_mode": "expand",
         "arithmetic_terms": 2,
         "arithmetic_max_number": 9,
+        "dataset_name": "my-org/my-data",
+        "dataset_config": "main",
+        "dataset_train_split": "training",
+        "dataset_test_split": "validation",
     }
     assert set(changed) == {name for options in TASK_OPTIONS.values() for name in options}
     for task, read in TASK_OPTIONS.items():
@@ -267,7 +272,7 @@ def test_every_task_field_is_read_by_its_tasks_and_refused_by_the_others(recipe)
                 assert task_options(task_args) == task_options(TaskArguments(task=task)), (task, name)
     # Generated tasks: the change reaches the rows.
     for task in ("countdown", "arithmetic", "instructions"):
-        for name in set(TASK_OPTIONS[task]) - {"dataset_path"}:  # instructions from a file: test_constraints.py
+        for name in set(TASK_OPTIONS[task]) - set(DATA_SOURCE):  # instructions from a file: test_constraints.py
             rows = load_task(task, "train", **task_options(TaskArguments(task=task, **{name: changed[name]})))
             assert rows.to_list() != load_task(task, "train", **task_options(defaults.__class__(task=task))).to_list()
     # Set on a task that does not read it: one line.
@@ -275,6 +280,22 @@ def test_every_task_field_is_read_by_its_tasks_and_refused_by_the_others(recipe)
     assert "arithmetic_max_number is not read by task 'countdown'" in message
     message = _refused(["--config", recipe, "--eval_size", "3"])
     assert "eval_size is not read by task 'arithmetic'" in message
+
+
+def test_the_old_eval_names_of_the_heldout_fields_are_refused_naming_the_new_ones(recipe, tmp_path, capsys):
+    """eval_limit & co. looked like transformers' eval_* training fields; a recipe or flag still using one is told
+    the new name, in `train` and in `eval --config`."""
+    message = _refused(["--config", recipe, "--eval_limit", "4", "--eval-temperature", "0.5"])
+    assert "renamed field(s): eval_limit -> heldout_limit, eval_temperature -> heldout_temperature" in message
+    old = Path(recipe).read_text() + "eval_before_after: true\neval_num_samples: 2\neval_max_new_tokens: 8\n"
+    path = tmp_path / "old.yaml"
+    path.write_text(old)
+    for refused in (lambda: parse_args(["--config", str(path)]), lambda: cli.main(["eval", "--config", str(path)])):
+        with pytest.raises(
+            SystemExit, match="eval_num_samples -> heldout_num_samples, eval_max_new_tokens -> heldout_"
+        ):
+            refused()
+    assert _refused(["--config", recipe, "--eval_before_after", "true", "--heldout_limit", "4"]) is None
 
 
 def test_every_other_task_field_takes_effect_or_is_refused(recipe, tmp_path):
@@ -286,17 +307,23 @@ def test_every_other_task_field_takes_effect_or_is_refused(recipe, tmp_path):
     assert score(TaskArguments(**options, length_scale=0.5)) != score(TaskArguments(**options))
     assert _refused(["--config", recipe, "--length_scale", "0.5"]).count("smooth_length") == 1
     training_args = parse_args(["--config", recipe])[1]
-    for name, value in (("eval_limit", 5), ("eval_num_samples", 2), ("eval_temperature", 0.5)):
+    for name, value in (("heldout_limit", 5), ("heldout_num_samples", 2), ("heldout_temperature", 0.5)):
         before = eval_settings(TaskArguments(task="arithmetic"), training_args)
         after = eval_settings(TaskArguments(task="arithmetic", **{name: value}), training_args)
         assert before != after, name
     before = eval_settings(TaskArguments(task="arithmetic"), training_args)
-    after = eval_settings(TaskArguments(task="arithmetic", eval_max_new_tokens=7), training_args)
+    after = eval_settings(TaskArguments(task="arithmetic", heldout_max_new_tokens=7), training_args)
     assert (before.max_new_tokens, after.max_new_tokens) == (training_args.max_completion_length, 7)
     history = [{"step": s, "loss": 0.0, "reward": float(s)} for s in range(1, 11)]
     assert summarize(history, 2) != summarize(history, 4)
     covered = {"task", "reward_funcs", "eval_before_after", "summary_window", "length_target", "length_tolerance"}
-    covered |= {"length_scale", "eval_limit", "eval_num_samples", "eval_temperature", "eval_max_new_tokens"}
+    covered |= {
+        "length_scale",
+        "heldout_limit",
+        "heldout_num_samples",
+        "heldout_temperature",
+        "heldout_max_new_tokens",
+    }
     covered |= {name for options in TASK_OPTIONS.values() for name in options}
     assert covered == {f.name for f in fields(TaskArguments)}  # task, reward_funcs, eval_before_after: test_train.py
 

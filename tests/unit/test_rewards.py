@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_guided.data import load_task
+from trl_guided.data import DataError, load_task
 from trl_guided.rewards import (
     REWARD_FUNCS,
     arithmetic_accuracy,
@@ -180,14 +180,15 @@ def test_hub_tasks_load_from_local_files(tmp_path):
 
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['question'\]"):
         load_task("gsm8k", dataset_path=str(math))
-    with pytest.raises(FileNotFoundError, match="dataset_path"):
+    with pytest.raises(DataError, match="dataset_path=.* does not exist"):
         load_task("tldr", dataset_path=str(tmp_path / "missing.jsonl"))
 
 
 def test_hub_task_offline_says_to_use_a_local_file(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="set dataset_path to a local copy"):
+    with pytest.raises(DataError, match="the Hub is off .*: set dataset_name to a local copy") as error:
         load_task("gsm8k", "train")
+    assert "\n" not in str(error.value)
 
 
 def test_own_reward_module_in_the_working_directory(tmp_path, monkeypatch):
