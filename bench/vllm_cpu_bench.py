@@ -3,7 +3,7 @@ engine (what `trl-guided eval --backend vllm` and TRL's colocated engine run), a
 batch of the CPU instruction recipe (recipes/smollm2-135m-instruct/instructions_cpu.yaml).
 
 - training batch: 2 prompts x 4 samples, sampled (temperature 1), 160 new tokens: one rollout's worth of rows;
-- evaluation batch: 64 test prompts, greedy, 160 new tokens: one held-out evaluation (`eval_limit: 64`).
+- evaluation batch: 64 test prompts, greedy, 160 new tokens: one held-out evaluation (`heldout_limit: 64`).
 
 Every row generates exactly 160 tokens (EOS ignored), so both engines do the same work and tokens/s compare. Each
 call's wall time and CPU time (this process and its children, vLLM's engine core among them) are recorded: on a core

@@ -72,7 +72,7 @@ run_dir="$(mktemp -d)"
 trap 'rm -rf "$run_dir"' EXIT
 log "2-step training of recipes/smollm2-135m-instruct/length_cpu.yaml on the embedded model"
 short=(--max_steps 2 --save_steps 2 --max_completion_length 24 --prefix_min_tokens 2 --prefix_max_tokens 8
-  --max_guide_tokens 4 --eval_limit 2 --output_dir "$run_dir/run")
+  --max_guide_tokens 4 --heldout_limit 2 --output_dir "$run_dir/run")
 "$VENV/bin/trl-guided" train --config recipes/smollm2-135m-instruct/length_cpu.yaml "${short[@]}" >"$run_dir/train.log" 2>&1 \
   || { tail -n 40 "$run_dir/train.log" >&2; fail "the 2-step training failed (last lines above)"; }
 "$VENV/bin/python" -c 'import json, sys; assert json.load(open(sys.argv[1]))["global_step"] == 2' \

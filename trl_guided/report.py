@@ -291,7 +291,7 @@ def _model_name(side: Any) -> str:
 
 
 def _comparison_html(run: Run) -> str:
-    """The before/after evaluation from comparison.json (a run with `eval_before_after` writes it), read defensively."""
+    """The before/after evaluation from comparison.json (written by a run with `eval_before_after`), read safely."""
     data, error = read_comparison(run.path)
     if error is not None:
         return f'<p class="notes">comparison.json is unreadable ({html.escape(error)}).</p>'
