@@ -145,7 +145,20 @@ class GuidedGRPOConfig(GRPOConfig):
         loss_prob_threshold (`float`, defaults to `0.9`):
             The `"low_prob"` scope trains the tokens whose sampling probability was strictly below it (0 < it <= 1).
         shared_prefix_loss (`bool`, defaults to `True`):
-            Encode each group's shared prompt + prefix once in the loss forward (same log-probs and gradients).
+            Encode each group's shared prompt + prefix once in the loss forward (same log-probs and gradients; with
+            `guidance=False` the prompt).
+        skip_zero_advantage_rows (`bool`, defaults to `True`):
+            Leave the rows whose advantage is 0 at every trained token out of the loss forward and backward, the
+            loss type's normaliser kept as if they were there (same gradient). Off by itself where it would not be
+            exact: `beta` > 0, an entropy bonus, `top_entropy_quantile` < 1, OT, a MoE auxiliary loss.
+        trim_loss_padding (`bool`, defaults to `True`):
+            Drop each micro-batch's completion columns after its longest completion before the loss forward (same
+            gradient; off with OT).
+        group_micro_batches (`bool`, defaults to `True`):
+            Keep each prompt group's rows in one micro-batch instead of TRL's shuffled split (same gradient where
+            the loss type's normaliser does not depend on the split; off for `bnpo`, an entropy bonus,
+            `top_entropy_quantile` < 1, OT, a MoE auxiliary loss, and when `gradient_accumulation_steps` is not a
+            multiple of `steps_per_generation`).
 
     Parameters that control the optimal-transport (OT) regularizer:
         ot_coef (`float`, defaults to `0.0`):
@@ -261,7 +274,28 @@ class GuidedGRPOConfig(GRPOConfig):
         metadata={
             "help": "Loss forward: encode each group's shared prompt + prefix once and run only the rest per row "
             "(Prefix Grouper; same log-probs and gradients). Skipped with gradient checkpointing, OT, multimodal or "
-            "MoE aux-loss batches, where the plain forward runs."
+            "MoE aux-loss batches, where the plain forward runs. With guidance=False the shared part is the prompt."
+        },
+    )
+    # Exact savings of a training step (trl_guided.step_savings): each is on only where it leaves the gradient as is.
+    skip_zero_advantage_rows: bool = field(
+        default=True,
+        metadata={
+            "help": "Leave rows with advantage 0 at every trained token out of the loss forward/backward, the "
+            "normaliser kept (same gradient). Off where not exact: beta > 0, entropy bonus, top_entropy_quantile "
+            "< 1, OT, MoE aux loss."
+        },
+    )
+    trim_loss_padding: bool = field(
+        default=True,
+        metadata={"help": "Drop a micro-batch's columns after its longest completion before the loss (off with OT)."},
+    )
+    group_micro_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep a prompt group's rows in one micro-batch instead of TRL's shuffled split (same gradient; "
+            "off for bnpo, entropy bonus, top_entropy_quantile < 1, OT, MoE aux loss, or gradient_accumulation_steps "
+            "not a multiple of steps_per_generation)."
         },
     )
 
