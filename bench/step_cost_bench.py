@@ -121,7 +121,9 @@ class PhaseTimer(TrainerCallback):
 
     def install(self, trainer) -> None:
         trainer._generate = self.timed("generation", trainer._generate)
-        trainer._generate_and_score_completions = self.timed("generate_and_score", trainer._generate_and_score_completions)
+        trainer._generate_and_score_completions = self.timed(
+            "generate_and_score", trainer._generate_and_score_completions
+        )
         trainer._prepare_inputs = self.timed("prepare_inputs", trainer._prepare_inputs)
         trainer.training_step = self.timed("training_step", trainer.training_step)
         backend = getattr(trainer, "_backend", None)
@@ -203,7 +205,9 @@ def run(settings: Settings) -> dict[str, Any]:
         }
     plain = reports.get("trl_plain", {}).get("step_seconds", {}).get("median")
     ratios = {
-        name: report["step_seconds"]["median"] / plain for name, report in reports.items() if plain and name != "trl_plain"
+        name: report["step_seconds"]["median"] / plain
+        for name, report in reports.items()
+        if plain and name != "trl_plain"
     }
     return {
         "benchmark": "step_cost",
