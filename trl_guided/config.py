@@ -137,7 +137,9 @@ class GuidedGRPOConfig(GRPOConfig):
             TRL's `top_entropy_quantile` applies on top of any scope (docs/training.md).
         guidance_loss_normalization (`str`, defaults to `"trained"`):
             What the loss is divided by: the trained tokens (`"trained"`), or every completion token as plain GRPO
-            would (`"completion"`).
+            would (`"completion"`). Fractional weights (`"guidance_postfix"`) are first rescaled to average 1 over
+            the tokens the loss type's normaliser counts, so `beta` and the entropy bonus weigh the same as in plain
+            GRPO.
         postfix_decay (`float`, defaults to `0.9`):
             Decay of the postfix weights in the `"guidance_postfix"` scope.
         postfix_min_weight (`float`, defaults to `0.0`):
@@ -274,7 +276,8 @@ class GuidedGRPOConfig(GRPOConfig):
         metadata={
             "help": "Loss forward: encode each group's shared prompt + prefix once and run only the rest per row "
             "(Prefix Grouper; same log-probs and gradients). Skipped with gradient checkpointing, OT, multimodal or "
-            "MoE aux-loss batches, where the plain forward runs. With guidance=False the shared part is the prompt."
+            "MoE aux-loss batches and multi-process ZeRO-3, where the plain forward runs. With guidance=False the "
+            "shared part is the prompt."
         },
     )
     # Exact savings of a training step (trl_guided.step_savings): each is on only where it leaves the gradient as is.

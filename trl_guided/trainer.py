@@ -491,10 +491,13 @@ class GuidedGRPOTrainer(NonFiniteGuard, GRPOTrainer):
         self._log_metric(name, (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan"))
 
     def _shares_prefix(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
-        """Whether the shared-prefix forward applies (it needs a KV cache, text only, and no per-forward OT hook)."""
+        """Whether the shared-prefix forward applies (it needs a KV cache, text only, no per-forward OT hook, and the
+        same forward calls on every process under ZeRO-3)."""
         args = self.args
         if not args.shared_prefix_loss or args.ot_coef > 0 or compute_aux_loss:
             return False
+        if self._backend.zero3 and self.accelerator.num_processes > 1:  # a forward per group: ZeRO-3's parameter
+            return False  # gathers are collectives, and processes can hold different numbers of groups
         if any(value is not None for value in multimodal_inputs.values()):
             return False
         unwrapped = unwrap(model)

@@ -71,6 +71,11 @@ def test_ddp_rank_with_only_zero_advantage_rows_joins_every_collective(tiny_llam
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     reports = {r["rank"]: r for r in (json.loads(f.read_text()) for f in sorted(out.glob("report-rank*.json")))}
+    assert_zero_advantage_reports(reports)
+
+
+def assert_zero_advantage_reports(reports: dict) -> None:
+    """What `scripts/ddp_zero_advantage.py` reports when the savings are exact and every rank joined every step."""
     assert sorted(reports) == [0, 1] and reports[0]["num_processes"] == 2
     first, second = reports[0]["rows"], reports[1]["rows"]
     assert len(first) == len(second) == 4 and all(trains == 0 for trains, _ in second)

@@ -199,3 +199,11 @@ def test_refusals_name_the_settings_that_are_not_exact():
     )
     uneven = StepSavings(gradient_accumulation_steps=2, steps_per_generation=4)
     assert "steps_per_generation" in uneven.refusals["group_micro_batches"]
+
+
+def test_plain_grpo_shares_the_prompt_except_under_multi_process_zero3(tiny_llama, tmp_path, monkeypatch):
+    trainer = trainer_for(tiny_llama, tmp_path, guidance=False)
+    assert trainer._shares_prefix(trainer.model, False, {})  # guidance off: each group's prompt is encoded once
+    trainer._backend.zero3 = True  # one forward per group; ZeRO-3 gathers are collectives: equal calls needed
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+    assert not trainer._shares_prefix(trainer.model, False, {})

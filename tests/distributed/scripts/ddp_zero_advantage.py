@@ -1,4 +1,5 @@
-"""Run by test_ddp.py under `accelerate launch --multi_gpu --num_processes 2` on CPU (DDP over gloo): rank 1's
+"""Run by test_ddp.py under `accelerate launch --multi_gpu --num_processes 2` on CPU (DDP over gloo), and by
+test_zero3.py under the 2-process ZeRO-3 config (DeepSpeed over gloo, parameters sharded): rank 1's
 reward is one constant, so every row it holds has advantage 0 (rank 0's for half its groups) and the zero-advantage
 saving leaves its micro-batches with no training row. The same 2 steps train twice in these processes, savings on
 then off (plain SGD), from the same model; each rank writes `report-rank{N}.json`: its training rows and the rows it
@@ -6,6 +7,7 @@ ran per micro-batch, the largest weight difference between the two runs, and a c
 keeps the replicas identical).
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,8 +76,18 @@ def train(model_path: str, output_dir: str, savings: bool):
 
     trainer._savings.micro_batch = recording
     trainer.train()
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return {name: p.detach().clone() for name, p in model.named_parameters()}, rows
+    parameters = dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
+    with gathered(trainer, list(parameters.values())):
+        return {name: p.detach().clone() for name, p in parameters.items()}, rows
+
+
+def gathered(trainer, parameters):
+    """The full parameters while inside (ZeRO-3 keeps each process's shard only)."""
+    if not trainer.is_deepspeed_enabled:
+        return contextlib.nullcontext()
+    import deepspeed  # noqa: PLC0415 - installed with the deepspeed extra; only the ZeRO-3 launch needs it
+
+    return deepspeed.zero.GatheredParameters(parameters)
 
 
 def main(model_path: str, output_dir: str) -> None:
