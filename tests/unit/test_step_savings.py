@@ -76,6 +76,20 @@ def test_savings_leave_the_weights_as_they_are(tiny_llama, tmp_path, overrides):
         torch.testing.assert_close(value, without[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(beta=0.04), dict(top_entropy_quantile=0.5), dict(loss_type="bnpo", entropy_coef=0.01)],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_savings_fall_back_where_they_would_not_be_exact(tiny_llama, tmp_path, overrides):
+    with_savings, skipped, trainer = trained_weights(tiny_llama, tmp_path, True, **overrides)
+    without, _, _ = trained_weights(tiny_llama, tmp_path, False, **overrides)
+    assert "skip_zero_advantage_rows" in trainer._savings.refusals  # (the layout stays exact with KL alone)
+    assert not any(skipped)
+    for name, value in with_savings.items():
+        torch.testing.assert_close(value, without[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_training_moves_the_weights_at_all(tiny_llama, tmp_path):
     """The weight comparison above means something: the same run with an untouched model differs."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415 - only this test loads the untrained weights
