@@ -48,6 +48,9 @@ CONFIG_GROUPS = {
         "postfix_min_weight",
         "loss_prob_threshold",
         "shared_prefix_loss",
+        "skip_zero_advantage_rows",
+        "trim_loss_padding",
+        "group_micro_batches",
     ],
     "Parameters that control the optimal-transport (OT) regularizer": [
         "ot_coef",

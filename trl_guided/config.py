@@ -143,7 +143,9 @@ class GuidedGRPOConfig(GRPOConfig):
             TRL's `top_entropy_quantile` applies on top of any scope (docs/training.md).
         guidance_loss_normalization (`str`, defaults to `"trained"`):
             What the loss is divided by: the trained tokens (`"trained"`), or every completion token as plain GRPO
-            would (`"completion"`).
+            would (`"completion"`). Fractional weights (`"guidance_postfix"`) are first rescaled to average 1 over
+            the tokens the loss type's normaliser counts, so `beta` and the entropy bonus weigh the same as in plain
+            GRPO.
         postfix_decay (`float`, defaults to `0.9`):
             Decay of the postfix weights in the `"guidance_postfix"` scope.
         postfix_min_weight (`float`, defaults to `0.0`):
@@ -151,7 +153,20 @@ class GuidedGRPOConfig(GRPOConfig):
         loss_prob_threshold (`float`, defaults to `0.9`):
             The `"low_prob"` scope trains the tokens whose sampling probability was strictly below it (0 < it <= 1).
         shared_prefix_loss (`bool`, defaults to `True`):
-            Encode each group's shared prompt + prefix once in the loss forward (same log-probs and gradients).
+            Encode each group's shared prompt + prefix once in the loss forward (same log-probs and gradients; with
+            `guidance=False` the prompt).
+        skip_zero_advantage_rows (`bool`, defaults to `True`):
+            Leave the rows whose advantage is 0 at every trained token out of the loss forward and backward, the
+            loss type's normaliser kept as if they were there (same gradient). Off by itself where it would not be
+            exact: `beta` > 0, an entropy bonus, `top_entropy_quantile` < 1, OT, a MoE auxiliary loss.
+        trim_loss_padding (`bool`, defaults to `True`):
+            Drop each micro-batch's completion columns after its longest completion before the loss forward (same
+            gradient; off with OT).
+        group_micro_batches (`bool`, defaults to `True`):
+            Keep each prompt group's rows in one micro-batch instead of TRL's shuffled split (same gradient where
+            the loss type's normaliser does not depend on the split; off for `bnpo`, an entropy bonus,
+            `top_entropy_quantile` < 1, OT, a MoE auxiliary loss, and when `gradient_accumulation_steps` is not a
+            multiple of `steps_per_generation`).
 
     Parameters that control the optimal-transport (OT) regularizer:
         ot_coef (`float`, defaults to `0.0`):
@@ -269,7 +284,29 @@ class GuidedGRPOConfig(GRPOConfig):
         metadata={
             "help": "Loss forward: encode each group's shared prompt + prefix once and run only the rest per row "
             "(Prefix Grouper; same log-probs and gradients). Skipped with gradient checkpointing, OT, multimodal or "
-            "MoE aux-loss batches, where the plain forward runs."
+            "MoE aux-loss batches and multi-process ZeRO-3, where the plain forward runs. With guidance=False the "
+            "shared part is the prompt."
+        },
+    )
+    # Exact savings of a training step (trl_guided.step_savings): each is on only where it leaves the gradient as is.
+    skip_zero_advantage_rows: bool = field(
+        default=True,
+        metadata={
+            "help": "Leave rows with advantage 0 at every trained token out of the loss forward/backward, the "
+            "normaliser kept (same gradient). Off where not exact: beta > 0, entropy bonus, top_entropy_quantile "
+            "< 1, OT, MoE aux loss."
+        },
+    )
+    trim_loss_padding: bool = field(
+        default=True,
+        metadata={"help": "Drop a micro-batch's columns after its longest completion before the loss (off with OT)."},
+    )
+    group_micro_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep a prompt group's rows in one micro-batch instead of TRL's shuffled split (same gradient; "
+            "off for bnpo, entropy bonus, top_entropy_quantile < 1, OT, MoE aux loss, or gradient_accumulation_steps "
+            "not a multiple of steps_per_generation)."
         },
     )
 

@@ -41,6 +41,7 @@ _COMPLETION_COLUMNS = (
     "sampling_per_token_logps",
     "importance_sampling_ratio",
     "tool_mask",
+    "advantages",  # (B, T) once fractional weights are folded in
 )
 # Tensors with one column per prompt + completion token.
 _SEQUENCE_COLUMNS = ("token_type_ids", "mm_token_type_ids")
@@ -142,7 +143,10 @@ class LossFocus:
             if not scope.probability_mask:  # a probability mask trains only the prefix's low-probability tokens
                 trained = torch.maximum(trained, in_prefix.to(trained.dtype))
             output["tool_mask"] = trained
+            weights = torch.where(in_prefix, torch.ones_like(weights), weights)  # prefix tokens: their own advantage
         loss_mask = output["completion_mask"] * trained
+        if scope.fractional:
+            output = self.weighted_mean(output, weights, loss_mask)
         output["num_items_in_batch"] = self.gather(loss_mask.sum()).sum()
         if self.normalization == "completion":
             output = self.normalize_by_completion(output, loss_mask.sum(dim=1), completion_tokens)
@@ -152,6 +156,38 @@ class LossFocus:
         output["guidance_prefix_tokens"] = prefix_lengths
         output["guidance_completion_tokens"] = completion_tokens
         return output
+
+    def weighted_mean(self, output: dict[str, Any], weights: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, Any]:
+        """Rescale a fractional scope's weights (folded into the (B, T) advantages) to average 1 over the tokens its
+        loss type's normaliser counts, so the policy-gradient term is the weighted mean of its token terms while the
+        KL and entropy terms keep plain GRPO's per-token mean over the trained tokens: `beta` and the entropy
+        coefficient mean the same in every scope, and scaling every weight by a constant changes nothing.
+
+        `grpo`/`sapo` normalise per row; `bnpo` per micro-batch (the weight sums travel with the rows and
+        `micro_batch` rescales at loss time); the others over the generation batch of every process.
+        """
+        weights = weights.to(output["advantages"].dtype)
+        weight_sums = (weights * loss_mask).sum(dim=1)
+        counts = loss_mask.sum(dim=1).to(weight_sums.dtype)
+        if self.loss_type == "bnpo":
+            output["guidance_weight_sums"] = weight_sums
+            return output
+        if self.loss_type in ("grpo", "sapo"):
+            scale = torch.where(weight_sums > 0, counts / weight_sums.clamp(min=1e-30), torch.ones_like(counts))
+        else:
+            total = self.gather(weight_sums.sum()).sum()
+            scale = self.gather(counts.sum()).sum() / total if total > 0 else torch.ones((), dtype=counts.dtype)
+            scale = scale.to(counts.device).expand_as(counts)
+        output["advantages"] = output["advantages"] * scale.unsqueeze(1)
+        return output
+
+    def micro_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The loss-time part of `weighted_mean` for `bnpo` (its normaliser is the micro-batch's trained tokens)."""
+        weight_sums = inputs.get("guidance_weight_sums")
+        if weight_sums is None or weight_sums.sum() <= 0:
+            return inputs
+        mask = inputs["completion_mask"] * inputs["tool_mask"]
+        return {**inputs, "advantages": inputs["advantages"] * (mask.sum() / weight_sums.sum())}
 
     def _columns_to_keep(self, segments: Segments, width: int) -> int:
         """Completion columns up to the batch's last guidance token, rounded up to `pad_to_multiple_of`."""
@@ -226,3 +262,19 @@ def drop_columns_after(output: dict[str, Any], keep: int, width: int) -> dict[st
         if key in output:
             output[key] = output[key][:, : output[key].size(1) - (width - keep)]
     return output
+
+
+def trained_token_totals(
+    inputs: dict[str, Any], entropy_mask: torch.Tensor | None, logps: torch.Tensor
+) -> torch.Tensor:
+    """(trained tokens, completion tokens, summed probability of the trained tokens) of a micro-batch: the tokens
+    that carry the policy loss (scope, probability and entropy masks together), their probability under the
+    sampling-time policy (TRL's old log-probs, else `logps`, the loss forward's own)."""
+    mask = inputs["completion_mask"].float()
+    if "tool_mask" in inputs:
+        mask = mask * inputs["tool_mask"]
+    if entropy_mask is not None:
+        mask = mask * entropy_mask
+    old = inputs.get("old_per_token_logps")
+    logps = (old if old is not None else logps).float()
+    return torch.stack([mask.sum(), inputs["guidance_completion_tokens"].sum().float(), (logps.exp() * mask).sum()])

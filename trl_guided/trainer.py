@@ -32,11 +32,13 @@ from .guidance import (
     share_prefix,
 )
 from .locate import locate_start
-from .loss_focus import LossFocus
+from .loss_focus import LossFocus, trained_token_totals
+from .nonfinite import NonFiniteGuard
 from .ot_reference import OTReference, build_reference_model, capture_hidden_states
 from .preemption import StopOnSignal
 from .sampler import GuidedRollout, GuidedSampler
 from .shared_prefix import shared_prefix_logps
+from .step_savings import SAVINGS, StepSavings
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class _LossView:
     entropy_mask: torch.Tensor | None = None
 
 
-class GuidedGRPOTrainer(GRPOTrainer):
+class GuidedGRPOTrainer(NonFiniteGuard, GRPOTrainer):
     """
     Trainer for Guided GRPO: `trl.GRPOTrainer` whose rollouts of a prompt group branch from one shared prefix, with a
     loss that focuses on the few guidance tokens where the branches diverge (see `GuidedGRPOConfig`).
@@ -91,15 +93,17 @@ class GuidedGRPOTrainer(GRPOTrainer):
       2-D advantages; TRL summing `rewards_per_func * reward_weights` and keeping this process's contiguous slice.
     - `_get_per_token_logps_and_entropies`: the shared-prefix forward (each group's prompt + prefix encoded once).
       Relies on: the fused LM head (`fused_lm_head=True`, `shift_labels`) that TRL 1.15+ patches into scored models.
-    - `compute_loss`: adds the OT penalty on the backbone's last hidden states captured during the parent's forward
+    - `compute_loss`: leaves out zero-advantage rows and right padding where exact (`trl_guided.step_savings`), adds
+      the OT penalty on the backbone's last hidden states captured during the parent's forward
       (left out on a step where it is not finite), turns a non-finite loss into a zero-gradient step, and logs
       `guidance/trained_fraction` / `trained_prob`. Relies on: `_compute_loss` running exactly one policy forward per
       micro-batch.
     - `get_high_entropy_mask` (`top_entropy_quantile`): a shared prefix token counts once in the entropy quantile
       and every copy takes that decision. Relies on: `_compute_loss` calling it once per micro-batch with its mask.
-    - `_calculate_rewards`: reads an infinite reward as None (no reward), which TRL handles (advantage 0 for a
-      completion without any reward); counts both as `guidance/nonfinite_rewards`; keeps the matrix for the tree
-      advantages. Relies on: its (N, F) gathered reward matrix with NaN for None.
+    - `_calculate_rewards`: reads an infinite reward as None (no reward; `trl_guided.nonfinite`), keeps the matrix
+      for the tree advantages. Relies on: its (N, F) gathered reward matrix with NaN for None.
+    - `_prepare_inputs`: re-splits each new generation batch with prompt groups together where exact
+      (`trl_guided.step_savings`). Relies on: `_buffered_inputs` holding the split, a new list per generation.
     - `train`, `_save_rng_state`, `_load_rng_state`: resume continues the same run (the last complete checkpoint; the
       sampler's generator and TRL's generation buffer travel in it). Relies on: Trainer writing `trainer_state.json`
       last and calling `_load_rng_state` before the first resumed step; GRPOTrainer's `_step` / `_buffered_inputs`.
@@ -147,6 +151,19 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._guidance_rng = random.Random(args.seed + self.accelerator.process_index)
         self._backend = self._rollout_backend()
         self._loss_focus = self._loss_focus_of(args)
+        self._savings = StepSavings(
+            **{name: getattr(args, name) for name in SAVINGS},
+            loss_type=self.loss_type,
+            beta=self.beta,
+            entropy_bonus=self._entropy_bonus_enabled,
+            top_entropy_quantile=self.top_entropy_quantile,
+            ot=args.ot_coef > 0,
+            aux_loss=self.aux_loss_enabled,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            steps_per_generation=args.steps_per_generation,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            gather=self.accelerator.gather,
+        )
         self._sampler = GuidedSampler(args, self._tokenizer, self.eos_token_ids, self._guidance_rng, self._backend)
         self._segments: Segments | None = None  # the last rollout's segments, from generation to scoring
         self._rewards_per_func: torch.Tensor | None = None  # the last scoring's rewards (all processes), for trees
@@ -389,6 +406,16 @@ class GuidedGRPOTrainer(GRPOTrainer):
 
     # ---------------------------------------------------------------------------------------------------- loss focus
 
+    def _prepare_inputs(self, generation_batch):
+        # Override: when TRL has split a new generation batch into shuffled micro-batches, keep each prompt group's
+        # rows together where that leaves the gradient unchanged (`StepSavings.layout`).
+        buffered = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        if not self.model.training or self._buffered_inputs is buffered:
+            return inputs
+        self._buffered_inputs = self._savings.layout(self._buffered_inputs)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         self._segments = None
         output = super()._generate_and_score_completions(inputs)
@@ -464,10 +491,13 @@ class GuidedGRPOTrainer(GRPOTrainer):
         self._log_metric(name, (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan"))
 
     def _shares_prefix(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
-        """Whether the shared-prefix forward applies (it needs a KV cache, text only, and no per-forward OT hook)."""
+        """Whether the shared-prefix forward applies (it needs a KV cache, text only, no per-forward OT hook, and the
+        same forward calls on every process under ZeRO-3)."""
         args = self.args
-        if not (args.guidance and args.shared_prefix_loss) or args.ot_coef > 0 or compute_aux_loss:
+        if not args.shared_prefix_loss or args.ot_coef > 0 or compute_aux_loss:
             return False
+        if self._backend.zero3 and self.accelerator.num_processes > 1:  # a forward per group: ZeRO-3's parameter
+            return False  # gathers are collectives, and processes can hold different numbers of groups
         if any(value is not None for value in multimodal_inputs.values()):
             return False
         unwrapped = unwrap(model)
@@ -478,14 +508,19 @@ class GuidedGRPOTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Override: the OT penalty on the backbone's last hidden states of the parent's own forward (`trl_guided.
-        # ot_reference`), a zero-gradient step for a non-finite loss, and the trained-token metrics.
+        # ot_reference`), a zero-gradient step for a non-finite loss, the trained-token metrics; training leaves out
+        # the rows and columns that cannot change the gradient (`trl_guided.step_savings`).
+        inputs, scale = self._loss_focus.micro_batch(inputs), 1.0
+        if self.model.training:
+            inputs, scale, skipped = self._savings.micro_batch(inputs)
+            self._log_metric("savings/skipped_rows", skipped)
         with self._loss_view_of(inputs) as view:
             if self.args.ot_coef <= 0:
                 loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             else:
                 loss = self._loss_with_ot(model, inputs, return_outputs, num_items_in_batch)
         self._log_trained_tokens(inputs, view)
-        return self._finite_or_zero(model, loss)
+        return self._finite_or_zero(model, loss * scale if scale != 1.0 else loss)
 
     @contextlib.contextmanager
     def _loss_view_of(self, inputs: dict[str, Any]):
@@ -539,62 +574,16 @@ class GuidedGRPOTrainer(GRPOTrainer):
         and entropy masks together); `guidance/trained_prob`: their mean probability under the sampling-time policy
         (TRL's old log-probs, or the loss forward's own when the old policy is the current one). Guided batches only.
         """
-        completion_tokens = inputs.get("guidance_completion_tokens")
-        if completion_tokens is None or view.logps is None:
+        if inputs.get("guidance_completion_tokens") is None or view.logps is None:
             return
-        mask = inputs["completion_mask"].float()
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        if view.entropy_mask is not None:
-            mask = mask * view.entropy_mask
-        old = inputs.get("old_per_token_logps")
-        logps = (old if old is not None else view.logps).float()
-        local = torch.stack([mask.sum(), completion_tokens.sum().float(), (logps.exp() * mask).sum()])
+        local = trained_token_totals(inputs, view.entropy_mask, view.logps)
         trained, tokens, probability = self.accelerator.reduce(local, reduction="sum").tolist()
         self._log_metric("guidance/trained_fraction", trained / tokens if tokens else float("nan"))
         self._log_metric("guidance/trained_prob", probability / trained if trained else float("nan"))
 
-    # ----------------------------------------------------------------------------------------- non-finite values
-
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        # Override: TRL already gives a completion whose reward functions all returned None (NaN) advantage 0, but an
-        # infinite reward turns every advantage of its group into NaN. Infinite values become "no reward" (NaN) here,
-        # and rows left without any reward are counted.
+        # Override: infinite rewards read as None (`NonFiniteGuard`); the matrix is kept for the tree advantages
+        # (they re-normalise the summed reward per branch set).
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        infinite = torch.isinf(rewards_per_func)
-        if infinite.any():
-            names = [self.reward_func_names[i] for i in infinite.any(dim=0).nonzero().flatten().tolist()]
-            rows = int(infinite.any(dim=1).sum())
-            self._warn_nonfinite(
-                "rewards", f"reward function(s) {', '.join(names)} returned inf for {rows} completion(s): read as None"
-            )
-            rewards_per_func = rewards_per_func.masked_fill(infinite, float("nan"))
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        if unscorable.any():
-            self._count_nonfinite(
-                "rewards",
-                f"{int(unscorable.sum())} completion(s) got no finite reward from any reward function; their "
-                "advantage is 0 (TRL)",
-                value=unscorable.float().mean().item(),
-            )
-        self._rewards_per_func = rewards_per_func  # kept for the tree advantages (they re-normalise per branch set)
+        self._rewards_per_func = rewards_per_func
         return rewards_per_func
-
-    def _finite_or_zero(self, model, loss: torch.Tensor) -> torch.Tensor:
-        """The loss, or, when it is NaN/inf, a zero that still reaches every trainable parameter (every process
-        takes part in the backward and the gradient all-reduce; the gradients are 0, so no NaN reaches the weights)."""
-        if torch.isfinite(loss).all():
-            return loss
-        self._count_nonfinite("loss", "the loss is not finite (NaN/inf); this step's gradient is set to zero")
-        return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-
-    def _count_nonfinite(self, kind: str, message: str, value: float = 1.0) -> None:
-        """Log `guidance/nonfinite_<kind>` (only on steps where it happens) and warn once per kind."""
-        self._log_metric(f"guidance/nonfinite_{kind}", value)
-        self._warn_nonfinite(kind, message)
-
-    def _warn_nonfinite(self, kind: str, message: str) -> None:
-        step = self.state.global_step
-        self._warn_once(
-            f"nonfinite_{kind}", f"Non-finite {kind} at step {step}: {message} (guidance/nonfinite_{kind})."
-        )

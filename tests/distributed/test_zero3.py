@@ -14,6 +14,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from ..ports import free_port
+from .test_ddp import assert_zero_advantage_reports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,3 +55,20 @@ def test_zero3_two_processes_guided_with_ot_entropy_branches_and_two_prefixes(ti
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert model.num_parameters() == reference.num_parameters()
+
+
+@pytest.mark.slow
+def test_zero3_rank_with_only_zero_advantage_rows_joins_every_collective(tiny_llama, tmp_path):
+    """The DDP test's script (tests/distributed/test_ddp.py) under ZeRO-3: rank 1 holds only zero-advantage rows,
+    both ranks run equal row counts through every sharded layer, and the savings leave the weights as they are."""
+    out = tmp_path / "run"
+    out.mkdir()
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "zero3_cpu.yaml")]
+    command += ["--main_process_port", str(free_port())]
+    command += [str(ROOT / "tests" / "distributed" / "scripts" / "ddp_zero_advantage.py"), tiny_llama, str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = {r["rank"]: r for r in (json.loads(f.read_text()) for f in sorted(out.glob("report-rank*.json")))}
+    assert_zero_advantage_reports(reports)

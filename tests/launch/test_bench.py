@@ -92,6 +92,37 @@ def test_run_all_tiny_smoke(tmp_path):
     assert set(updated["ratios"]) == set(report["ratios"])
 
 
+@pytest.mark.slow
+def test_step_cost_bench_tiny_interleaves_four_configurations_with_phases(tmp_path):
+    """`bench/step_cost_bench.py --tiny`: TRL plain and the three plugin configurations each time every step and its
+    phases, the savings are logged, and the ratios to TRL are recorded next to the targets."""
+    out = tmp_path / "step_cost.json"
+    command = [sys.executable, str(ROOT / "bench" / "step_cost_bench.py"), "--tiny", "--repeats", "1"]
+    result = subprocess.run(
+        command + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout)
+    assert json.loads(out.read_text()) == report and report["errors"] == {}
+    configurations = report["configurations"]
+    assert list(configurations) == ["trl_plain", "guidance_off", "default", "treerl"]
+    for name, measured in configurations.items():
+        assert len(measured["steps"]) == 2 and _positive(measured["step_seconds"]["median"])
+        phases = measured["phase_medians_seconds"]
+        assert _positive(phases["generation"]) and _positive(phases["loss"]) and phases["optimizer"] >= 0
+        assert phases["generation"] + phases["loss"] <= phases["step"] * 1.01
+        assert ("savings/skipped_rows" in measured) == (name != "trl_plain")
+    assert _positive(configurations["treerl"]["phase_medians_seconds"]["branch_scoring"])  # low_prob scores
+    assert configurations["default"]["phase_medians_seconds"]["branch_scoring"] == 0  # punctuation does not
+    assert set(report["ratios_to_trl_plain"]) == {"guidance_off", "default", "treerl"}
+    assert all(_positive(value) for value in report["ratios_to_trl_plain"].values())
+    assert set(report["targets"]) == {"guidance_off", "default", "treerl"}
+
+
 def test_compare_runs_reads_two_training_runs(tmp_path):
     """bench/compare_runs.py (the GPU plan's summary) on two synthetic run directories."""
     for kind, step_time, memory, generated in (("guided", 6.0, 18000, 500), ("vanilla", 10.0, 20000, 1000)):

@@ -150,7 +150,33 @@ def _moves_reference_states_to_cpu(trainer, monkeypatch):
     return len(moved)
 
 
+def _loss_shapes(trainer):
+    """The (rows, columns) and prompts of each micro-batch TRL's loss runs on in one step of two groups (two
+    micro-batches) where the first group has advantage 0 and the last 3 columns are padding."""
+    torch.manual_seed(0)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    generate, compute, shapes = trainer._generate_and_score_completions, trainer._compute_loss, []
+
+    def first_group_untrained(inputs):
+        output = generate(inputs)
+        output["advantages"][: trainer.num_generations] = 0
+        output["completion_mask"][:, -3:] = 0
+        return output
+
+    def recording(model, inputs):
+        shapes.append((tuple(inputs["completion_ids"].shape), inputs["prompt_ids"].sum(dim=1).tolist()))
+        return compute(model, inputs)
+
+    trainer._generate_and_score_completions, trainer._compute_loss = first_group_untrained, recording
+    for step in range(2):
+        trainer._step = step
+        trainer.compute_loss(trainer.model, trainer._prepare_inputs(group_batch(trainer)))
+    return shapes
+
+
 OT = {"ot_coef": 0.1, "beta": 0.0}
+SAVED = {"gradient_accumulation_steps": 2}
 POSTFIX = {"guidance_loss_scope": "guidance_postfix"}
 ENTROPY = {"branch_point": "entropy"}
 TREE = {"num_prefixes_per_group": 2}
@@ -177,6 +203,9 @@ GUIDED_FIELD_EFFECTS = {
     "prefix_eos_retries": ({}, 0, "sampler"),
     "eval_guidance": ({}, False, lambda t: _fingerprint(t, "eval")),
     "shared_prefix_loss": ({}, False, _uses_shared_prefix),
+    "skip_zero_advantage_rows": (SAVED, False, _loss_shapes),
+    "trim_loss_padding": (SAVED, False, _loss_shapes),
+    "group_micro_batches": (SAVED, False, _loss_shapes),
     "ot_coef": ({"beta": 0.0}, 0.1, _fingerprint),
     "ot_window": ({**OT, "ot_epsilon": 1.0}, 1, _fingerprint),  # a wide plan, cut to the diagonal neighbours
     "ot_epsilon": (OT, 1.0, _fingerprint),

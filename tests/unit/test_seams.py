@@ -87,7 +87,10 @@ def test_loss_focus_from_plain_values_narrows_a_batch_to_the_guidance():
 def test_loss_focus_weighs_the_postfix_through_the_advantages():
     batch = LossFocus(scope="guidance_postfix", postfix_decay=0.5).apply(scored_batch(), SEGMENTS)
     weights = loss_weights(SEGMENTS, WIDTH, "guidance_postfix", postfix_decay=0.5)
-    torch.testing.assert_close(batch["advantages"], torch.tensor([[1.0], [-2.0]]) * weights)
+    # The weights are rescaled to average 1 over the trained tokens (dapo: of the whole batch; `weighted_mean`).
+    mask = (weights > 0).float() * scored_batch()["completion_mask"]
+    mean_weight = (weights * mask).sum() / mask.sum()
+    torch.testing.assert_close(batch["advantages"], torch.tensor([[1.0], [-2.0]]) * weights / mean_weight)
     assert batch["tool_mask"].tolist() == (weights > 0).long().tolist()
 
 

@@ -51,7 +51,9 @@ def test_groups_share_their_prefix_and_branch(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("scope", ["guidance", "guidance_postfix", "completion"])
 def test_loss_gradient_reaches_only_the_trained_tokens(tiny_llama, tmp_path, scope):
-    trainer = trainer_for(tiny_llama, tmp_path, guidance_loss_scope=scope, postfix_decay=0.7, beta=0.0)
+    # Every row's gradient is inspected: the savings would leave rows with advantage 0 and trailing padding out.
+    savings_off = dict(skip_zero_advantage_rows=False, trim_loss_padding=False)
+    trainer = trainer_for(tiny_llama, tmp_path, guidance_loss_scope=scope, postfix_decay=0.7, beta=0.0, **savings_off)
     captured = {}
     focus = trainer._focus_loss
 
