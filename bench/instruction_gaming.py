@@ -26,8 +26,8 @@ from answer_relevance import on_topic, request_topic
 from constraint_kinds import answer_text, problem_specs
 
 from trl_guided.constraints import split_sentences, words
-from trl_guided.instruction_reward import user_text
 from trl_guided.evaluate import read_records
+from trl_guided.instruction_reward import user_text
 from trl_guided.rewards import constraints_followed, instruction_following
 
 PLAIN_FILLER = ("Okay",)
@@ -46,22 +46,23 @@ def content_free(specs: list[dict], filler: tuple[str, ...] = PLAIN_FILLER) -> s
     avoided = kinds.get("avoid_word", {}).get("word", "").lower()
     filler = tuple(w for w in filler if w.lower() != avoided) or ("Okay",)
     keywords = kinds.get("include_keywords", {}).get("keywords", [])
-    needed_words = kinds.get("min_words", {}).get("n", 0)
-    padding = [filler[i % len(filler)] for i in range(max(len(filler), needed_words))]
+    # As many filler words as a word budget asks for (or allows: a dozen words are left for the rest).
+    count = kinds["min_words"]["n"] if "min_words" in kinds else len(filler)
+    count = min(count, kinds["max_words"]["n"] - 12) if "max_words" in kinds else count
+    padding = [filler[i % len(filler)] for i in range(max(1, count))]
     if "json" in kinds:
         text = json.dumps({"answer": " ".join([*keywords, *padding])})
     else:
-        lines = [kinds["start_with"]["phrase"] + "."] if "start_with" in kinds else []
-        lines += ["<<Okay>>"] if "title" in kinds else []
-        lines += [" ".join(keywords) + "."] if keywords else []
+        # One sentence holds the opening phrase, the title, the keywords and the filler (few sentences for a cap).
+        opening = [kinds["start_with"]["phrase"]] if "start_with" in kinds else []
+        lines = [" ".join([*opening, *(["<<Okay>>"] if "title" in kinds else []), *keywords, *padding]) + "."]
         lines += ["* Okay."] * kinds.get("bullet_points", {}).get("n", 0)
-        lines += [" ".join(padding) + "."] if "max_words" not in kinds else []
         closing = ["P.S. Okay."] if "postscript" in kinds else []
-        closing += [kinds["end_with"]["phrase"]] if "end_with" in kinds else []
         wanted = kinds.get("min_sentences", {}).get("n", 0)
         while len(split_sentences("\n".join(lines + closing))) < wanted:
             lines.append("Okay.")
         text = "\n".join(lines + closing)
+        text += f" {kinds['end_with']['phrase']}" if "end_with" in kinds else ""
     if "lowercase" in kinds:
         text = text.lower()
     return text.replace(",", "") if "no_commas" in kinds else text

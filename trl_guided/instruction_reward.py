@@ -94,7 +94,8 @@ def unit_vectors(texts: list[str]) -> np.ndarray:
 
 
 def relevance(answers: list[str], subjects: list[str]) -> list[float]:
-    """Per answer, 0..1: the cosine of its embedding with its subject's, ramped from RELEVANCE_FLOOR to RELEVANCE_FULL."""
+    """Per answer, 0..1: the cosine of its embedding with its subject's, ramped from RELEVANCE_FLOOR (0) to
+    RELEVANCE_FULL (1)."""
     cosine = (unit_vectors(answers) * unit_vectors(subjects)).sum(axis=1)
     ramp = (cosine - RELEVANCE_FLOOR) / (RELEVANCE_FULL - RELEVANCE_FLOOR)
     return [float(x) for x in np.clip(ramp, 0.0, 1.0)]
@@ -123,8 +124,7 @@ def answer_quality(answers: list[str], prompts: list, specs_per_row: list[list[d
     subjects = [subject_text(request_text(p, s)) for p, s in zip(prompts, specs_per_row, strict=True)]
     related = relevance(answers, subjects)
     return [
-        r * substance(a, user_text(p), s)
-        for a, p, s, r in zip(answers, prompts, specs_per_row, related, strict=True)
+        r * substance(a, user_text(p), s) for a, p, s, r in zip(answers, prompts, specs_per_row, related, strict=True)
     ]
 
 
