@@ -24,6 +24,7 @@ import yaml
 from answer_position import _test_problems
 from answer_relevance import on_topic, request_topic
 from constraint_kinds import answer_text, problem_specs
+from harness import emit
 
 from trl_guided.constraints import split_sentences, words
 from trl_guided.evaluate import read_records
@@ -148,10 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     specs = problem_specs(_test_problems(recipe))
     result = measure(read_records(args.records), specs)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out or "-")
 
 
 if __name__ == "__main__":

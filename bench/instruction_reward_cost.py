@@ -22,6 +22,7 @@ import torch
 import yaml
 from answer_position import _test_problems
 from constraint_kinds import answer_text, problem_specs
+from harness import emit
 
 from trl_guided.evaluate import completion_nll, read_records
 from trl_guided.instruction_reward import embedder, request_text
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         "instruction_following_share_of_step": reward / STEP_SECONDS,
         "reference_model_likelihood_share_of_step": likelihood / STEP_SECONDS,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out or "-")
 
 
 if __name__ == "__main__":
