@@ -1,6 +1,7 @@
 """What would `instruction_following` have said of a training run on the checker alone? Re-scores the completions a
 run logged (`completions/*.parquet`, log_completions: true) and prints, per run, the checker's and the new reward's
-mean over the first and the last ten logged steps. The constraints of each logged prompt come from the recipe's
+mean over the first and the last ten logged steps, and how many of the first step's groups (the starting model's
+samples) each reward spreads. The constraints of each logged prompt come from the recipe's
 train split (the prompt's text finds its row).
 
     python bench/instruction_rescore.py --recipe recipes/smollm2-135m-instruct/instructions_cpu.yaml \
@@ -24,6 +25,7 @@ from trl_guided.rundir import completion_files
 from trl_guided.tasks import TaskArguments, task_options
 
 WINDOW = 10  # logged steps averaged at each end
+REWARDS = ("constraints_followed", "instruction_following")
 
 
 def train_constraints(recipe: dict) -> dict[str, str]:
@@ -47,13 +49,19 @@ def rescore(run: Path, constraints_of: dict[str, str]) -> dict:
     prompts = [_messages(p) for p in logged["prompt"]]
     columns = {"prompts": prompts, "constraints": [constraints_of[p[-1]["content"]] for p in prompts]}
     logged["instruction_following"] = instruction_following([_text(c) for c in logged["completion"]], **columns)
+    logged["request"] = [p[-1]["content"] for p in prompts]
     steps = sorted(logged["step"].unique())
     ends = {"first": logged[logged["step"].isin(steps[:WINDOW])], "last": logged[logged["step"].isin(steps[-WINDOW:])]}
+    first = logged[logged["step"] == steps[0]].groupby("request")  # the starting model's groups (no update yet)
     return {
-        f"{end}_{WINDOW}_steps": {
-            name: statistics.fmean(rows[name]) for name in ("constraints_followed", "instruction_following")
-        }
-        for end, rows in ends.items()
+        **{
+            f"{end}_{WINDOW}_steps": {name: statistics.fmean(rows[name]) for name in REWARDS}
+            for end, rows in ends.items()
+        },
+        "first_step_groups": {
+            name: {"groups": len(first), "with_spread": int(sum(g[name].std(ddof=0) > 0 for _, g in first))}
+            for name in REWARDS
+        },
     }
 
 
