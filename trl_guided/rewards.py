@@ -20,6 +20,7 @@ from fractions import Fraction
 from trl import rewards as trl_rewards
 
 from .constraints import followed, parse_specs
+from .instruction_reward import ANSWER_SHARE, answer_quality, parse_rows
 
 # ------------------------------------------------------------------------------------------------ answer extraction
 
@@ -254,6 +255,20 @@ def constraints_all_followed(completions, constraints, **kwargs) -> list[float]:
     ]
 
 
+def instruction_following(completions, prompts, constraints, **kwargs) -> list[float]:
+    """How far the completion addresses the request (relevance x substance, trl_guided/instruction_reward.py) times
+    `ANSWER_SHARE + (1 - ANSWER_SHARE) x` the fraction of the row's `constraints` it follows, in [0, 1]: an answer
+    made of the constraints' own words, one sentence repeated, the request echoed back or a text about another
+    subject earns little however many constraints it follows."""
+    specs = parse_rows(constraints)
+    texts = [_text(c) for c in completions]
+    quality = answer_quality(texts, list(prompts), specs)
+    return [
+        q * (ANSWER_SHARE + (1 - ANSWER_SHARE) * sum(checks) / len(checks))
+        for q, checks in zip(quality, (followed(s, t) for s, t in zip(specs, texts, strict=True)), strict=True)
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------- format
 
 _STRICT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\n?$", re.S)
@@ -313,6 +328,7 @@ REWARD_FUNCS: dict[str, Callable] = {
     "arithmetic_accuracy": arithmetic_accuracy,
     "constraints_followed": constraints_followed,
     "constraints_all_followed": constraints_all_followed,
+    "instruction_following": instruction_following,
     "strict_format": strict_format,
     "soft_format": soft_format,
     "xml_count": xml_count,

@@ -88,7 +88,8 @@ EVAL_TASK_FIELDS = (
 DEFAULT_TASK_REWARDS = {
     "arithmetic": ["arithmetic_accuracy"],
     "countdown": ["countdown"],
-    "instructions": ["constraints_followed", "constraints_all_followed"],
+    # The reward the recipes train on first (the headline), then the checker alone and its strict score.
+    "instructions": ["instruction_following", "constraints_followed", "constraints_all_followed"],
     "gsm8k": ["gsm8k_accuracy"],
     "math": ["math_accuracy"],
     "length": ["smooth_length"],

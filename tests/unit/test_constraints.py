@@ -241,7 +241,7 @@ def test_trl_guided_eval_runs_on_the_new_recipes(tiny_llama, tmp_path, recipe):
     argv += ["--limit", "3", "--max-new-tokens", "6", "--quality-model", "none", "--no-progress"]
     assert cli.main([*argv, "--output", str(output)]) == 0
     metrics = json.loads(output.read_text())["metrics"]
-    rewards = ["constraints_followed", "constraints_all_followed"]
+    rewards = ["instruction_following", "constraints_followed", "constraints_all_followed"]
     rewards = rewards if "instructions" in recipe else ["arithmetic_accuracy"]
     assert all(0.0 <= metrics[f"{name}/mean"]["value"] <= 1.0 for name in rewards)
     assert metrics["completion_tokens"]["value"] <= 6
