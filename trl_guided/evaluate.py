@@ -2,7 +2,7 @@
 sampler), score every sample with the reward registry (and a quality model's NLL), and write result and record files.
 
 The numbers of a result (metrics with confidence intervals, comparisons) are `trl_guided.stats`; which model a name
-means is `trl_guided.locate`. `trl-guided eval` (trl_guided/cli.py) and training runs with `eval_before_after`
+means is `trl_guided.locate`. `trl-guided eval` (trl_guided/commands.py) and training runs with `eval_before_after`
 (trl_guided/train.py) call `evaluate` and `stats.compare`. See docs/evaluation.md.
 """
 
