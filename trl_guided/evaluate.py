@@ -196,6 +196,15 @@ def generate_transformers(model, tokenizer, prompts: list[list[int]], settings: 
     return results
 
 
+def vllm_request_seed(settings: EvalSettings, index: int, on_gpu: bool) -> int | None:
+    """The seed of prompt `index`'s vLLM request: its own on a GPU; on CPU none when sampling, since vLLM's CPU worker
+    refuses a seeded request at a temperature above 0 ("CPU Generator does not use offset"); the engine's seed
+    (`settings.seed`) then seeds the run: the same prompts in the same order give the same samples."""
+    if not on_gpu and settings.temperature > 0:
+        return None
+    return settings.seed * 1_000_003 + index
+
+
 def generate_vllm(source: ModelSource, tokenizer, prompts: list[list[int]], settings: EvalSettings, progress: bool):
     """The same rows with vLLM's offline engine (one request per prompt with n = K, seeded per prompt)."""
     from vllm import LLM, SamplingParams  # optional: the `vllm` extra, and only for --backend vllm
@@ -213,7 +222,7 @@ def generate_vllm(source: ModelSource, tokenizer, prompts: list[list[int]], sett
                 temperature=settings.temperature,
                 top_p=settings.top_p if sampling else 1.0,
                 max_tokens=settings.max_new_tokens,
-                seed=settings.seed * 1_000_003 + index,
+                seed=vllm_request_seed(settings, index, torch.cuda.is_available()),
             )
             for index in range(len(prompts))
         ]

@@ -32,6 +32,7 @@ from trl_guided.evaluate import (
     guided_config,
     prompt_token_ids,
     read_records,
+    vllm_request_seed,
 )
 from trl_guided.locate import ModelError, load_model, locate_model
 from trl_guided.stats import (
@@ -626,3 +627,11 @@ def test_before_after_numbers_go_to_the_wandb_run_summary(monkeypatch):
     after = _result({"p1": 1.0, "p2": 1.0})
     _log_to_trackers(compare(before, after))
     assert run.summary == {"eval_before/acc/mean": 0.5, "eval_after/acc/mean": 1.0, "eval_diff/acc/mean": 0.5}
+
+
+def test_vllm_requests_are_seeded_per_prompt_except_when_sampling_on_cpu():
+    """vLLM's CPU worker refuses a seeded request at a temperature above 0: there the engine's seed seeds the run."""
+    greedy, sampled = EvalSettings(task="length", seed=3), EvalSettings(task="length", seed=3, temperature=1.0)
+    assert [vllm_request_seed(greedy, index, on_gpu=False) for index in (0, 1)] == [3_000_009, 3_000_010]
+    assert [vllm_request_seed(sampled, index, on_gpu=True) for index in (0, 1)] == [3_000_009, 3_000_010]
+    assert vllm_request_seed(sampled, 0, on_gpu=False) is None
