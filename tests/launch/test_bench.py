@@ -265,6 +265,7 @@ FAKE_EVAL_PYTHON = """#!/usr/bin/env bash
 if [ "$2" = evaluate-runs ] && [ -n "${{FAKE_VLLM_FAIL:-}}" ]; then echo "round failed on purpose" >&2; exit 3; fi
 exec {python} -c 'import runpy, sys
 import trl_guided.evaluate
+import trl_guided.train  # imports the GRPOTrainer of TRL, which takes the vllm it finds (trl_guided loads it lazily)
 sys.path.insert(0, "{fake}")
 import vllm
 sys.argv = sys.argv[1:]
