@@ -25,7 +25,8 @@ now() { date -u +%Y-%m-%dT%H:%M:%SZ; }
 cat > "$records/train_command.sh" <<CMD
 source bench/decisive/phase1/env.sh
 taskset -c $core .venv/bin/python -m trl_guided.train --config recipes/smollm2-135m-instruct/instructions_cpu.yaml \\
-  $overlay --beta 0.0 --mask_truncated_completions false --max_completion_length 160 \\
+  $overlay --reward_funcs constraints_followed constraints_all_followed --reward_weights 1.0 1.0 \\
+  --beta 0.0 --mask_truncated_completions false --max_completion_length 160 \\
   --per_device_train_batch_size 4 --gradient_accumulation_steps 2 --num_generations 4 --learning_rate 1e-5 \\
   --max_steps 60 --dataset_size 400 --eval_before_after false --save_strategy steps --save_steps 10 \\
   --save_total_limit 1 --resume_from_checkpoint auto --report_to none --seed $seed \\
@@ -34,7 +35,8 @@ CMD
 cat > "$records/eval_command.sh" <<CMD
 source bench/decisive/phase1/env.sh
 taskset -c $core .venv-vllm/bin/python -m trl_guided.cli eval --config recipes/smollm2-135m-instruct/instructions_cpu.yaml \\
-  --model $run --dataset-size 400 --limit 400 --temperature 0 --max-new-tokens 160 \\
+  --model $run --reward-funcs constraints_followed constraints_all_followed \\
+  --dataset-size 400 --limit 400 --temperature 0 --max-new-tokens 160 \\
   --sampling plain --backend vllm --seed 0 --quality-limit 100 \\
   --output $run/eval_end.json --records $run/eval_end.jsonl
 taskset -c $core .venv/bin/python -m trl_guided.cli eval --compare bench/decisive/phase1/start/eval_start.json \\
