@@ -304,7 +304,7 @@ def load_instructions(
     .jsonl/.json/.csv/.parquet file or a dataset (`source`: `dataset_path` or `dataset_name`, see `_load_rows`) with an
     `instruction` and a `constraints` column (a JSON list of specs such as `[{"kind": "min_words", "n": 50}]`),
     checked when loaded."""
-    given = source.get("dataset_path") or source.get("dataset_name")
+    given = _own_data(source)
     if given is None:
         rng = random.Random(_split_seed(seed, split))
         rows = _draw_split(rng, lambda r: _instruction_problem(r, 3), lambda row: row[0], split, size)
@@ -391,6 +391,11 @@ def _load_rows(
         ) from error
 
 
+def _own_data(source: dict) -> str | None:
+    """The user's data of a task's `source` options (`dataset_path` or `dataset_name`), None for the task's own."""
+    return source.get("dataset_path") or source.get("dataset_name")
+
+
 def _hub_offline() -> bool:
     """Whether `datasets` may not reach the Hub (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE, read now, not at import)."""
     flags = (os.environ.get("HF_DATASETS_OFFLINE"), os.environ.get("HF_HUB_OFFLINE"))
@@ -435,8 +440,7 @@ def load_math(split: str = "test", system_prompt: str = MATH_SYSTEM_PROMPT, **so
     """MATH with boxed answers (default HuggingFaceH4/MATH-500, which has a test split only; or `source`, see
     `_load_rows`): `problem` -> prompt; `solution` for math_accuracy (built as `$answer$` when only an `answer` column
     exists)."""
-    own_data = source.get("dataset_path") or source.get("dataset_name")
-    rows = _load_rows("HuggingFaceH4/MATH-500", None, split if own_data else "test", **source)
+    rows = _load_rows("HuggingFaceH4/MATH-500", None, split if _own_data(source) else "test", **source)
     _need(rows, ("problem",), "math")
     if "solution" not in rows.column_names:
         _need(rows, ("answer",), "math")
