@@ -11,8 +11,10 @@ trainer), so either can be built and tested on its own:
 - `ModelBackend`: one transformers model on one process, for sampling outside training (`trl-guided eval --sampling
   guided`): each phase is one `generate` call, its rows cut after EOS as TRL's transformers path cuts them.
 
-Both score phase-1 samples for the `entropy` / `low_prob` branch points with `score_tokens` (TRL's fused LM head at
-the sampling temperature). A TRL or vLLM upgrade that moves one of the private names used here changes this file (and
+The `entropy` / `low_prob` branch points read the policy's signals at each phase-1 token off the logits generation
+computed anyway (`SignalRecorder`, both backends on transformers); where generation keeps no logits here (vLLM,
+continuous batching), one scoring forward computes them (`score_tokens`: TRL's fused LM head at the sampling
+temperature). A TRL or vLLM upgrade that moves one of the private names used here changes this file (and
 `tests/unit/test_trl_contract.py` says which one moved). TRL 1.16 names used here: `VLLMGeneration`'s
 `.generation_kwargs`, `.max_completion_length`, `.enable_sleep_mode`, `._llm_weights_sleeping`, `.sync_weights()`,
 `.llm`; `trl.distributed.DistributedBackend.is_zero3`; `trl.models.unwrap_model_for_generation`;
@@ -150,6 +152,55 @@ def generate_from_shared_cache(
         del model.generate
 
 
+class SignalRecorder:
+    """The policy's signals at every sampled token, read off the logits a transformers `generate` call computes
+    anyway (a forward hook on the model), so a branch point needs no scoring forward of its own.
+
+    Each forward of the call yields the distribution of the next token: its entropy at `temperature` is kept at once;
+    the sampled token's log-prob is read on the next forward, which is fed that token (the last one from the
+    returned ids). The same quantities as `score_tokens` (log-softmax of the logits at the sampling temperature,
+    before top-k/top-p), up to float rounding: generation computes them with its KV cache, scoring in one forward.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature or 1.0
+        self.entropies: list[torch.Tensor] = []  # per forward, (rows,)
+        self.logprobs: list[torch.Tensor] = []  # per forward after the first, (rows,): the token it was fed
+        self._last: torch.Tensor | None = None  # log-softmax of the latest forward, (rows, vocab)
+
+    def __call__(self, module, args, kwargs, output) -> None:
+        logps = torch.log_softmax(output.logits[:, -1, :].float() / self.temperature, dim=-1)
+        if self._last is not None:
+            fed = kwargs.get("input_ids", args[0] if args else None)
+            self.logprobs.append(self._last.gather(1, fed[:, -1:].to(logps.device)).squeeze(1))
+        self.entropies.append(-(logps.exp() * logps).sum(dim=-1))
+        self._last = logps
+
+    @contextlib.contextmanager
+    def attached(self, model: torch.nn.Module):
+        """Record every forward of `model` inside the block (the transformers model `generate` runs)."""
+        handle = model.register_forward_hook(self, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def signals(self, samples: list[list[int]]) -> list[TokenSignals]:
+        """`TokenSignals` of each sampled row (its first tokens, as many as the call ran forwards for)."""
+        if not self.entropies:
+            return [TokenSignals() for _ in samples]
+        steps = len(self.entropies)
+        entropies = torch.stack(self.entropies, dim=1).cpu()
+        last = torch.tensor([sample[steps - 1] if len(sample) >= steps else 0 for sample in samples])
+        final = self._last.gather(1, last.unsqueeze(1).to(self._last.device)).squeeze(1)
+        logprobs = torch.stack([*self.logprobs, final], dim=1).cpu()
+        entropies, logprobs = entropies.tolist(), logprobs.tolist()
+        return [
+            TokenSignals(entropies=entropies[row][: len(sample)], logprobs=logprobs[row][: len(sample)])
+            for row, sample in enumerate(samples)
+        ]
+
+
 @dataclass
 class TRLGeneration:
     """TRL's generation objects of one `GRPOTrainer` that a phase's token budget and a rollout's session set."""
@@ -226,6 +277,21 @@ class RolloutBackend:
         token budget on all processes (short lists are padded, the budget is the largest; rows are cut to their own
         budget afterwards).
         """
+        return self._generate(prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts)
+
+    def generate_scored(
+        self, prompts: list[list[int]], num_generations: int, max_new_tokens: int, shared_prompts: bool = False
+    ):
+        """`generate`, plus each sample's `TokenSignals` when the backend reads them off its own forwards (the
+        transformers backend: `SignalRecorder`); None where it cannot (vLLM, continuous batching): score the samples
+        with `token_signals` then."""
+        if not self.branches_in_one_call:
+            return (*self.generate(prompts, num_generations, max_new_tokens, shared_prompts=shared_prompts), None)
+        recorder = SignalRecorder(self.args.temperature)
+        ids, logps = self._generate(prompts, num_generations, max_new_tokens, 0, shared_prompts, recorder)
+        return ids, logps, recorder.signals(ids)
+
+    def _generate(self, prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts, recorder=None):
         count, eos_token_id = len(prompts), self.tokenizer.eos_token_id
         if self.is_server_collective():
             accelerator = self.accelerator
@@ -250,8 +316,36 @@ class RolloutBackend:
                         self.accelerator.device,
                     )
                 )
+            if recorder is not None:  # after the shared prefill: only generate's own forwards are recorded
+                stack.enter_context(recorder.attached(generating_model(self.model())))
             ids, logps = self.plain_generate(prompts, num_generations)
         return ids[:count], None if logps is None else logps[:count]
+
+    @contextlib.contextmanager
+    def shared_prompt_prefill(self, prompts: list[list[int]], num_generations: int):
+        """Around a plain (unguided) generate call of TRL's transformers backend: each run of `num_generations`
+        identical prompts is prefilled once (`generate_from_shared_cache`). Nothing changes on the other backends
+        (vLLM caches prefixes itself), for prompts not laid out in such runs, and under multi-process ZeRO-3 (the
+        prefill would gather the parameters outside TRL's own gather, a collective every process must join)."""
+        shared = (
+            self.branches_in_one_call
+            and num_generations > 1
+            and not (self.zero3 and self.accelerator.num_processes > 1)
+            and in_runs(prompts, num_generations)
+        )
+        with contextlib.ExitStack() as stack:
+            if shared:
+                stack.enter_context(
+                    generate_from_shared_cache(
+                        self._policy_for_forward,
+                        prompts,
+                        num_generations,
+                        self.tokenizer.pad_token_id,
+                        self.pad_to_multiple_of,
+                        self.accelerator.device,
+                    )
+                )
+            yield
 
     def token_signals(self, prompts: list[list[int]], samples: list[list[int]]) -> list[TokenSignals]:
         """The current policy's entropy and log-prob at every sampled token (`sample_signals`, TRL's scoring forward:
@@ -349,7 +443,8 @@ class ModelBackend:
     """A `PhaseBackend` over one transformers model on one process, without a trainer (`trl-guided eval --sampling
     guided`): each phase is one left-padded `generate` call whose rows are cut after their first EOS, as TRL's
     transformers path cuts them; a group's branches start from one prefill of its prompt + prefix; the branch-point
-    signals come from `score_tokens` (the model gets TRL's fused LM head at the sampling temperature).
+    signals are read off generation (`SignalRecorder`; `token_signals` scores with `score_tokens`, the model gets
+    TRL's fused LM head at the sampling temperature).
 
     `generation_config` holds the sampling settings (its token budget is set per call here) and `eos_token_ids` every
     id that ends a completion. No sampling log-probs are reported (as on TRL's transformers path).
@@ -370,6 +465,14 @@ class ModelBackend:
         return flag  # one process
 
     def generate(self, prompts, num_generations, max_new_tokens, min_new_tokens=0, shared_prompts=False):
+        return self._generate(prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts)
+
+    def generate_scored(self, prompts, num_generations, max_new_tokens, shared_prompts=False):
+        recorder = SignalRecorder(self.generation_config.temperature)
+        ids, logps = self._generate(prompts, num_generations, max_new_tokens, 0, shared_prompts, recorder)
+        return ids, logps, recorder.signals(ids)
+
+    def _generate(self, prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts, recorder=None):
         if not prompts:
             return [], None
         pad_token_id, device = self.tokenizer.pad_token_id, self.model.device
@@ -381,6 +484,8 @@ class ModelBackend:
                 stack.enter_context(
                     generate_from_shared_cache(self._policy, prompts, num_generations, pad_token_id, None, device)
                 )
+            if recorder is not None:  # after the shared prefill: only generate's own forwards are recorded
+                stack.enter_context(recorder.attached(generating_model(self.model)))
             with torch.no_grad():
                 output = self.model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
@@ -400,6 +505,20 @@ class ModelBackend:
 
     def _policy(self):
         return contextlib.nullcontext(self.model)
+
+
+def in_runs(prompts: Sequence[Sequence[int]], run: int) -> bool:
+    """Whether `prompts` come in runs of `run` identical ones (TRL's layout of a generation batch)."""
+    if not prompts or len(prompts) % run:
+        return False
+    return all(list(prompts[i]) == list(prompts[i - i % run]) for i in range(len(prompts)))
+
+
+def generating_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model whose forward `generate` calls: inside DDP / DeepSpeed wrappers, and inside PEFT (a
+    PEFT model's `generate` runs its base model's)."""
+    model = unwrap(model)
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def cut_after_eos(ids: list[int], eos_token_ids: Sequence[int]) -> list[int]:

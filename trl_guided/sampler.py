@@ -36,6 +36,12 @@ class PhaseBackend(Protocol):
         `shared_prompts`: the prompts come in runs of `num_generations` identical ones (a hint for caching).
         """
 
+    def generate_scored(
+        self, prompts: list[list[int]], num_generations: int, max_new_tokens: int, shared_prompts: bool = False
+    ) -> tuple[list[list[int]], list[list[float]] | None, list[TokenSignals] | None]:
+        """`generate` (no minimum length), plus each sample's `TokenSignals` when generation computed them on the
+        way (None: the backend cannot; `token_signals` then scores the samples)."""
+
     def any_process(self, flag: bool) -> bool:
         """`flag` OR-ed over all processes (every process must then make the same generate calls)."""
 
@@ -104,7 +110,11 @@ class GuidedSampler:
 
     def sample_prefixes(self, set_prompts: list[list[int]]):
         """Phase 1: one prefix per branch set, redrawn (up to `prefix_eos_retries` times) when EOS came inside its
-        drawn length, cut where `branch_point` says (after one scoring forward when the rule reads the policy).
+        drawn length, cut where `branch_point` says (reading the policy's signals at each token when the rule needs
+        them: recorded while generating, or one scoring forward where the backend cannot record them).
+
+        The first attempt samples the K sets of a group as K generations of its prompt (one prefill per group on the
+        transformers backend, `n = K` on vLLM); redraws go one row per set.
 
         Returns (prefix ids per set, their log-probs per set or None, number of redraws, branch statistics).
         """
@@ -115,20 +125,26 @@ class GuidedSampler:
         stats = dict(branch_position=[0.0] * len(set_prompts), branch_entropy=[], mean_entropy=[])
         pending, retries = list(range(len(set_prompts))), 0
         for attempt in range(settings.prefix_eos_retries + 1):
-            samples, logps = self.backend.generate(
-                [set_prompts[i] for i in pending], 1, max((drawn[i] for i in pending), default=1)
-            )
+            prompts = [set_prompts[i] for i in pending]
+            runs = settings.num_prefixes_per_group if attempt == 0 else 1  # set_prompts: each group's prompt K times
+            budget = max((drawn[i] for i in pending), default=1)
+            recorded = None
+            if self.rule.needs_signals:
+                samples, logps, recorded = self.backend.generate_scored(prompts, runs, budget, shared_prompts=runs > 1)
+            else:
+                samples, logps = self.backend.generate(prompts, runs, budget, shared_prompts=runs > 1)
             redraw, final = [], []
-            for sample, sample_logps, branch_set in zip(samples, _per_row(logps, len(samples)), pending, strict=True):
+            for row, (sample, sample_logps) in enumerate(zip(samples, _per_row(logps, len(samples)), strict=True)):
+                branch_set = pending[row]
                 window, hit_eos = prefix_window(sample, drawn[branch_set], self.eos)
                 if hit_eos and attempt < settings.prefix_eos_retries:
                     redraw.append(branch_set)
                 else:
-                    final.append((branch_set, window, sample_logps))
-            signals = [None] * len(final)
-            if self.rule.needs_signals:  # every process scores on every attempt: the forward may be a collective
-                signals = self.backend.token_signals([set_prompts[s] for s, _, _ in final], [w for _, w, _ in final])
-            for (branch_set, window, sample_logps), window_signals in zip(final, signals, strict=True):
+                    final.append((branch_set, window, sample_logps, _within(recorded, row, len(window))))
+            signals = [window_signals for *_, window_signals in final]
+            if self.rule.needs_signals and recorded is None:  # every process scores on every attempt: a collective
+                signals = self.backend.token_signals([set_prompts[s] for s, *_ in final], [w for _, w, *_ in final])
+            for (branch_set, window, sample_logps, _), window_signals in zip(final, signals, strict=True):
                 keep = self.rule.cut(window, self.tokenizer, window_signals, self.rng)
                 prefixes[branch_set] = window[:keep]
                 prefix_logps[branch_set] = None if sample_logps is None else list(sample_logps[:keep])
@@ -206,6 +222,13 @@ def clip_each(samples: list, lengths: list[int], eos: list[int]) -> tuple[list[l
     """`clip_guidance` of every row: (guidance ids per row, whether each ended with EOS)."""
     clipped = [clip_guidance(sample, length, eos) for sample, length in zip(samples, lengths, strict=True)]
     return [ids for ids, _ in clipped], [ended for _, ended in clipped]
+
+
+def _within(signals: list[TokenSignals] | None, row: int, length: int) -> TokenSignals | None:
+    """Row `row`'s recorded signals for the first `length` tokens of its sample (its window); None if unrecorded."""
+    if signals is None:
+        return None
+    return TokenSignals(signals[row].entropies[:length], signals[row].logprobs[:length])
 
 
 def _per_row(logps: list | None, count: int) -> list:

@@ -82,7 +82,8 @@ class GuidedGRPOTrainer(NonFiniteGuard, GRPOTrainer):
     behaviour each relies on, checked by `tests/unit/test_trl_contract.py`:
 
     - `_generate_single_turn`: samples prefix -> guidance -> postfix, every phase through the parent's own backend
-      dispatch, and returns the whole completion, so reward functions see the full text. Relies on: TRL calls it once
+      dispatch, and returns the whole completion, so reward functions see the full text; unguided, TRL's own call with
+      each prompt prefilled once per group on the transformers backend. Relies on: TRL calls it once
       per generation batch with each prompt repeated `num_generations` times in a row, and reads the generation budget
       from `generation_config` / `generation_kwargs` / `vllm_generation.max_completion_length` at call time.
     - `_generate_and_score_completions`: restricts TRL's scored batch to the trained tokens of `guidance_loss_scope`
@@ -303,9 +304,11 @@ class GuidedGRPOTrainer(NonFiniteGuard, GRPOTrainer):
         # refuses in __init__), and expects (completion ids, sampling log-probs or None) row-aligned with the prompts.
         self._check_prompt_lengths(prompt_ids)
         if not self._samples_guided():
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
+            text_only = images is None and not multimodal_fields
+            with self._backend.shared_prompt_prefill(prompt_ids if text_only else [], num_generations):
+                return super()._generate_single_turn(
+                    prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+                )
         if images is not None or multimodal_fields:
             raise ValueError(
                 "Guided sampling supports text-only prompts; this batch has images or multimodal inputs. Set "

@@ -143,6 +143,25 @@ def test_branches_start_from_one_prefill_per_group(tiny_model, tmp_path, monkeyp
     assert "generate" not in vars(trainer.accelerator.unwrap_model(trainer.model))  # the patch is gone
 
 
+def test_unguided_generation_prefills_each_prompt_once(tiny_model, tmp_path):
+    """guidance=False on the transformers backend: TRL's own generate call, each group's prompt prefilled once."""
+    trainer = trainer_for(tiny_model, tmp_path, guidance=False)
+    prompts = [ids for ids in [[5, 6, 7, 8], [9, 10]] for _ in range(G)]
+    forwards = []
+    hook = trainer.model.register_forward_hook(
+        lambda m, a, kw, out: forwards.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        ids, _ = trainer._generate_single_turn(prompts, None, {}, G)
+        trainer._generate_single_turn(prompts[:3], None, {}, G)  # not in runs of G: TRL's call as it is
+    finally:
+        hook.remove()
+    assert len(ids) == 2 * G
+    assert forwards[0] == (2, 3) and forwards[1] == (2 * G, 1)  # one row per group, then every row
+    assert (3, 4) in forwards  # the unshared call prefills every row
+    assert "generate" not in vars(trainer.accelerator.unwrap_model(trainer.model))  # the patch is gone
+
+
 def test_guidance_and_postfix_split_one_sample_on_transformers(tiny_llama, tmp_path, monkeypatch):
     trainer = trainer_for(tiny_llama, tmp_path, max_completion_length=24)
     calls = []

@@ -63,24 +63,58 @@ def test_each_strategy_trains_two_steps(tiny_llama, tmp_path, overrides):
     assert branch_sets == [row % G // (G // k) for row in range(len(table))]
 
 
-def test_the_cut_follows_the_scored_entropies(tiny_llama, tmp_path):
-    """The prefix ends right before the highest-entropy token of the window the policy scored."""
+def test_the_cut_follows_the_entropies_recorded_while_generating(tiny_llama, tmp_path):
+    """The prefix ends right before the highest-entropy token of its window, read off generation's own logits: no
+    scoring forward runs on the transformers backend."""
     trainer = trainer_for(tiny_llama, tmp_path, branch_point="entropy", branch_min_prefix_tokens=2)
-    scored = []
-    token_signals = trainer._backend.token_signals
+    recorded, scoring_calls = [], []
+    generate_scored = trainer._backend.generate_scored
 
-    def record(prompts, windows):
-        signals = token_signals(prompts, windows)
-        scored.extend(zip(windows, signals, strict=True))
-        return signals
+    def record(*args, **kwargs):
+        samples, logps, signals = generate_scored(*args, **kwargs)
+        recorded.extend(zip(samples, signals, strict=True))
+        return samples, logps, signals
 
-    trainer._backend.token_signals = record
+    trainer._backend.generate_scored = record
+    trainer._backend.token_signals = lambda *args: scoring_calls.append(args)
     rollout = trainer._sampler.sample([[5, 6, 7]] * G + [[8, 9]] * G, G)
-    assert len(scored) == 2
-    for group, (window, signals) in enumerate(scored):
+    assert not scoring_calls and len(recorded) == 2
+    for group, (sample, signals) in enumerate(recorded):
+        window = sample[: len(signals.entropies)]
         expected = max(range(2, len(window)), key=lambda i: (signals.entropies[i], -i), default=0)
         assert rollout.segments.prefix[group * G] == expected
         assert rollout.completions[group * G][:expected] == window[:expected]
+
+
+@pytest.mark.parametrize("shared_prompts", [False, True], ids=["one_row_each", "shared_prefill"])
+def test_signals_recorded_while_generating_equal_the_scoring_forward(tiny_llama, tmp_path, shared_prompts):
+    """`generate_scored`'s signals are the scoring forward's (`token_signals`) up to float rounding, with and
+    without the shared prefill, at a temperature that is not 1."""
+    trainer = trainer_for(tiny_llama, tmp_path, branch_point="entropy", temperature=0.7)
+    prompts = [[5, 6, 7, 8]] * 2 + [[9, 10]] * 2
+    torch.manual_seed(0)
+    samples, _, recorded = trainer._backend.generate_scored(prompts, 2, 7, shared_prompts=shared_prompts)
+    scored = trainer._backend.token_signals(prompts, samples)
+    assert len(recorded) == 4 and any(len(sample) > 1 for sample in samples)
+    for sample, got, expected in zip(samples, recorded, scored, strict=True):
+        assert len(got.entropies) == len(got.logprobs) == len(sample)
+        torch.testing.assert_close(torch.tensor(got.entropies), torch.tensor(expected.entropies), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(expected.logprobs), rtol=1e-4, atol=1e-5)
+
+
+def test_k_prefixes_share_one_prefill_per_group_in_phase_one(tiny_llama, tmp_path):
+    """K = 2: phase 1 prefills each group's prompt once, then decodes its K samples."""
+    trainer = trainer_for(tiny_llama, tmp_path, branch_point="low_prob", num_prefixes_per_group=2)
+    forwards = []
+    hook = trainer.model.register_forward_hook(
+        lambda m, a, kw, out: forwards.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        trainer._sampler.sample_prefixes([[5, 6, 7, 8]] * 2 + [[9, 10]] * 2)
+    finally:
+        hook.remove()
+    assert forwards[0] == (2, 3)  # one row per group, all but the last prompt column
+    assert forwards[1] == (4, 1)  # then the K rows of each group from the last prompt column
 
 
 # Rewards by row (2 groups of G = 4, K = 2 sets of 2): rows 0-1 | 2-3 and 4-5 | 6-7.
@@ -234,6 +268,9 @@ class ServerLikeBackend:
         ]
         return samples, [[-0.5] * max_new_tokens for _ in rows]
 
+    def generate_scored(self, prompts, num_generations, max_new_tokens, shared_prompts=False):
+        return (*self.generate(prompts, num_generations, max_new_tokens), None)  # vLLM keeps no logits to read
+
     def any_process(self, flag):
         return flag
 
@@ -255,7 +292,7 @@ def test_k_prefixes_keep_three_calls_per_rollout_with_k_rows_in_phase_one(tmp_pa
     sampler = GuidedSampler(args, tokenizer, [tokenizer.eos_token_id], random.Random(0), backend)
     rollout = sampler.sample([[5, 6, 7]] * G + [[8, 9]] * G, G)
     assert [rows for rows, _, _ in backend.calls] == [4, 8, 8]  # 2 groups x K = 2 prefixes, then 4 x 2 branches
-    assert [n for _, n, _ in backend.calls] == [1, 2, 1]
+    assert [n for _, n, _ in backend.calls] == [2, 2, 1]  # phase 1: K samples of each group's prompt
     assert backend.scored == [4]  # one scoring forward over the K phase-1 samples of every group
     assert rollout.segments.prefix == [3] * 8  # the tokens before the highest-entropy position
     assert rollout.branch_set == [0, 0, 1, 1, 0, 0, 1, 1]

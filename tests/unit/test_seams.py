@@ -184,3 +184,20 @@ def test_cut_after_eos_keeps_the_first_eos():
 def test_stop_on_signal_refuses_without_transformers_jit_callback():
     with pytest.raises(RuntimeError, match="Set enable_jit_checkpoint: false"):
         StopOnSignal([], fake_accelerator())
+
+
+def test_model_backend_records_the_scoring_forwards_signals_while_generating(tiny_llama):
+    """`ModelBackend.generate_scored` (guided evaluation) reads the branch-point signals off generation: the same as
+    its scoring forward up to float rounding, for rows that end early (EOS) too."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, pad_token_id=tokenizer.pad_token_id)
+    backend = ModelBackend(model, tokenizer, config, [tokenizer.eos_token_id])
+    prompts = [[5, 6, 7, 8], [9, 10], [11]]
+    torch.manual_seed(2)
+    samples, logps, recorded = backend.generate_scored(prompts, 1, 9)
+    assert logps is None and backend.generate_scored([], 1, 9) == ([], None, [])
+    for sample, got, expected in zip(samples, recorded, backend.token_signals(prompts, samples), strict=True):
+        assert len(got.entropies) == len(got.logprobs) == len(sample)
+        torch.testing.assert_close(torch.tensor(got.entropies), torch.tensor(expected.entropies), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(expected.logprobs), rtol=1e-4, atol=1e-5)
