@@ -5,6 +5,8 @@ with `branch_point="punctuation"` (decode-based, no model call) against `"entrop
 policy over each phase-1 sample, see `RolloutBackend.token_signals`) and `"random"` (no model call: its time differs
 from punctuation's only by where it cuts), on the same prompts and seed, repeats interleaved, warm-up excluded.
 `low_prob` reads the same forward as `entropy`, so it costs the same. The scoring forward is also timed on its own.
+Since the transformers backend reads the signals off generation (`SignalRecorder`), the scoring forward runs only on
+backends that keep no logits (vLLM): on the transformers backend this benchmark times it as 0 now.
 
 Run through `python bench/run_all.py --only branching` (embedded SmolLM2-135M, G=8, 256 completion tokens, 3 repeats).
 """

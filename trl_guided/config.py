@@ -97,8 +97,8 @@ class GuidedGRPOConfig(GRPOConfig):
         branch_point (`str`, defaults to `"punctuation"`):
             Where the drawn prefix is cut (`trl_guided.guidance.BRANCH_POINTS`, docs/sampling.md): `"punctuation"`
             after its last punctuation mark; `"entropy"` before its highest-entropy token; `"low_prob"` before its
-            lowest-probability token; `"random"` before a uniformly drawn token. `"entropy"` and `"low_prob"` score the
-            phase-1 samples with one no-grad forward of the policy.
+            lowest-probability token; `"random"` before a uniformly drawn token. `"entropy"` and `"low_prob"` read the
+            policy's signals at each phase-1 token off generation's logits (vLLM: one no-grad forward of the policy).
         branch_min_prefix_tokens (`int`, defaults to `1`):
             Positions before it are never chosen as the branch point (a cut keeping fewer tokens keeps none).
         branch_snap_to_punctuation (`bool`, defaults to `False`):

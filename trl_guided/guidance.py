@@ -106,7 +106,8 @@ class BranchRule:
 
     @property
     def needs_signals(self) -> bool:
-        """Whether the cut reads the policy's entropies / log-probs of the sample (one scoring forward)."""
+        """Whether the cut reads the policy's entropies / log-probs of the sample (recorded while generating, or one
+        scoring forward)."""
         return self.strategy in ("entropy", "low_prob")
 
     def cut(self, token_ids: Sequence[int], tokenizer, signals: TokenSignals | None = None, rng=None) -> int:
