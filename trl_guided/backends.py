@@ -187,11 +187,11 @@ class SignalRecorder:
 
     def signals(self, samples: list[list[int]]) -> list[TokenSignals]:
         """`TokenSignals` of each sampled row (its first tokens, as many as the call ran forwards for)."""
-        if not self.entropies:
+        if not samples or not self.entropies:  # no rows (a process's throw-away call), or no forward ran
             return [TokenSignals() for _ in samples]
         steps = len(self.entropies)
         entropies = torch.stack(self.entropies, dim=1).cpu()
-        last = torch.tensor([sample[steps - 1] if len(sample) >= steps else 0 for sample in samples])
+        last = torch.tensor([sample[steps - 1] if len(sample) >= steps else 0 for sample in samples], dtype=torch.long)
         final = self._last.gather(1, last.unsqueeze(1).to(self._last.device)).squeeze(1)
         logprobs = torch.stack([*self.logprobs, final], dim=1).cpu()
         entropies, logprobs = entropies.tolist(), logprobs.tolist()

@@ -96,6 +96,7 @@ def test_signals_recorded_while_generating_equal_the_scoring_forward(tiny_llama,
     samples, _, recorded = trainer._backend.generate_scored(prompts, 2, 7, shared_prompts=shared_prompts)
     scored = trainer._backend.token_signals(prompts, samples)
     assert len(recorded) == 4 and any(len(sample) > 1 for sample in samples)
+    assert trainer._backend.generate_scored([], 1, 7) == ([], None, [])  # a process with no rows: a throw-away one
     for sample, got, expected in zip(samples, recorded, scored, strict=True):
         assert len(got.entropies) == len(got.logprobs) == len(sample)
         torch.testing.assert_close(torch.tensor(got.entropies), torch.tensor(expected.entropies), rtol=1e-4, atol=1e-5)
