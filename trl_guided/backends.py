@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import DynamicCache, GenerationConfig, PretrainedConfig
+from transformers import DynamicCache, GenerationConfig, PretrainedConfig, StoppingCriteria, StoppingCriteriaList
 from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import add_fused_lm_head, pad
@@ -139,17 +139,48 @@ def generate_from_shared_cache(
             logits_to_keep=1,
         )
     cache.batch_repeat_interleave(num_generations)
+    with generate_with(model, past_key_values=cache):
+        yield
+
+
+@contextlib.contextmanager
+def generate_with(model: torch.nn.Module, **defaults):
+    """Inside the block, `model.generate` gets `defaults` for the keyword arguments its caller (TRL) does not pass.
+
+    An instance attribute over the class method; blocks nest, and each restores what was there before it."""
+    missing = object()
+    previous = vars(model).get("generate", missing)
     generate = model.generate
 
-    def generate_from_cache(*args, **kwargs):
-        kwargs.setdefault("past_key_values", cache)
+    def generate_with_defaults(*args, **kwargs):
+        for name, value in defaults.items():
+            kwargs.setdefault(name, value)
         return generate(*args, **kwargs)
 
-    model.generate = generate_from_cache  # an instance attribute: the next generate call takes it
+    model.generate = generate_with_defaults
     try:
         yield
     finally:
-        del model.generate
+        if previous is missing:
+            del model.generate
+        else:
+            model.generate = previous
+
+
+class RowBudgets(StoppingCriteria):
+    """Ends each row of one `generate` call once it has generated its own budget of tokens (the caller cuts every
+    row there), so the call stops when every row has ended or spent its budget instead of running to the largest.
+    Rows that end go on being sampled as padding (transformers samples every row each step), so the random stream,
+    and the tokens the rows keep, are those of the call without it."""
+
+    def __init__(self, budgets: Sequence[int]):
+        self.budgets = torch.tensor(list(budgets), dtype=torch.long)
+        self._width_before = None  # prompt columns (the first call sees one new token)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._width_before is None:
+            self._width_before = input_ids.size(1) - 1
+        return (input_ids.size(1) - self._width_before) >= self.budgets.to(input_ids.device)
 
 
 class SignalRecorder:
@@ -266,18 +297,20 @@ class RolloutBackend:
         max_new_tokens: int,
         min_new_tokens: int = 0,
         shared_prompts: bool = False,
+        row_budgets: list[int] | None = None,
     ):
         """One batched call of TRL's backend with `max_new_tokens` (and EOS held back for `min_new_tokens`).
 
         `shared_prompts` (transformers backend): the prompts come in runs of `num_generations` identical ones, whose
-        key/value cache is computed once per run and repeated, instead of once per row.
+        key/value cache is computed once per run and repeated, instead of once per row. `row_budgets`: the tokens
+        each row keeps (the caller cuts the rest); the transformers backend ends each row there (`RowBudgets`).
 
         Every process makes every call, because a call may be a collective: a ZeRO-3 parameter gather (a process with
         nothing to do sends a throw-away 1-token row), or a vLLM server request, which needs equal-sized lists and one
         token budget on all processes (short lists are padded, the budget is the largest; rows are cut to their own
         budget afterwards).
         """
-        return self._generate(prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts)
+        return self._generate(prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts, row_budgets)
 
     def generate_scored(
         self, prompts: list[list[int]], num_generations: int, max_new_tokens: int, shared_prompts: bool = False
@@ -288,10 +321,12 @@ class RolloutBackend:
         if not self.branches_in_one_call:
             return (*self.generate(prompts, num_generations, max_new_tokens, shared_prompts=shared_prompts), None)
         recorder = SignalRecorder(self.args.temperature)
-        ids, logps = self._generate(prompts, num_generations, max_new_tokens, 0, shared_prompts, recorder)
+        ids, logps = self._generate(prompts, num_generations, max_new_tokens, 0, shared_prompts, recorder=recorder)
         return ids, logps, recorder.signals(ids)
 
-    def _generate(self, prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts, recorder=None):
+    def _generate(
+        self, prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts, row_budgets=None, recorder=None
+    ):
         count, eos_token_id = len(prompts), self.tokenizer.eos_token_id
         if self.is_server_collective():
             accelerator = self.accelerator
@@ -316,6 +351,10 @@ class RolloutBackend:
                         self.accelerator.device,
                     )
                 )
+            if row_budgets is not None and count and self.branches_in_one_call:
+                stopping = StoppingCriteriaList([RowBudgets(row_budgets)])
+                model = self.accelerator.unwrap_model(self.model())  # the object TRL calls `generate` on
+                stack.enter_context(generate_with(model, stopping_criteria=stopping))
             if recorder is not None:  # after the shared prefill: only generate's own forwards are recorded
                 stack.enter_context(recorder.attached(generating_model(self.model())))
             ids, logps = self.plain_generate(prompts, num_generations)
@@ -464,15 +503,19 @@ class ModelBackend:
     def any_process(self, flag: bool) -> bool:
         return flag  # one process
 
-    def generate(self, prompts, num_generations, max_new_tokens, min_new_tokens=0, shared_prompts=False):
-        return self._generate(prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts)
+    def generate(
+        self, prompts, num_generations, max_new_tokens, min_new_tokens=0, shared_prompts=False, row_budgets=None
+    ):
+        return self._generate(prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts, row_budgets)
 
     def generate_scored(self, prompts, num_generations, max_new_tokens, shared_prompts=False):
         recorder = SignalRecorder(self.generation_config.temperature)
-        ids, logps = self._generate(prompts, num_generations, max_new_tokens, 0, shared_prompts, recorder)
+        ids, logps = self._generate(prompts, num_generations, max_new_tokens, 0, shared_prompts, recorder=recorder)
         return ids, logps, recorder.signals(ids)
 
-    def _generate(self, prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts, recorder=None):
+    def _generate(
+        self, prompts, num_generations, max_new_tokens, min_new_tokens, shared_prompts, row_budgets=None, recorder=None
+    ):
         if not prompts:
             return [], None
         pad_token_id, device = self.tokenizer.pad_token_id, self.model.device
@@ -486,9 +529,13 @@ class ModelBackend:
                 )
             if recorder is not None:  # after the shared prefill: only generate's own forwards are recorded
                 stack.enter_context(recorder.attached(generating_model(self.model)))
+            stopping = StoppingCriteriaList([RowBudgets(row_budgets)] if row_budgets is not None else [])
             with torch.no_grad():
                 output = self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                    stopping_criteria=stopping,
                 )
         return [cut_after_eos(row, self.eos_token_ids) for row in output[:, input_ids.size(1) :].tolist()], None
 

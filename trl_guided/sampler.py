@@ -30,10 +30,12 @@ class PhaseBackend(Protocol):
         max_new_tokens: int,
         min_new_tokens: int = 0,
         shared_prompts: bool = False,
+        row_budgets: list[int] | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """`num_generations` samples per prompt (prompts come repeated, one row per sample) and their log-probs.
 
         `shared_prompts`: the prompts come in runs of `num_generations` identical ones (a hint for caching).
+        `row_budgets`: per row, the tokens the caller keeps (a hint: a backend may stop a row there).
         """
 
     def generate_scored(
@@ -178,7 +180,12 @@ class GuidedSampler:
             # A branch goes on in the same generate call with its KV cache, so its guidance and postfix are one
             # sample split at the drawn guidance length (the same distribution as two calls).
             samples, guide_logps = self.backend.generate(
-                branch_prompts, num_generations, max(budgets), settings.min_guide_tokens, shared_prompts=True
+                branch_prompts,
+                num_generations,
+                max(budgets),
+                settings.min_guide_tokens,
+                shared_prompts=True,
+                row_budgets=budgets,
             )
             guides, ended = clip_each(samples, row_guide_lengths, eos)
             for row in rows:

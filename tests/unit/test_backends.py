@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from trl import GRPOTrainer
 
@@ -141,6 +142,33 @@ def test_branches_start_from_one_prefill_per_group(tiny_model, tmp_path, monkeyp
     assert shared_forwards[0] == (2, 3)  # one row per group, all but the last column
     assert shared_forwards[1] == (2 * G, 1)  # generate then starts at the last prompt column
     assert "generate" not in vars(trainer.accelerator.unwrap_model(trainer.model))  # the patch is gone
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one_row_each", "shared_prefill"])
+def test_rows_stop_at_their_own_budget_with_the_same_tokens(tiny_model, tmp_path, shared):
+    """`row_budgets` (the branches' budgets after their prefixes): the call ends once every row has its budget, and
+    each row keeps the tokens it gets without the budgets (same random stream)."""
+    trainer = trainer_for(tiny_model, tmp_path, temperature=1.0)
+    prompts = [ids for ids in [[5, 6, 7, 8], [9, 10]] for _ in range(G)]
+    budgets = [3] * G + [5] * G
+
+    def run(row_budgets):
+        forwards = []
+        hook = trainer.model.register_forward_hook(lambda *args: forwards.append(1))
+        torch.manual_seed(4)
+        try:
+            ids, _ = trainer._backend.generate(prompts, G, 9, shared_prompts=shared, row_budgets=row_budgets)
+        finally:
+            hook.remove()
+        return ids, len(forwards)
+
+    (plain, plain_forwards), (budgeted, budgeted_forwards) = run(None), run(budgets)
+    assert [row[:budget] for row, budget in zip(budgeted, budgets, strict=True)] == [
+        row[:budget] for row, budget in zip(plain, budgets, strict=True)
+    ]
+    assert budgeted_forwards == plain_forwards - 4  # 5 decode steps instead of 9 (no row ended before)
+    assert all(len(row) == 9 for row in plain)
+    assert "generate" not in vars(trainer.accelerator.unwrap_model(trainer.model))  # every patch is gone
 
 
 def test_unguided_generation_prefills_each_prompt_once(tiny_model, tmp_path):

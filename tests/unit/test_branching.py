@@ -261,7 +261,9 @@ class ServerLikeBackend:
     def __init__(self):
         self.calls, self.scored = [], []
 
-    def generate(self, prompts, num_generations, max_new_tokens, min_new_tokens=0, shared_prompts=False):
+    def generate(
+        self, prompts, num_generations, max_new_tokens, min_new_tokens=0, shared_prompts=False, row_budgets=None
+    ):
         self.calls.append((len(prompts), num_generations, max_new_tokens))
         rows = prompts  # already repeated: one row per sample (TRL's convention)
         samples = [

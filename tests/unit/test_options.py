@@ -251,7 +251,9 @@ def _eos_redraws(base, **overrides) -> int:
     class EndsAtOnce:
         branches_in_one_call = True
 
-        def generate(self, prompts, num_generations, max_new_tokens, min_new_tokens=0, shared_prompts=False):
+        def generate(
+            self, prompts, num_generations, max_new_tokens, min_new_tokens=0, shared_prompts=False, row_budgets=None
+        ):
             calls.append(len(prompts))
             return [[5, 0, 5] for _ in prompts], None
 
