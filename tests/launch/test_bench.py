@@ -93,6 +93,20 @@ def test_run_all_tiny_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_decode_cost_tiny_times_prefill_and_decode_by_rows(tmp_path):
+    """`bench/decode_cost.py --tiny`: a prefill and a decode step timed for every row count, as JSON."""
+    out = tmp_path / "decode_cost.json"
+    command = [sys.executable, str(ROOT / "bench" / "decode_cost.py"), "--tiny", "--repeats", "1", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert list(report["prefill_seconds_by_rows"]) == ["1", "2", "4", "8"]
+    assert list(report["decode_step_seconds_by_rows"]) == ["1", "2", "4", "8", "12", "16"]
+    timings = [*report["prefill_seconds_by_rows"].values(), *report["decode_step_seconds_by_rows"].values()]
+    assert all(_positive(seconds) for seconds in timings) and report["prompt_tokens"] > 0
+
+
 def test_step_cost_bench_tiny_interleaves_four_configurations_with_phases(tmp_path):
     """`bench/step_cost_bench.py --tiny`: TRL plain and the three plugin configurations each time every step and its
     phases, the savings are logged, and the ratios to TRL are recorded next to the targets."""
