@@ -13,7 +13,8 @@ All trainers live in this one process, each training in its own thread, and a tu
 at a time, round-robin: the configurations' steps interleave, so drift of the machine hits all of them alike. Each
 step's wall time runs from `on_step_begin` to `on_step_end`; its phases are the time spent in: generation (TRL's
 `_generate`, the three guided phases included), of which branch scoring (the guided sampler's scoring forward at the
-branch point), scoring (the rest of `_generate_and_score_completions`: rewards, advantages, old log-probs, the loss
+branch point: it runs only where generation keeps no logits, e.g. vLLM; on the transformers backend used here the
+signals are read off generation and this phase is 0), scoring (the rest of `_generate_and_score_completions`: rewards, advantages, old log-probs, the loss
 focus), loss (`training_step` without its `_prepare_inputs`: the loss forward and backward), and optimizer (the rest
 of the step: gradient clipping, optimizer step, zero_grad). Medians over the timed steps after the warm-up.
 """
