@@ -9,14 +9,15 @@ truncated answers trained, learning rate 1e-5, the embedded SmolLM2-135M on one 
 plain `GRPOTrainer`, the plugin with `guidance=False`, the default guided configuration (`guidance_postfix`), and the
 TreeRL-style tree of bench/learning_regime_arms.yaml.
 
-All trainers live in this one process, each training in its own thread, and a turnstile lets exactly one run a step
-at a time, round-robin: the configurations' steps interleave, so drift of the machine hits all of them alike. Each
-step's wall time runs from `on_step_begin` to `on_step_end`; its phases are the time spent in: generation (TRL's
-`_generate`, the three guided phases included), of which branch scoring (the guided sampler's scoring forward at the
-branch point: it runs only where generation keeps no logits, e.g. vLLM; on the transformers backend used here the
-signals are read off generation and this phase is 0), scoring (the rest of `_generate_and_score_completions`: rewards, advantages, old log-probs, the loss
-focus), loss (`training_step` without its `_prepare_inputs`: the loss forward and backward), and optimizer (the rest
-of the step: gradient clipping, optimizer step, zero_grad). Medians over the timed steps after the warm-up.
+All trainers live in this one process, each training in its own thread, and a turnstile lets exactly one run a step at
+a time, round-robin: the configurations' steps interleave, so drift of the machine hits all of them alike. Each step's
+wall time runs from `on_step_begin` to `on_step_end`; its phases are the time spent in: generation (TRL's `_generate`,
+the three guided phases included), of which branch scoring (the guided sampler's scoring forward at the branch point:
+it runs only where generation keeps no logits, e.g. vLLM; on the transformers backend used here the signals are read
+off generation and this phase is 0), scoring (the rest of `_generate_and_score_completions`: rewards, advantages, old
+log-probs, the loss focus), loss (`training_step` without its `_prepare_inputs`: the loss forward and backward), and
+optimizer (the rest of the step: gradient clipping, optimizer step, zero_grad). Medians over the timed steps after the
+warm-up.
 """
 
 from __future__ import annotations
