@@ -12,12 +12,10 @@ the KV cache) over 1-16 rows. Medians of `--repeats` timings after one warm-up e
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Any
 
 import torch
-from harness import Settings, emit, machine_info, progress, resolve_model
+from harness import Settings, emit, machine_info, median_seconds, progress, resolve_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from trl_guided.data import load_instructions
@@ -26,14 +24,10 @@ PREFILL_ROWS = (1, 2, 4, 8)
 DECODE_ROWS = (1, 2, 4, 8, 12, 16)
 
 
-def median_seconds(function, repeats: int) -> float:
-    function()  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+def warm_median_seconds(function, repeats: int) -> float:
+    """`median_seconds` after one untimed warm-up call."""
+    function()
+    return median_seconds(function, repeats)
 
 
 def prompt_ids(tokenizer) -> list[int]:
@@ -53,7 +47,7 @@ def run(model_path: str, repeats: int) -> dict[str, Any]:
     with torch.no_grad():
         for rows in PREFILL_ROWS:
             batch = torch.tensor([ids] * rows)
-            prefill[rows] = median_seconds(lambda batch=batch: model(input_ids=batch, logits_to_keep=1), repeats)
+            prefill[rows] = warm_median_seconds(lambda batch=batch: model(input_ids=batch, logits_to_keep=1), repeats)
             progress("decode_cost", f"prefill, {rows} rows: {prefill[rows]:.3f} s")
         for rows in DECODE_ROWS:
             cache = DynamicCache(config=model.config)
@@ -63,7 +57,7 @@ def run(model_path: str, repeats: int) -> dict[str, Any]:
             def step(token=token, cache=cache):  # each timing decodes the next position (the cache grows a token)
                 model(input_ids=token, past_key_values=cache, logits_to_keep=1)
 
-            decode[rows] = median_seconds(step, repeats)
+            decode[rows] = warm_median_seconds(step, repeats)
             progress("decode_cost", f"decode step, {rows} rows: {decode[rows]:.4f} s")
     return {
         "benchmark": "decode_cost",

@@ -173,6 +173,16 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "repeats": list(values)}
 
 
+def median_seconds(call, repeats: int) -> float:
+    """Median wall seconds of `repeats` calls of `call`."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def target(value: float | None, at_most: float) -> dict[str, Any]:
     """A target recorded next to the measured ratio (not asserted: timings on a shared machine are noisy)."""
     return {"value": value, "at_most": at_most, "pass": value is not None and value <= at_most}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import yaml
 from answer_position import _test_problems
 from constraint_kinds import answer_text, problem_specs
-from harness import emit
+from harness import emit, median_seconds
 
 from trl_guided.evaluate import completion_nll, read_records
 from trl_guided.instruction_reward import embedder, request_text
@@ -31,15 +30,6 @@ from trl_guided.rewards import constraints_followed, instruction_following
 
 PROMPTS, SAMPLES = 2, 4  # the study's step: 2 prompts x 4 samples
 STEP_SECONDS = 49.0  # the shortest median step of the decisive study's arms (bench/learning_decisive.json)
-
-
-def median_seconds(call, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -253,16 +253,7 @@ class RolloutBackend:
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.token_budget(max_new_tokens, min(min_new_tokens, max_new_tokens)))
             if shared_prompts and count and num_generations > 1 and self.branches_in_one_call:
-                stack.enter_context(
-                    generate_from_shared_cache(
-                        self._policy_for_forward,
-                        prompts,
-                        num_generations,
-                        self.tokenizer.pad_token_id,
-                        self.pad_to_multiple_of,
-                        self.accelerator.device,
-                    )
-                )
+                stack.enter_context(self._prefill_once(prompts, num_generations))
             if row_budgets is not None and count and self.branches_in_one_call:
                 stopping = StoppingCriteriaList([RowBudgets(row_budgets)])
                 model = self.accelerator.unwrap_model(self.model())  # the object TRL calls `generate` on
@@ -284,19 +275,19 @@ class RolloutBackend:
             and not (self.zero3 and self.accelerator.num_processes > 1)
             and in_runs(prompts, num_generations)
         )
-        with contextlib.ExitStack() as stack:
-            if shared:
-                stack.enter_context(
-                    generate_from_shared_cache(
-                        self._policy_for_forward,
-                        prompts,
-                        num_generations,
-                        self.tokenizer.pad_token_id,
-                        self.pad_to_multiple_of,
-                        self.accelerator.device,
-                    )
-                )
+        with self._prefill_once(prompts, num_generations) if shared else contextlib.nullcontext():
             yield
+
+    def _prefill_once(self, prompts: list[list[int]], num_generations: int):
+        """`generate_from_shared_cache` of these runs of `num_generations` prompts, laid out as TRL pads them."""
+        return generate_from_shared_cache(
+            self._policy_for_forward,
+            prompts,
+            num_generations,
+            self.tokenizer.pad_token_id,
+            self.pad_to_multiple_of,
+            self.accelerator.device,
+        )
 
     def token_signals(self, prompts: list[list[int]], samples: list[list[int]]) -> list[TokenSignals]:
         """The current policy's entropy and log-prob at every sampled token (`sample_signals`, TRL's scoring forward:
